@@ -1,0 +1,60 @@
+"""The embedded offline run: a tiny RoBERTa trained from scratch on the shipped ELI5 sample.
+
+Finishes in a few minutes on 2 CPU cores and needs no network.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # Model: a hub id or local directory, or '' to train `model_config` from scratch.
+  config.model_name_or_path = ''
+  config.tokenizer_name = ''  # '' = the model's own tokenizer (or a new one from scratch).
+  config.tokenizer_vocab_size = 2048  # For a tokenizer trained from scratch.
+  config.model_config = ml_collections.ConfigDict(dict(
+      hidden_size=128,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      intermediate_size=512,
+      hidden_dropout_prob=0.1,
+      attention_probs_dropout_prob=0.1,
+  ))
+  config.dtype = 'float32'  # Computation dtype: float32 | bfloat16 (params stay float32).
+
+  # Data: `data_files` (local files) wins over `dataset` (hub id or local
+  # dataset dir); with both empty the embedded ELI5 sample is used.
+  config.dataset = ''
+  config.dataset_config = ''
+  config.data_files = ''  # Comma-separated paths or globs: .jsonl/.json/.parquet/.csv/.txt.
+  config.split = 'train'
+  config.test_size = 0.2
+  config.block_size = 64
+  config.mlm_probability = 0.15
+  config.num_proc = 1  # Tokenizer worker processes.
+  config.cache_dir = ''  # '' = $MLM_JAX_CACHE or ~/.cache/mlm_jax.
+
+  # Optimisation.
+  config.per_device_batch_size = 32
+  config.grad_accum_steps = 1
+  config.learning_rate = 2e-3
+  config.weight_decay = 0.01
+  config.warmup_steps = 50
+  config.lr_schedule = 'linear'  # linear | cosine
+  config.max_grad_norm = 1.0
+  config.num_epochs = 60
+  config.num_train_steps = -1  # -1: from num_epochs.
+  config.seed = 0
+
+  # Bookkeeping.
+  config.eval_every_steps = 250
+  config.eval_batch_size = 64  # Global.
+  config.log_every_steps = 25
+  config.checkpoint_every_steps = 250
+  config.keep_checkpoints = 2
+
+  # Sharing, as the guide does with push_to_hub=True.
+  config.push_to_hub = False
+  config.hub_model_id = ''
+  return config

@@ -1,0 +1,78 @@
+"""Orbax checkpoints of the whole train state, and the Hugging Face export.
+
+A checkpoint in `WORKDIR/checkpoints/STEP` holds three items: `state` (the train
+state pytree), `data` (the position of the next batch) and `config` (the run's
+config, to refuse a resume whose config changes what the state means). Orbax
+writes each checkpoint into a temporary folder and renames it when complete, so a
+reader never sees half a checkpoint.
+"""
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from mlm_jax.errors import UserError
+
+# Keys that may change between a run and its resume: they change when or how much is
+# logged, evaluated, saved or trained, not what the saved state means.
+RESUMABLE_CHANGES = frozenset({
+    'num_train_steps', 'num_epochs', 'eval_every_steps', 'eval_batch_size', 'log_every_steps',
+    'checkpoint_every_steps', 'keep_checkpoints', 'push_to_hub', 'hub_model_id', 'num_proc',
+    'cache_dir', 'per_device_batch_size', 'max_nonfinite_steps'})
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def make_manager(workdir: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                         read_only=read_only, cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_names=('state', 'data', 'config'))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_position: dict,
+         config_dict: dict) -> None:
+  """Starts an (asynchronous) save; `manager.wait_until_finished()` completes it."""
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave(data_position),
+      config=ocp.args.JsonSave(config_dict)), force=True)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict, dict]:
+  """Restores (state, data position, config) at `step`, laid out like `target`."""
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract),
+      data=ocp.args.JsonRestore(),
+      config=ocp.args.JsonRestore()))
+  return restored.state, restored.data, restored.config
+
+
+def read_config(manager: ocp.CheckpointManager, step: int) -> dict:
+  return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """The keys whose change would alter what the checkpoint means."""
+  keys = (set(saved) | set(current)) - RESUMABLE_CHANGES
+  return sorted(f'{k}: {saved.get(k)!r} -> {current.get(k)!r}'
+                for k in keys if saved.get(k) != current.get(k))
+
+
+def check_resumable(saved: dict, current: dict, workdir: str) -> None:
+  differences = config_differences(saved, current)
+  if differences:
+    raise UserError(f'the checkpoint in {workdir} was made with another config '
+                    f'({"; ".join(differences)}); resume with the same config or use a new '
+                    '--workdir')
+
+
+def export(model, params: Any, tokenizer, directory: str) -> None:
+  """An HF-format export that `from_pretrained` loads in Flax and PyTorch."""
+  model.save_pretrained(directory, params=jax.device_get(params))
+  tokenizer.save_pretrained(directory)

@@ -1,0 +1,9 @@
+"""The one exception type for problems the user can fix (bad input, bad config).
+
+Entry points print it as a single line and exit non-zero; everything else is a
+bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+  """A problem with the user's input; the message names the input and the fix."""

@@ -1,0 +1,76 @@
+"""Batches of token-id blocks as numpy arrays, deterministic from the seed.
+
+A training step consumes one global batch laid out [grad_accum_steps, rows, block_size];
+its rows are a seeded per-epoch permutation of the blocks, so the batch at step `s`
+is a function of (seed, s) alone, which is what makes exact resume possible. Each
+host takes its own slice of the rows (see `sharding.process_slice`).
+"""
+
+import dataclasses
+from typing import Iterator
+
+import numpy as np
+
+from mlm_jax import sharding
+from mlm_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Position:
+  """Where in the data a step's batch comes from."""
+  epoch: int
+  batch: int
+
+
+def steps_per_epoch(num_blocks: int, global_batch_size: int) -> int:
+  steps = num_blocks // global_batch_size
+  if steps == 0:
+    raise UserError(f'{num_blocks} training blocks make no batch of {global_batch_size}; '
+                    'lower --config.per_device_batch_size or grad_accum_steps, or use more data')
+  return steps
+
+
+def position_of(step: int, num_blocks: int, global_batch_size: int) -> Position:
+  epoch, batch = divmod(step, steps_per_epoch(num_blocks, global_batch_size))
+  return Position(epoch, batch)
+
+
+def epoch_permutation(num_blocks: int, seed: int, epoch: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(num_blocks)
+
+
+def train_batches(blocks: np.ndarray, global_batch_size: int, grad_accum_steps: int,
+                  seed: int, start_step: int = 0) -> Iterator[np.ndarray]:
+  """Yields this host's slice of each step's batch, from `start_step` on, forever.
+
+  Each batch is [grad_accum_steps, global_batch_size // grad_accum_steps // hosts,
+  block_size]; the last partial batch of an epoch is dropped to keep shapes static.
+  """
+  per_step = steps_per_epoch(len(blocks), global_batch_size)
+  micro = global_batch_size // grad_accum_steps
+  rows = sharding.process_slice(micro)
+  position = position_of(start_step, len(blocks), global_batch_size)
+  epoch, first = position.epoch, position.batch
+  while True:
+    order = epoch_permutation(len(blocks), seed, epoch)
+    for batch in range(first, per_step):
+      chosen = order[batch * global_batch_size:(batch + 1) * global_batch_size]
+      yield blocks[chosen.reshape(grad_accum_steps, micro)[:, rows]]
+    epoch, first = epoch + 1, 0
+
+
+def eval_batches(blocks: np.ndarray,
+                 global_batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Yields (this host's ids, row weights) covering every block exactly once, in order.
+
+  The last batch is padded with zero rows of weight 0, so shapes stay static and
+  padding never counts.
+  """
+  rows = sharding.process_slice(global_batch_size)
+  for start in range(0, len(blocks), global_batch_size):
+    chunk = blocks[start:start + global_batch_size]
+    weights = np.zeros(global_batch_size, np.float32)
+    weights[:len(chunk)] = 1.0
+    padded = np.zeros((global_batch_size,) + blocks.shape[1:], blocks.dtype)
+    padded[:len(chunk)] = chunk
+    yield padded[rows], weights[rows]

@@ -1,0 +1,81 @@
+"""The run's tokenizer: the model's own, or a byte-level BPE trained from scratch.
+
+Whatever its origin, the tokenizer is saved in `WORKDIR/tokenizer` and reloaded
+from there, so a resumed run, its export and inference all see the same ids.
+"""
+
+import os
+from typing import Iterable
+
+import tokenizers
+import transformers
+from tokenizers import processors
+
+from mlm_jax.errors import UserError
+
+SPECIAL_TOKENS = ('<s>', '<pad>', '</s>', '<unk>', '<mask>')  # RoBERTa's, in its id order.
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int,
+                        model_max_length: int) -> transformers.PreTrainedTokenizerFast:
+  """Trains a RoBERTa-style byte-level BPE tokenizer on `texts`."""
+  bpe = tokenizers.ByteLevelBPETokenizer()
+  bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2,
+                          special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+  backend = bpe._tokenizer  # pylint: disable=protected-access
+  # Wrap every sequence in <s> ... </s> as RoBERTa does.
+  backend.post_processor = processors.RobertaProcessing(
+      sep=('</s>', backend.token_to_id('</s>')), cls=('<s>', backend.token_to_id('<s>')),
+      trim_offsets=True, add_prefix_space=False)
+  return transformers.PreTrainedTokenizerFast(
+      tokenizer_object=backend,
+      bos_token='<s>', eos_token='</s>', sep_token='</s>', cls_token='<s>',
+      unk_token='<unk>', pad_token='<pad>',
+      mask_token=tokenizers.AddedToken('<mask>', lstrip=True, rstrip=False),
+      model_max_length=model_max_length)
+
+
+def load_pretrained_tokenizer(name_or_path: str) -> transformers.PreTrainedTokenizerBase:
+  """`AutoTokenizer.from_pretrained` with a one-line error for a bad name or path."""
+  try:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
+  except (OSError, ValueError) as e:
+    raise UserError(
+        f'could not load a tokenizer from {name_or_path!r} ({str(e).splitlines()[0]}); '
+        'pass a hub id or a directory with tokenizer files') from None
+  if tokenizer.mask_token is None:
+    raise UserError(f'tokenizer {name_or_path!r} has no mask token; '
+                    'masked language modelling needs one')
+  return tokenizer
+
+
+def tokenizer_dir(workdir: str) -> str:
+  return os.path.join(workdir, 'tokenizer')
+
+
+def get_tokenizer(config, workdir: str, train_texts: Iterable[str] | None = None,
+                  save: bool = True) -> transformers.PreTrainedTokenizerBase:
+  """Returns the run's tokenizer, reloading the one saved in `workdir` if any.
+
+  `train_texts` is only read when a new tokenizer has to be trained from scratch.
+  """
+  saved = tokenizer_dir(workdir)
+  if os.path.exists(os.path.join(saved, 'tokenizer_config.json')):
+    return transformers.AutoTokenizer.from_pretrained(saved)
+  name = config.tokenizer_name or config.model_name_or_path
+  if name:
+    tokenizer = load_pretrained_tokenizer(name)
+  else:
+    if train_texts is None:
+      raise ValueError('a tokenizer trained from scratch needs the training texts')
+    tokenizer = train_bpe_tokenizer(train_texts, config.tokenizer_vocab_size,
+                                    model_max_length=config.model_config.get(
+                                        'max_position_embeddings', 514) - 2)
+  if save:
+    tokenizer.save_pretrained(saved)
+  return tokenizer
+
+
+def special_token_ids(tokenizer: transformers.PreTrainedTokenizerBase) -> tuple[int, ...]:
+  """Ids that masking must never choose nor draw as random replacements."""
+  return tuple(sorted(set(tokenizer.all_special_ids)))

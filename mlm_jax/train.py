@@ -1,0 +1,411 @@
+"""Training and evaluation: `train_and_evaluate(config, workdir)`.
+
+The train state is one pytree; the train and eval steps are pure functions of it,
+compiled with `jax.jit` over a `data` mesh (see `sharding.py`). Masking runs inside
+the step on the device; every random draw derives from (seed, step), so a resumed
+run continues exactly where the interrupted one was.
+"""
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from flax import struct, traverse_util
+
+from mlm_jax import checkpoint
+from mlm_jax import data
+from mlm_jax import input_pipeline
+from mlm_jax import masking
+from mlm_jax import metrics as metrics_lib
+from mlm_jax import model as model_lib
+from mlm_jax import sharding
+from mlm_jax import tokenizer as tokenizer_lib
+from mlm_jax.errors import UserError
+
+EVAL_STREAM = 1  # Eval masking draws from fold_in(PRNGKey(seed), EVAL_STREAM), fixed.
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything that changes during training; checkpointed whole."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # Fixed; per-step keys are fold_in(rng, step).
+  nonfinite: jax.Array  # Consecutive steps skipped for a non-finite loss or gradient.
+
+
+# ----------------------------------------------------------------------------
+# Optimizer.
+
+
+def decay_mask(params: Any) -> Any:
+  """True for the leaves that get weight decay: all but biases and LayerNorm scales."""
+  flat = traverse_util.flatten_dict(params)
+  mask = {path: path[-1] != 'bias' and path[-2:] != ('LayerNorm', 'scale') for path in flat}
+  return traverse_util.unflatten_dict(mask)
+
+
+def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0, then linear or cosine decay to 0 at `total_steps`."""
+  warmup = min(config.warmup_steps, total_steps)
+  decay_steps = max(total_steps - warmup, 1)
+  if config.lr_schedule == 'linear':
+    decay = optax.linear_schedule(config.learning_rate, 0.0, decay_steps)
+  elif config.lr_schedule == 'cosine':
+    decay = optax.cosine_decay_schedule(config.learning_rate, decay_steps)
+  else:
+    raise UserError(f'lr_schedule={config.lr_schedule!r} is not supported; use linear or cosine')
+  warm = optax.linear_schedule(0.0, config.learning_rate, max(warmup, 1))
+  return optax.join_schedules([warm, decay], [warmup])
+
+
+def make_optimizer(config: ml_collections.ConfigDict,
+                   total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  schedule = make_schedule(config, total_steps)
+  tx = optax.chain(
+      optax.clip_by_global_norm(config.max_grad_norm),
+      optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.weight_decay,
+                  mask=decay_mask))
+  return tx, schedule
+
+
+def create_train_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.PRNGKey(seed), nonfinite=jnp.zeros((), jnp.int32))
+
+
+# ----------------------------------------------------------------------------
+# Steps.
+
+
+def mask_micro_batches(rng: jax.Array, ids: jax.Array, spec: masking.MaskingSpec):
+  """Masks [micro_batches, rows, length] ids; row r of micro-batch a is global row a*rows+r."""
+  rows = ids.shape[1]
+  special = masking.special_tokens_mask(ids, spec.special_ids)
+  return jax.vmap(lambda a, i, s: masking.mask_tokens(rng, i, s, spec, first_row=a * rows))(
+      jnp.arange(ids.shape[0]), ids, special)
+
+
+def train_step(state: TrainState, ids: jax.Array, *, apply_fn: Callable,
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               spec: masking.MaskingSpec) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step over a [grad_accum_steps, rows, length] batch of token ids.
+
+  The loss is the mean cross-entropy over all masked tokens of all micro-batches,
+  so k accumulated micro-batches give the gradient of one batch k times larger.
+  A non-finite loss or gradient skips the update and is counted.
+  """
+  step_rng = jax.random.fold_in(state.rng, state.step)
+  mask_rng, dropout_rng = jax.random.split(step_rng)
+  inputs, labels, weights = mask_micro_batches(mask_rng, ids, spec)
+  total = jnp.maximum(weights.sum(), 1.0)
+
+  def micro_step(carry, micro):
+    index, micro_inputs, micro_labels, micro_weights = micro
+
+    def loss_fn(params):
+      logits = apply_fn(micro_inputs, params=params, train=True,
+                        dropout_rng=jax.random.fold_in(dropout_rng, index)).logits
+      loss_sum, correct = metrics_lib.masked_lm_sums(logits, micro_labels, micro_weights)
+      return loss_sum / total, (loss_sum, correct)
+
+    grads, (loss_sum, correct) = jax.grad(loss_fn, has_aux=True)(state.params)
+    acc_grads, acc_loss, acc_correct = carry
+    return (jax.tree_util.tree_map(jnp.add, acc_grads, grads), acc_loss + loss_sum,
+            acc_correct + correct), None
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+  (grads, loss_sum, correct), _ = jax.lax.scan(
+      micro_step, (zeros, 0.0, 0.0), (jnp.arange(ids.shape[0]), inputs, labels, weights))
+  loss, grad_norm = loss_sum / total, optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep_if_finite = lambda new, old: jax.tree_util.tree_map(
+      lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep_if_finite(params, state.params),
+      opt_state=keep_if_finite(opt_state, state.opt_state),
+      nonfinite=jnp.where(finite, 0, state.nonfinite + 1))
+  step_metrics = {'loss': loss, 'accuracy': correct / total, 'grad_norm': grad_norm,
+                  'learning_rate': schedule(state.step), 'masked_tokens': total,
+                  'nonfinite': new_state.nonfinite}
+  return new_state, step_metrics
+
+
+def eval_step(params: Any, ids: jax.Array, row_weights: jax.Array, first_row: jax.Array, *,
+              apply_fn: Callable, spec: masking.MaskingSpec, rng: jax.Array) -> jax.Array:
+  """[loss sum, correct, masked count] of one eval batch under the fixed eval masking."""
+  special = masking.special_tokens_mask(ids, spec.special_ids)
+  inputs, labels, weights = masking.mask_tokens(rng, ids, special, spec, first_row=first_row)
+  weights = weights * row_weights[:, None]
+  logits = apply_fn(inputs, params=params, train=False).logits
+  loss_sum, correct = metrics_lib.masked_lm_sums(logits, labels, weights)
+  return jnp.stack([loss_sum, correct, weights.sum()])
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """The compiled steps of a run, and the layout they expect."""
+  train: Callable[[TrainState, jax.Array], tuple[TrainState, dict]]
+  eval: Callable[..., jax.Array]
+  mesh: jax.sharding.Mesh
+
+
+def compile_steps(apply_fn: Callable, tx: optax.GradientTransformation,
+                  schedule: optax.Schedule, spec: masking.MaskingSpec, seed: int,
+                  mesh: jax.sharding.Mesh) -> Steps:
+  """jit the steps: state replicated and donated, batches sharded on `data`."""
+  replicated = sharding.replicated(mesh)
+  train = jax.jit(
+      functools.partial(train_step, apply_fn=apply_fn, tx=tx, schedule=schedule, spec=spec),
+      in_shardings=(replicated, sharding.batch_sharding(mesh, batch_axis=1)),
+      out_shardings=(replicated, replicated), donate_argnums=0)
+  eval_rng = jax.random.fold_in(jax.random.PRNGKey(seed), EVAL_STREAM)
+  evaluate_batch = jax.jit(
+      functools.partial(eval_step, apply_fn=apply_fn, spec=spec, rng=eval_rng),
+      in_shardings=(replicated, sharding.batch_sharding(mesh), sharding.batch_sharding(mesh),
+                    replicated),
+      out_shardings=replicated)
+  return Steps(train, evaluate_batch, mesh)
+
+
+def evaluate(steps: Steps, params: Any, blocks: np.ndarray,
+             global_batch_size: int) -> dict[str, float]:
+  """Perplexity and accuracy over every block of the split, each counted once."""
+  totals = np.zeros(3, np.float64)
+  for index, (ids, row_weights) in enumerate(
+      input_pipeline.eval_batches(blocks, global_batch_size)):
+    ids, row_weights = sharding.shard_batch((ids, row_weights), steps.mesh)
+    totals += np.asarray(steps.eval(params, ids, row_weights,
+                                    np.int32(index * global_batch_size)), np.float64)
+  return metrics_lib.summarize_eval(*totals)
+
+
+# ----------------------------------------------------------------------------
+# The run.
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Rejects values that would fail later, with the key and the fix."""
+  positive = ('block_size', 'per_device_batch_size', 'grad_accum_steps', 'eval_batch_size',
+              'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
+              'keep_checkpoints', 'num_proc')
+  for key in positive:
+    if config[key] < 1:
+      raise UserError(f'{key}={config[key]} must be at least 1; set --config.{key}')
+  if not 0 < config.mlm_probability < 1:
+    raise UserError(f'mlm_probability={config.mlm_probability} must be in (0, 1); '
+                    'set --config.mlm_probability, e.g. 0.15')
+  if config.learning_rate <= 0:
+    raise UserError(f'learning_rate={config.learning_rate} must be positive')
+  if config.num_train_steps == 0 or config.num_train_steps < -1:
+    raise UserError(f'num_train_steps={config.num_train_steps} must be positive, or -1 to '
+                    'train for num_epochs')
+  if config.num_train_steps == -1 and config.num_epochs < 1:
+    raise UserError(f'num_epochs={config.num_epochs} must be at least 1')
+  model_lib.compute_dtype(config.dtype)
+  if config.push_to_hub and not config.hub_model_id:
+    raise UserError('push_to_hub=True needs --config.hub_model_id=USER/NAME')
+
+
+def check_workdir_writable(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write-test-{os.getpid()}')
+    with open(probe, 'w', encoding='utf-8') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f'workdir {workdir!r} cannot be written ({e.strerror}); '
+                    'pass a writable --workdir') from None
+
+
+def _log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+@dataclasses.dataclass
+class Run:
+  """What a run is made of, once the data, tokenizer and model are ready."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  tokenizer: Any
+  model: Any
+  blocks: data.Blocks
+  global_batch_size: int  # Rows per optimizer step, over all devices and micro-batches.
+  eval_batch_size: int
+  total_steps: int
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Loads and tokenizes the data and builds the tokenizer and model."""
+  validate_config(config)
+  texts = data.load_texts(config, _log)
+  tokenizer = tokenizer_lib.get_tokenizer(config, workdir, train_texts=texts['train']['text'],
+                                          save=jax.process_index() == 0)
+  model = model_lib.create_model(config, tokenizer)
+  model_lib.check_block_size(config.block_size, model.config)
+  blocks = data.make_blocks(config, tokenizer, texts, _log)
+  devices = jax.device_count()
+  global_batch = config.per_device_batch_size * devices * config.grad_accum_steps
+  per_epoch = input_pipeline.steps_per_epoch(len(blocks.train), global_batch)
+  total = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * per_epoch
+  eval_batch = math.ceil(config.eval_batch_size / devices) * devices
+  return Run(config, workdir, tokenizer, model, blocks, global_batch, eval_batch, total)
+
+
+def _restore_or_init(run: Run, manager, state: TrainState) -> TrainState:
+  """The latest checkpoint's state if there is one (checked against the config)."""
+  step = manager.latest_step()
+  if step is None:
+    return state
+  checkpoint.check_resumable(checkpoint.read_config(manager, step), _config_record(run),
+                             run.workdir)
+  state, position, _ = checkpoint.restore(manager, step, state)
+  _log(f'Resuming from the checkpoint at step {step} (epoch {position["epoch"]}, '
+       f'batch {position["batch"]}) in {checkpoint.checkpoint_dir(run.workdir)}')
+  return state
+
+
+def _config_record(run: Run) -> dict:
+  record = run.config.to_dict()
+  record['global_batch_size'] = run.global_batch_size
+  return record
+
+
+def _save(run: Run, manager, state: TrainState) -> None:
+  step = int(state.step)
+  position = input_pipeline.position_of(step, len(run.blocks.train), run.global_batch_size)
+  checkpoint.save(manager, step, state, dataclasses.asdict(position), _config_record(run))
+
+
+def _prefetch(batches: Iterator[np.ndarray], mesh, size: int = 2) -> Iterator[jax.Array]:
+  """Keeps `size` batches in flight to the devices while the current step runs."""
+  queue = []
+  for batch in batches:
+    queue.append(sharding.shard_batch(batch, mesh, batch_axis=1))
+    if len(queue) > size:
+      yield queue.pop(0)
+  yield from queue
+
+
+def _summary(run: Run, records: list[dict], wall: float, steps_run: int) -> dict:
+  evals = [r for r in records if 'eval_perplexity' in r]
+  tokens = steps_run * run.global_batch_size * run.config.block_size
+  return {
+      'steps': run.total_steps, 'steps_this_run': steps_run, 'wall_time_s': wall,
+      'tokens_per_s': tokens / wall if wall > 0 else 0.0,
+      'eval_loss': evals[-1]['eval_loss'] if evals else float('nan'),
+      'perplexity_before': evals[0]['eval_perplexity'] if evals else float('nan'),
+      'perplexity_after': evals[-1]['eval_perplexity'] if evals else float('nan'),
+      'eval_accuracy': evals[-1]['eval_accuracy'] if evals else float('nan'),
+      'checkpoint_dir': checkpoint.checkpoint_dir(run.workdir),
+      'export_dir': os.path.join(os.path.abspath(run.workdir), 'export'),
+  }
+
+
+def _print_summary(summary: dict) -> None:
+  _log(f'Done: {summary["steps"]} steps ({summary["steps_this_run"]} in this run) in '
+       f'{summary["wall_time_s"]:.1f} s, {summary["tokens_per_s"]:,.0f} tokens/s.\n'
+       f'  eval loss {summary["eval_loss"]:.4f}, accuracy {summary["eval_accuracy"]:.3f}\n'
+       f'  perplexity {summary["perplexity_before"]:.2f} before -> '
+       f'{summary["perplexity_after"]:.2f} after training\n'
+       f'  checkpoints: {summary["checkpoint_dir"]}\n  export: {summary["export_dir"]}')
+
+
+def push_to_hub(export_dir: str, repo_id: str) -> None:
+  """Uploads the export; a failure is reported, never fatal (everything is saved)."""
+  try:
+    import huggingface_hub  # pylint: disable=import-outside-toplevel
+    huggingface_hub.create_repo(repo_id, exist_ok=True)
+    huggingface_hub.upload_folder(repo_id=repo_id, folder_path=export_dir)
+    _log(f'Pushed {export_dir} to https://huggingface.co/{repo_id}')
+  except Exception as e:  # pylint: disable=broad-except
+    _log(f'push_to_hub failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
+         f'the export is saved in {export_dir}: upload it later with '
+         f'`huggingface-cli upload {repo_id} {export_dir}`')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains on `config`, resuming from `workdir` if it has a checkpoint; returns the summary."""
+  check_workdir_writable(workdir)
+  run = prepare(config, workdir)
+  _log(f'{len(run.blocks.train)} train / {len(run.blocks.test)} test blocks of '
+       f'{config.block_size} tokens; {jax.device_count()} device(s), global batch '
+       f'{run.global_batch_size}; {run.total_steps} steps')
+
+  mesh = sharding.make_mesh()
+  tx, schedule = make_optimizer(config, run.total_steps)
+  state = sharding.replicate(create_train_state(run.model.params, tx, config.seed), mesh)
+  spec = masking.masking_spec(run.tokenizer, config.mlm_probability)
+  steps = compile_steps(run.model.__call__, tx, schedule, spec, config.seed, mesh)
+  manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
+  state = _restore_or_init(run, manager, state)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  start_step = int(state.step)
+  export_dir = os.path.join(workdir, 'export')
+
+  if start_step >= run.total_steps:
+    _log(f'{workdir} holds a finished run (step {start_step} of {run.total_steps}); '
+         'nothing to train. Use a new --workdir to train again.')
+    return _summary(run, metrics_lib.read_metrics(workdir), 0.0, 0)
+
+  def run_eval(step: int) -> None:
+    writer.write(step, evaluate(steps, state.params, run.blocks.test, run.eval_batch_size))
+
+  if start_step == 0:
+    run_eval(0)
+  batches = _prefetch(input_pipeline.train_batches(
+      run.blocks.train, run.global_batch_size, config.grad_accum_steps, config.seed,
+      start_step), mesh)
+  tokens_per_step = run.global_batch_size * config.block_size
+  bar = tqdm.tqdm(total=run.total_steps, initial=start_step, disable=jax.process_index() != 0,
+                  desc='train', dynamic_ncols=True)
+  start_time = interval_start = time.time()
+  interval_steps = 0
+  for step in range(start_step + 1, run.total_steps + 1):
+    state, step_metrics = steps.train(state, next(batches))
+    interval_steps += 1
+    if step % config.log_every_steps == 0 or step == run.total_steps:
+      step_metrics = jax.device_get(step_metrics)
+      elapsed = time.time() - interval_start
+      step_metrics['tokens_per_s'] = interval_steps * tokens_per_step / max(elapsed, 1e-9)
+      interval_start, interval_steps = time.time(), 0
+      writer.write(step, step_metrics)
+      bar.set_postfix(loss=f'{step_metrics["loss"]:.3f}',
+                      lr=f'{step_metrics["learning_rate"]:.2e}',
+                      tok_s=f'{step_metrics["tokens_per_s"]:,.0f}')
+      if step_metrics['nonfinite'] >= config.get('max_nonfinite_steps', 10):
+        raise UserError(f'{int(step_metrics["nonfinite"])} consecutive non-finite losses or '
+                        f'gradients up to step {step}; lower --config.learning_rate. The last '
+                        f'good checkpoint is kept in {checkpoint.checkpoint_dir(workdir)}')
+    if step % config.eval_every_steps == 0 or step == run.total_steps:
+      run_eval(step)
+    if step % config.checkpoint_every_steps == 0 or step == run.total_steps:
+      _save(run, manager, state)
+    bar.update(1)
+  bar.close()
+  manager.wait_until_finished()
+  writer.close()
+  wall = time.time() - start_time
+
+  if jax.process_index() == 0:
+    checkpoint.export(run.model, state.params, run.tokenizer, export_dir)
+  summary = _summary(run, metrics_lib.read_metrics(workdir), wall, run.total_steps - start_step)
+  _print_summary(summary)
+  if config.push_to_hub and jax.process_index() == 0:
+    push_to_hub(export_dir, config.hub_model_id)
+  return summary

@@ -1,0 +1,38 @@
+"""Fine-tunes a masked language model: `python run_train.py [--config=...] [--workdir=...]`."""
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mlm_jax import cli
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+config_flags.DEFINE_config_file(
+    'config', os.path.join(_HERE, 'configs', 'default.py'),
+    'Config file (a Python file with get_config()); override keys with --config.KEY=VALUE.',
+    lock_config=True)
+flags.DEFINE_string('workdir', None,
+                    'Where checkpoints, metrics and the export go; rerun with the same '
+                    'workdir to resume. Default: a new folder under ./runs.')
+flags.DEFINE_string('coordinator_address', None,
+                    'HOST:PORT of process 0, for multi-host runs that JAX does not detect.')
+flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-host run.')
+flags.DEFINE_integer('process_id', None, 'This process\'s index in a multi-host run.')
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+  workdir = FLAGS.workdir or os.path.join('runs', time.strftime('%Y%m%d-%H%M%S'))
+  cli.run_user_facing(
+      lambda: cli.train(FLAGS.config, workdir, FLAGS.coordinator_address,
+                        FLAGS.num_processes, FLAGS.process_id))
+
+
+if __name__ == '__main__':
+  sys.path.insert(0, _HERE)  # So config files can import each other as `configs.*`.
+  app.run(main)
