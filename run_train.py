@@ -4,7 +4,7 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from mlm_jax import cli
@@ -26,7 +26,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+  cli.quiet_libraries()
   workdir = FLAGS.workdir or os.path.join('runs', time.strftime('%Y%m%d-%H%M%S'))
   cli.run_user_facing(
       lambda: cli.train(FLAGS.config, workdir, FLAGS.coordinator_address,

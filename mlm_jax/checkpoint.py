@@ -27,9 +27,14 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
-def make_manager(workdir: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                         read_only=read_only, cleanup_tmp_directories=True)
+def model_config_dir(workdir: str) -> str:
+  """Where a run keeps its model's config.json, to rebuild the model around a checkpoint."""
+  return os.path.join(workdir, 'model')
+
+
+def make_manager(workdir: str, keep: int | None, create: bool = True) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                         cleanup_tmp_directories=create)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_names=('state', 'data', 'config'))
 
@@ -53,8 +58,11 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any
   return restored.state, restored.data, restored.config
 
 
-def read_config(manager: ocp.CheckpointManager, step: int) -> dict:
-  return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+def read_metadata(manager: ocp.CheckpointManager, step: int) -> tuple[dict, dict]:
+  """(data position, config) of the checkpoint at `step`, without reading the state."""
+  restored = manager.restore(step, args=ocp.args.Composite(
+      data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
+  return restored.data, restored.config
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:

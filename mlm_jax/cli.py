@@ -10,6 +10,18 @@ from mlm_jax.errors import UserError
 T = TypeVar('T')
 
 
+def quiet_libraries() -> None:
+  """Keeps the console for this program's own messages and real warnings.
+
+  Orbax logs every file it writes, and transformers warns on every Flax model
+  that its Flax classes are deprecated (this project pins transformers<5).
+  """
+  import transformers  # pylint: disable=import-outside-toplevel
+  from absl import logging  # pylint: disable=import-outside-toplevel
+  logging.set_verbosity(logging.ERROR)
+  transformers.utils.logging.set_verbosity_error()
+
+
 def run_user_facing(fn: Callable[[], T]) -> T:
   """Runs `fn`; a `UserError` becomes one line on stderr and exit status 2."""
   try:
@@ -41,3 +53,32 @@ def train(config, workdir: str, coordinator_address: str | None = None,
   if jax.process_index() == 0:
     print(f'Workdir: {workdir}', flush=True)
   return train_lib.train_and_evaluate(config, workdir)
+
+
+def read_texts(texts: list[str], input_file: str | None) -> list[str]:
+  """The --text values, then the lines of --input_file."""
+  texts = list(texts)
+  if input_file:
+    try:
+      with open(input_file, encoding='utf-8') as f:
+        texts += [line.rstrip('\n') for line in f if line.strip()]
+    except FileNotFoundError:
+      raise UserError(f'input file {input_file!r} does not exist; pass a file with one text '
+                      'per line') from None
+    except UnicodeDecodeError:
+      raise UserError(f'input file {input_file!r} is not UTF-8 text; re-encode it as UTF-8'
+                      ) from None
+  if not texts:
+    raise UserError('no text given; pass --text="... <mask> ..." or --input_file=FILE')
+  return texts
+
+
+def fill_mask(model: str, texts: list[str], input_file: str | None, top_k: int,
+              targets: list[str] | None, step: int | None):
+  """(texts, fills) for the run_infer.py entry point."""
+  from mlm_jax import infer  # pylint: disable=import-outside-toplevel
+  texts = read_texts(texts, input_file)
+  if top_k < 1:
+    raise UserError(f'--top_k={top_k} must be at least 1')
+  predictor = infer.load_predictor(model, step)
+  return texts, infer.fill_mask(predictor, texts, top_k, targets)

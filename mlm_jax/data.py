@@ -76,25 +76,6 @@ def _builder_for(files: list[str]) -> str:
   return builders.pop()
 
 
-def _first_bad_json_line(files: list[str]) -> str | None:
-  """Names the first line that is not a JSON object, for a readable error."""
-  for path in files:
-    with open(path, 'rb') as f:
-      for number, raw in enumerate(f, start=1):
-        try:
-          line = raw.decode('utf-8')
-        except UnicodeDecodeError:
-          return f'{path}, line {number}: not UTF-8'
-        if not line.strip():
-          continue
-        try:
-          if not isinstance(json.loads(line), dict):
-            return f'{path}, line {number}: not a JSON object'
-        except json.JSONDecodeError as e:
-          return f'{path}, line {number}: {e.msg}'
-  return None
-
-
 def _first_non_utf8_line(files: list[str]) -> str | None:
   for path in files:
     with open(path, 'rb') as f:
@@ -106,9 +87,31 @@ def _first_non_utf8_line(files: list[str]) -> str | None:
   return None
 
 
+def _first_bad_json_line(files: list[str]) -> str | None:
+  """Names the first place that is not valid JSON (Lines), for a readable error."""
+  for path in files:
+    with open(path, encoding='utf-8') as f:
+      text = f.read()
+    if text.lstrip().startswith('['):  # One JSON document: an array of records.
+      try:
+        json.loads(text)
+      except json.JSONDecodeError as e:
+        return f'{path}, line {e.lineno}: {e.msg}'
+      continue
+    for number, line in enumerate(text.splitlines(), start=1):
+      if not line.strip():
+        continue
+      try:
+        if not isinstance(json.loads(line), dict):
+          return f'{path}, line {number}: not a JSON object'
+      except json.JSONDecodeError as e:
+        return f'{path}, line {number}: {e.msg}'
+  return None
+
+
 def load_local_files(files: list[str], split: str) -> datasets.Dataset:
   builder = _builder_for(files)
-  if builder == 'text':
+  if builder != 'parquet':
     where = _first_non_utf8_line(files)
     if where:
       raise UserError(f'{where} is not UTF-8 text; re-encode the file as UTF-8')
@@ -237,6 +240,9 @@ def cache_key(config, tokenizer) -> str:
   source = source_of(config)
   if source['kind'] == 'files':
     source = {'kind': 'files', 'sha256': [_file_fingerprint(f) for f in source['files']]}
+  elif os.path.isdir(source['name']):  # A local dataset directory: key on its contents.
+    files = sorted(glob.glob(os.path.join(source['name'], '**', '*'), recursive=True))
+    source = {**source, 'sha256': [_file_fingerprint(f) for f in files if os.path.isfile(f)]}
   key = {'version': CACHE_VERSION, 'source': source, 'split': config.split,
          'test_size': config.test_size, 'seed': config.seed,
          'tokenizer': tokenizer_fingerprint(tokenizer), 'block_size': config.block_size}

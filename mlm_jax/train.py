@@ -126,7 +126,7 @@ def train_step(state: TrainState, ids: jax.Array, *, apply_fn: Callable,
   zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
   (grads, loss_sum, correct), _ = jax.lax.scan(
       micro_step, (zeros, 0.0, 0.0), (jnp.arange(ids.shape[0]), inputs, labels, weights))
-  loss, grad_norm = loss_sum / total, optax.global_norm(grads)
+  loss, grad_norm = loss_sum / total, optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 
@@ -272,7 +272,7 @@ def _restore_or_init(run: Run, manager, state: TrainState) -> TrainState:
   step = manager.latest_step()
   if step is None:
     return state
-  checkpoint.check_resumable(checkpoint.read_config(manager, step), _config_record(run),
+  checkpoint.check_resumable(checkpoint.read_metadata(manager, step)[1], _config_record(run),
                              run.workdir)
   state, position, _ = checkpoint.restore(manager, step, state)
   _log(f'Resuming from the checkpoint at step {step} (epoch {position["epoch"]}, '
@@ -355,6 +355,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
   state = _restore_or_init(run, manager, state)
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  if jax.process_index() == 0:  # What inference needs to rebuild the model around a checkpoint.
+    run.model.config.save_pretrained(checkpoint.model_config_dir(workdir))
   start_step = int(state.step)
   export_dir = os.path.join(workdir, 'export')
 

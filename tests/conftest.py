@@ -1,0 +1,38 @@
+"""Shared fixtures: the tiny test config, and caches isolated in a temporary folder."""
+
+import importlib.util
+import os
+import pathlib
+import sys
+
+import tempfile
+
+# Read by `datasets` and `huggingface_hub` when they are imported, so set before any test module
+# imports them: no test reaches the network or writes to the user's caches.
+_CACHE = tempfile.mkdtemp(prefix='mlm_jax_test_cache_')
+os.environ['MLM_JAX_CACHE'] = os.path.join(_CACHE, 'mlm_jax')
+os.environ['HF_HOME'] = os.path.join(_CACHE, 'hf')
+os.environ['HF_DATASETS_CACHE'] = os.path.join(_CACHE, 'hf_datasets')
+os.environ['HF_HUB_OFFLINE'] = '1'
+os.environ['HF_DATASETS_OFFLINE'] = '1'
+os.environ['TOKENIZERS_PARALLELISM'] = 'false'
+
+import pytest  # pylint: disable=wrong-import-position
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `configs.*` imports, as run_train.py allows.
+
+
+def load_config(name: str = 'tiny_test'):
+  """`get_config()` of configs/NAME.py, as `--config=configs/NAME.py` would load it."""
+  spec = importlib.util.spec_from_file_location(f'configs.{name}', ROOT / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+  config = load_config('tiny_test')
+  config.cache_dir = str(tmp_path / 'cache')
+  return config

@@ -1,0 +1,271 @@
+"""Training, evaluation, checkpoints and export, on the tiny config with real libraries."""
+
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+from flax import traverse_util
+
+from mlm_jax import checkpoint
+from mlm_jax import infer
+from mlm_jax import masking
+from mlm_jax import metrics
+from mlm_jax import sharding
+from mlm_jax import train
+from mlm_jax.errors import UserError
+from tests.conftest import ROOT, load_config
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A finished tiny run: (config, workdir, summary)."""
+  workdir = str(tmp_path_factory.mktemp('run'))
+  config = load_config('tiny_test')
+  summary = train.train_and_evaluate(config, workdir)
+  return config, workdir, summary
+
+
+def _tiny_run(config):
+  """The prepared data, tokenizer and model of `config`, in a fresh workdir."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  return train.prepare(config, tempfile.mkdtemp())
+
+
+def test_training_lowers_train_loss_and_perplexity(trained):
+  _, workdir, summary = trained
+  records = metrics.read_metrics(workdir)
+  train_losses = [r['loss'] for r in records if 'loss' in r]
+  assert train_losses[-1] < train_losses[0]
+  assert summary['perplexity_after'] < summary['perplexity_before']
+
+
+def test_evaluates_at_step_zero_every_eval_steps_and_at_the_end(trained):
+  config, workdir, _ = trained
+  eval_steps = [r['step'] for r in metrics.read_metrics(workdir) if 'eval_perplexity' in r]
+  assert eval_steps == [0, config.eval_every_steps, config.num_train_steps]
+
+
+def test_logs_learning_rate_following_warmup(trained):
+  config, workdir, _ = trained
+  rates = {r['step']: r['learning_rate'] for r in metrics.read_metrics(workdir) if 'loss' in r}
+  # The rate logged at step s is the one used by update s (schedule(s - 1)).
+  assert rates[config.num_train_steps] < rates[config.log_every_steps]
+  assert max(rates.values()) <= config.learning_rate
+
+
+def test_run_writes_checkpoints_export_tensorboard_and_metrics(trained):
+  config, workdir, _ = trained
+  manager = checkpoint.make_manager(workdir, keep=None, create=False)
+  assert manager.latest_step() == config.num_train_steps
+  assert len(manager.all_steps()) <= config.keep_checkpoints
+  assert os.path.isfile(os.path.join(workdir, 'export', 'flax_model.msgpack'))
+  assert os.path.isfile(os.path.join(workdir, 'export', 'tokenizer.json'))
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+
+
+def test_checkpoint_holds_data_position_and_config(trained):
+  config, workdir, _ = trained
+  manager = checkpoint.make_manager(workdir, keep=None, create=False)
+  step = manager.latest_step()
+  position, saved_config = checkpoint.read_metadata(manager, step)
+  assert saved_config['block_size'] == config.block_size
+  assert set(position) == {'epoch', 'batch'}
+
+
+def test_second_run_in_a_finished_workdir_does_not_train(trained):
+  config, workdir, _ = trained
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary['steps_this_run'] == 0
+
+
+def test_resume_with_a_changed_model_is_refused(trained):
+  config, workdir, _ = trained
+  changed = load_config('tiny_test')
+  changed.block_size = 16
+  with pytest.raises(UserError, match='block_size: 32 -> 16'):
+    train.train_and_evaluate(changed, workdir)
+
+
+def test_export_reloads_with_the_checkpoints_logits(trained):
+  _, workdir, _ = trained
+  from_checkpoint = infer.load_predictor(workdir)
+  exported = transformers.FlaxAutoModelForMaskedLM.from_pretrained(
+      os.path.join(workdir, 'export'))
+  ids = np.asarray(from_checkpoint.tokenizer(['Why is the sky blue?'])['input_ids'])
+  expected = from_checkpoint.model(ids, params=from_checkpoint.params).logits
+  np.testing.assert_allclose(exported(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_loads_in_pytorch_with_the_same_logits(trained):
+  torch = pytest.importorskip('torch')
+  _, workdir, _ = trained
+  export = os.path.join(workdir, 'export')
+  flax_model = transformers.FlaxAutoModelForMaskedLM.from_pretrained(export)
+  torch_model = transformers.AutoModelForMaskedLM.from_pretrained(export, from_flax=True)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(export)
+  ids = tokenizer(['Why is the sky blue?'])['input_ids']
+  with torch.no_grad():
+    torch_logits = torch_model(torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(torch_logits, flax_model(np.asarray(ids)).logits,
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_weight_decay_mask_excludes_exactly_biases_and_layernorm_scales():
+  model = transformers.FlaxAutoModelForMaskedLM.from_config(
+      transformers.RobertaConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=16))
+  mask = traverse_util.flatten_dict(train.decay_mask(model.params))
+  for path, decayed in mask.items():
+    no_decay = path[-1] == 'bias' or path[-2:] == ('LayerNorm', 'scale')
+    assert decayed == (not no_decay), path
+  assert any(mask.values()) and not all(mask.values())
+
+
+def _fresh_state_and_steps(config, run):
+  """A fresh train state and the compiled steps for `run`."""
+  mesh = sharding.make_mesh()
+  tx, schedule = train.make_optimizer(config, total_steps=10)
+  params = jax.tree_util.tree_map(jnp.copy, run.model.params)  # The step donates its state.
+  state = train.create_train_state(params, tx, config.seed)
+  spec = masking.masking_spec(run.tokenizer, config.mlm_probability)
+  steps = train.compile_steps(run.model.__call__, tx, schedule, spec, config.seed, mesh)
+  return state, steps
+
+
+def test_gradient_accumulation_equals_one_batch_k_times_larger():
+  config = load_config('tiny_test')
+  run = _tiny_run(config)
+  blocks = jnp.asarray(run.blocks.train[:8])
+  state, steps = _fresh_state_and_steps(config, run)
+  big, big_metrics = steps.train(state, blocks.reshape(1, 8, -1))
+  state, steps = _fresh_state_and_steps(config, run)
+  accumulated, acc_metrics = steps.train(state, blocks.reshape(4, 2, -1))
+  np.testing.assert_allclose(acc_metrics['loss'], big_metrics['loss'], rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(accumulated.params),
+                  jax.tree_util.tree_leaves(big.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_non_finite_loss_skips_the_update_and_is_counted():
+  config = load_config('tiny_test')
+  run = _tiny_run(config)
+  state, steps = _fresh_state_and_steps(config, run)
+  nan_params = jax.tree_util.tree_map(lambda x: x * jnp.nan, state.params)
+  state = state.replace(params=nan_params)
+  new_state, step_metrics = steps.train(state, jnp.asarray(run.blocks.train[:8])[None])
+  assert int(step_metrics['nonfinite']) == 1 and int(new_state.step) == 1
+  assert int(new_state.opt_state[1][0].count) == 0  # Adam's moments were not updated.
+
+
+def _uniform_logits(ids, params, train):  # pylint: disable=redefined-outer-name
+  """A 'model' whose logits are all zero: perplexity is exactly the vocabulary size."""
+  del train
+
+  class Output:
+    logits = jnp.zeros(ids.shape + (params['vocab'].shape[0],)) + params['vocab'] * 0
+  return Output()
+
+
+@pytest.mark.parametrize('batch_size', [4, 7])
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(batch_size):
+  vocab = 37
+  spec = masking.MaskingSpec(mask_token_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=vocab)
+  blocks = np.random.default_rng(0).integers(5, vocab, (10, 16)).astype(np.int32)
+  tx, schedule = train.make_optimizer(load_config('tiny_test'), 10)
+  steps = train.compile_steps(_uniform_logits, tx, schedule, spec, seed=0,
+                              mesh=sharding.make_mesh())
+  result = train.evaluate(steps, {'vocab': jnp.zeros(vocab)}, blocks, batch_size)
+  np.testing.assert_allclose(result['eval_perplexity'], vocab, rtol=1e-5)
+
+
+def test_eval_counts_every_block_once_whatever_the_batch_size():
+  vocab = 37
+  spec = masking.MaskingSpec(mask_token_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=vocab)
+  blocks = np.random.default_rng(0).integers(5, vocab, (10, 16)).astype(np.int32)
+  tx, schedule = train.make_optimizer(load_config('tiny_test'), 10)
+  steps = train.compile_steps(_uniform_logits, tx, schedule, spec, seed=0,
+                              mesh=sharding.make_mesh())
+  counts = {b: train.evaluate(steps, {'vocab': jnp.zeros(vocab)}, blocks, b)['eval_masked_tokens']
+            for b in (3, 4, 10, 16)}
+  assert len(set(counts.values())) == 1
+  assert 0 < counts[4] < blocks.size
+
+
+def test_eval_is_deterministic(trained):
+  config, workdir, _ = trained
+  predictor = infer.load_predictor(workdir)
+  spec = masking.masking_spec(predictor.tokenizer, config.mlm_probability)
+  tx, schedule = train.make_optimizer(config, 10)
+  steps = train.compile_steps(predictor.model.__call__, tx, schedule, spec, config.seed,
+                              sharding.make_mesh())
+  blocks = np.asarray(predictor.tokenizer(['Why is the sky blue? ' * 20])['input_ids'][0][:64],
+                      np.int32).reshape(2, 32)
+  first = train.evaluate(steps, predictor.params, blocks, 2)
+  second = train.evaluate(steps, predictor.params, blocks, 2)
+  assert first == second
+
+
+def _run_train_cli(*args, timeout=240):
+  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  return subprocess.run([sys.executable, str(ROOT / 'run_train.py'), *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_cli_rejects_an_unknown_config_key(tmp_path):
+  result = _run_train_cli('--config=configs/tiny_test.py', f'--workdir={tmp_path}',
+                          '--config.no_such_key=1')
+  assert result.returncode != 0
+  assert 'no_such_key' in result.stderr
+
+
+def test_cli_reports_a_missing_data_file_in_one_line(tmp_path):
+  result = _run_train_cli('--config=configs/tiny_test.py', f'--workdir={tmp_path}',
+                          '--config.data_files=/nonexistent/eli5.jsonl')
+  assert result.returncode == 2
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: data file') and 'nonexistent' in last
+  assert 'Traceback' not in result.stderr
+
+
+def _final_params(workdir):
+  return jax.tree_util.tree_leaves(infer.load_predictor(workdir).params)
+
+
+def test_run_killed_mid_training_resumes_to_the_same_parameters(tmp_path):
+  """SIGKILL after the first checkpoint, restart: same result as an uninterrupted run."""
+  common = ['--config=configs/tiny_test.py', '--config.num_train_steps=120',
+            '--config.checkpoint_every_steps=10', '--config.eval_every_steps=60']
+  straight = tmp_path / 'straight'
+  assert _run_train_cli(*common, f'--workdir={straight}').returncode == 0
+
+  resumed = tmp_path / 'resumed'
+  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  process = subprocess.Popen([sys.executable, str(ROOT / 'run_train.py'), *common,
+                              f'--workdir={resumed}'], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 180
+    while not (resumed / 'checkpoints' / '10').exists() and process.poll() is None:
+      assert time.time() < deadline
+      time.sleep(0.05)
+    process.kill()
+  finally:
+    process.wait(timeout=60)
+  killed_at = checkpoint.make_manager(str(resumed), keep=None, create=False).latest_step()
+  assert killed_at is not None and killed_at < 120
+
+  result = _run_train_cli(*common, f'--workdir={resumed}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f'Resuming from the checkpoint at step {killed_at}' in result.stdout
+  for a, b in zip(_final_params(str(resumed)), _final_params(str(straight))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  straight_evals = [r for r in metrics.read_metrics(str(straight)) if 'eval_loss' in r]
+  resumed_evals = [r for r in metrics.read_metrics(str(resumed)) if 'eval_loss' in r]
+  np.testing.assert_allclose(resumed_evals[-1]['eval_loss'], straight_evals[-1]['eval_loss'],
+                             rtol=1e-5)
