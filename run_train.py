@@ -35,4 +35,5 @@ def main(argv):
 
 if __name__ == '__main__':
   sys.path.insert(0, _HERE)  # So config files can import each other as `configs.*`.
+  cli.check_config_file(sys.argv)
   app.run(main)

@@ -12,7 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Model: a hub id or local directory, or '' to train `model_config` from scratch.
   config.model_name_or_path = ''
   config.tokenizer_name = ''  # '' = the model's own tokenizer (or a new one from scratch).
-  config.tokenizer_vocab_size = 2048  # For a tokenizer trained from scratch.
+  config.tokenizer_vocab_size = 4096  # For a tokenizer trained from scratch.
   config.model_config = ml_collections.ConfigDict(dict(
       hidden_size=128,
       num_hidden_layers=2,
@@ -43,15 +43,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.warmup_steps = 50
   config.lr_schedule = 'linear'  # linear | cosine
   config.max_grad_norm = 1.0
-  config.num_epochs = 60
+  config.num_epochs = 24
   config.num_train_steps = -1  # -1: from num_epochs.
   config.seed = 0
+  config.max_nonfinite_steps = 10  # Consecutive skipped (non-finite) updates before stopping.
 
   # Bookkeeping.
-  config.eval_every_steps = 250
+  config.eval_every_steps = 200
   config.eval_batch_size = 64  # Global.
   config.log_every_steps = 25
-  config.checkpoint_every_steps = 250
+  config.checkpoint_every_steps = 200
   config.keep_checkpoints = 2
 
   # Sharing, as the guide does with push_to_hub=True.

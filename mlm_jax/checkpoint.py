@@ -8,6 +8,8 @@ reader never sees half a checkpoint.
 """
 
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
@@ -63,6 +65,15 @@ def read_metadata(manager: ocp.CheckpointManager, step: int) -> tuple[dict, dict
   restored = manager.restore(step, args=ocp.args.Composite(
       data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
   return restored.data, restored.config
+
+
+def set_aside(workdir: str, step: int) -> str:
+  """Moves an unrestorable checkpoint out of the manager's sight, keeping it for inspection."""
+  aside = os.path.join(os.path.abspath(workdir), 'unrestorable_checkpoints',
+                       f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+  os.makedirs(os.path.dirname(aside), exist_ok=True)
+  shutil.move(os.path.join(checkpoint_dir(workdir), str(step)), aside)
+  return aside
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:

@@ -1,10 +1,12 @@
 """What the entry points share: multi-host start-up and one-line errors for user mistakes."""
 
+import ast
 import sys
-from typing import Callable, TypeVar
+from typing import Callable, NoReturn, TypeVar
 
 import jax
 
+from mlm_jax import preemption
 from mlm_jax.errors import UserError
 
 T = TypeVar('T')
@@ -23,12 +25,53 @@ def quiet_libraries() -> None:
 
 
 def run_user_facing(fn: Callable[[], T]) -> T:
-  """Runs `fn`; a `UserError` becomes one line on stderr and exit status 2."""
+  """Runs `fn`; a `UserError` becomes one line on stderr and exit status 2.
+
+  A run stopped by a signal (after saving) exits with 128 + the signal's number.
+  """
   try:
     return fn()
   except UserError as e:
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.exit(2)
+    fail(str(e))
+  except preemption.Stopped as e:
+    print(str(e), file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith(f'--{name}='):
+      return arg.split('=', 1)[1]
+    if arg == f'--{name}' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def check_config_file(argv: list[str]) -> None:
+  """Exits with one line if --config names a file that is missing or has no get_config().
+
+  absl would otherwise print several lines and a traceback for either.
+  """
+  path = _flag_value(argv, 'config')
+  if path is None:
+    return
+  path = path.split(':', 1)[0]  # `file.py:arg` passes an argument to get_config.
+  try:
+    with open(path, encoding='utf-8') as f:
+      tree = ast.parse(f.read(), filename=path)
+  except OSError as e:
+    fail(f'config file {path!r} cannot be read ({e.strerror}); pass --config=configs/NAME.py')
+  except SyntaxError as e:
+    fail(f'config file {path!r} is not valid Python (line {e.lineno}: {e.msg})')
+  if not any(isinstance(node, ast.FunctionDef) and node.name == 'get_config'
+             for node in tree.body):
+    fail(f'config file {path!r} has no get_config() function; define one that returns an '
+         'ml_collections.ConfigDict (see configs/default.py)')
+
+
+def fail(message: str) -> NoReturn:
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(2)
 
 
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None,

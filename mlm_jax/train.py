@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import math
 import os
+import signal
 import time
 from typing import Any, Callable, Iterator
 
@@ -27,6 +28,7 @@ from mlm_jax import input_pipeline
 from mlm_jax import masking
 from mlm_jax import metrics as metrics_lib
 from mlm_jax import model as model_lib
+from mlm_jax import preemption
 from mlm_jax import sharding
 from mlm_jax import tokenizer as tokenizer_lib
 from mlm_jax.errors import UserError
@@ -201,7 +203,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Rejects values that would fail later, with the key and the fix."""
   positive = ('block_size', 'per_device_batch_size', 'grad_accum_steps', 'eval_batch_size',
               'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
-              'keep_checkpoints', 'num_proc')
+              'keep_checkpoints', 'num_proc', 'max_nonfinite_steps')
   for key in positive:
     if config[key] < 1:
       raise UserError(f'{key}={config[key]} must be at least 1; set --config.{key}')
@@ -268,15 +270,34 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
 
 
 def _restore_or_init(run: Run, manager, state: TrainState) -> TrainState:
-  """The latest checkpoint's state if there is one (checked against the config)."""
-  step = manager.latest_step()
-  if step is None:
-    return state
-  checkpoint.check_resumable(checkpoint.read_metadata(manager, step)[1], _config_record(run),
-                             run.workdir)
-  state, position, _ = checkpoint.restore(manager, step, state)
-  _log(f'Resuming from the checkpoint at step {step} (epoch {position["epoch"]}, '
-       f'batch {position["batch"]}) in {checkpoint.checkpoint_dir(run.workdir)}')
+  """The newest checkpoint that restores (checked against the config), else `state`.
+
+  A checkpoint that fails to restore (a truncated file, say) is reported by name
+  and the one before it is tried.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  for step in steps:
+    where = os.path.join(checkpoint.checkpoint_dir(run.workdir), str(step))
+    try:
+      _, saved_config = checkpoint.read_metadata(manager, step)
+      checkpoint.check_resumable(saved_config, _config_record(run), run.workdir)
+      restored, position, _ = checkpoint.restore(manager, step, state)
+    except UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      aside = checkpoint.set_aside(run.workdir, step) if jax.process_index() == 0 else where
+      _log(f'Checkpoint {where} could not be restored ({type(e).__name__}: '
+           f'{str(e).splitlines()[0] if str(e) else ""}); moved it to {aside} and trying the '
+           'one before it.')
+      continue
+    manager.reload()
+    _log(f'Resuming from the checkpoint at step {step} (epoch {position["epoch"]}, '
+         f'batch {position["batch"]}) in {checkpoint.checkpoint_dir(run.workdir)}')
+    return restored
+  manager.reload()
+  if steps:
+    raise UserError(f'no checkpoint in {checkpoint.checkpoint_dir(run.workdir)} could be '
+                    'restored (see above); use a new --workdir to start afresh')
   return state
 
 
@@ -339,6 +360,97 @@ def push_to_hub(export_dir: str, repo_id: str) -> None:
          f'`huggingface-cli upload {repo_id} {export_dir}`')
 
 
+class _Loop:
+  """The training loop's bookkeeping: logging, evaluation, checkpoints and stop checks."""
+
+  def __init__(self, run: Run, steps: Steps, manager, writer: metrics_lib.MetricsWriter):
+    self.run, self.steps, self.manager, self.writer = run, steps, manager, writer
+    config = run.config
+    self.bar = tqdm.tqdm(total=run.total_steps, disable=jax.process_index() != 0,
+                         desc='train', dynamic_ncols=True)
+    self.tokens_per_step = run.global_batch_size * config.block_size
+    self.interval_start, self.interval_steps = time.time(), 0
+
+  def evaluate(self, state: TrainState) -> None:
+    self.writer.write(int(state.step), evaluate(self.steps, state.params, self.run.blocks.test,
+                                                self.run.eval_batch_size))
+
+  def check_finite(self, step: int, step_metrics: dict) -> None:
+    """Stops after `max_nonfinite_steps` consecutive skipped updates."""
+    skipped = int(step_metrics['nonfinite'])
+    if skipped >= self.run.config.max_nonfinite_steps:
+      raise UserError(
+          f'{skipped} consecutive non-finite losses or gradients, the last at step {step}; '
+          f'lower --config.learning_rate or check the data. The last good checkpoint is kept '
+          f'in {checkpoint.checkpoint_dir(self.run.workdir)}')
+
+  def log(self, step: int, step_metrics: dict) -> None:
+    step_metrics = jax.device_get(step_metrics)
+    elapsed = time.time() - self.interval_start
+    step_metrics['tokens_per_s'] = self.interval_steps * self.tokens_per_step / max(elapsed,
+                                                                                  1e-9)
+    self.interval_start, self.interval_steps = time.time(), 0
+    self.writer.write(step, step_metrics)
+    self.bar.set_postfix(loss=f'{step_metrics["loss"]:.3f}',
+                         lr=f'{step_metrics["learning_rate"]:.2e}',
+                         tok_s=f'{step_metrics["tokens_per_s"]:,.0f}')
+
+  def after_step(self, state: TrainState, step_metrics: dict) -> None:
+    config, step = self.run.config, int(state.step)
+    last = step == self.run.total_steps
+    self.interval_steps += 1
+    if step % config.log_every_steps == 0 or last:
+      self.log(step, step_metrics)
+    if step % config.eval_every_steps == 0 or last:
+      self.evaluate(state)
+    if step % config.checkpoint_every_steps == 0 or last:
+      _save(self.run, self.manager, state)
+    self.bar.update(1)
+
+  def stop(self, state: TrainState, stop: preemption.StopRequest) -> None:
+    """Saves the state after the step in flight and raises `Stopped`."""
+    step = int(state.step)
+    if self.manager.latest_step() != step:
+      _save(self.run, self.manager, state)
+    self.manager.wait_until_finished()
+    self.writer.flush()
+    number = stop.signal_number or signal.SIGTERM
+    raise preemption.Stopped(
+        f'stopped by {signal.Signals(number).name} at step {step} of {self.run.total_steps}; '
+        f'checkpoint saved in {checkpoint.checkpoint_dir(self.run.workdir)}. Resume with the '
+        f'same command (same --workdir={self.run.workdir})', 128 + number)
+
+  def close(self) -> None:
+    self.bar.close()
+    self.manager.wait_until_finished()
+    self.writer.close()
+
+
+def _train(run: Run, steps: Steps, state: TrainState, loop: _Loop) -> TrainState:
+  """Runs the steps from `state.step` to the end; returns the final state."""
+  start_step = int(state.step)
+  loop.bar.update(start_step)
+  if start_step == 0:
+    loop.evaluate(state)
+  batches = _prefetch(input_pipeline.train_batches(
+      run.blocks.train, run.global_batch_size, run.config.grad_accum_steps, run.config.seed,
+      start_step), steps.mesh)
+  previous = None
+  with preemption.StopRequest() as stop:
+    for step in range(start_step + 1, run.total_steps + 1):
+      state, step_metrics = steps.train(state, next(batches))
+      # Checking the previous step's metrics keeps one step queued on the device.
+      if previous is not None:
+        loop.check_finite(step - 1, previous)
+      previous = step_metrics
+      loop.after_step(state, step_metrics)
+      if stop.requested or loop.manager.reached_preemption(step):
+        loop.stop(state, stop)
+    if previous is not None:
+      loop.check_finite(run.total_steps, previous)
+  return state
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains on `config`, resuming from `workdir` if it has a checkpoint; returns the summary."""
   check_workdir_writable(workdir)
@@ -354,60 +466,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   steps = compile_steps(run.model.__call__, tx, schedule, spec, config.seed, mesh)
   manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
   state = _restore_or_init(run, manager, state)
-  writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
-  if jax.process_index() == 0:  # What inference needs to rebuild the model around a checkpoint.
-    run.model.config.save_pretrained(checkpoint.model_config_dir(workdir))
-  start_step = int(state.step)
-  export_dir = os.path.join(workdir, 'export')
-
-  if start_step >= run.total_steps:
-    _log(f'{workdir} holds a finished run (step {start_step} of {run.total_steps}); '
+  if int(state.step) >= run.total_steps:
+    _log(f'{workdir} holds a finished run (step {int(state.step)} of {run.total_steps}); '
          'nothing to train. Use a new --workdir to train again.')
     return _summary(run, metrics_lib.read_metrics(workdir), 0.0, 0)
 
-  def run_eval(step: int) -> None:
-    writer.write(step, evaluate(steps, state.params, run.blocks.test, run.eval_batch_size))
-
-  if start_step == 0:
-    run_eval(0)
-  batches = _prefetch(input_pipeline.train_batches(
-      run.blocks.train, run.global_batch_size, config.grad_accum_steps, config.seed,
-      start_step), mesh)
-  tokens_per_step = run.global_batch_size * config.block_size
-  bar = tqdm.tqdm(total=run.total_steps, initial=start_step, disable=jax.process_index() != 0,
-                  desc='train', dynamic_ncols=True)
-  start_time = interval_start = time.time()
-  interval_steps = 0
-  for step in range(start_step + 1, run.total_steps + 1):
-    state, step_metrics = steps.train(state, next(batches))
-    interval_steps += 1
-    if step % config.log_every_steps == 0 or step == run.total_steps:
-      step_metrics = jax.device_get(step_metrics)
-      elapsed = time.time() - interval_start
-      step_metrics['tokens_per_s'] = interval_steps * tokens_per_step / max(elapsed, 1e-9)
-      interval_start, interval_steps = time.time(), 0
-      writer.write(step, step_metrics)
-      bar.set_postfix(loss=f'{step_metrics["loss"]:.3f}',
-                      lr=f'{step_metrics["learning_rate"]:.2e}',
-                      tok_s=f'{step_metrics["tokens_per_s"]:,.0f}')
-      if step_metrics['nonfinite'] >= config.get('max_nonfinite_steps', 10):
-        raise UserError(f'{int(step_metrics["nonfinite"])} consecutive non-finite losses or '
-                        f'gradients up to step {step}; lower --config.learning_rate. The last '
-                        f'good checkpoint is kept in {checkpoint.checkpoint_dir(workdir)}')
-    if step % config.eval_every_steps == 0 or step == run.total_steps:
-      run_eval(step)
-    if step % config.checkpoint_every_steps == 0 or step == run.total_steps:
-      _save(run, manager, state)
-    bar.update(1)
-  bar.close()
-  manager.wait_until_finished()
-  writer.close()
+  is_main = jax.process_index() == 0
+  if is_main:  # What inference needs to rebuild the model around a checkpoint.
+    run.model.config.save_pretrained(checkpoint.model_config_dir(workdir))
+  start_step, start_time = int(state.step), time.time()
+  loop = _Loop(run, steps, manager, metrics_lib.MetricsWriter(workdir, enabled=is_main))
+  try:
+    state = _train(run, steps, state, loop)
+  finally:
+    loop.close()
   wall = time.time() - start_time
 
-  if jax.process_index() == 0:
+  export_dir = os.path.join(workdir, 'export')
+  if is_main:
     checkpoint.export(run.model, state.params, run.tokenizer, export_dir)
   summary = _summary(run, metrics_lib.read_metrics(workdir), wall, run.total_steps - start_step)
   _print_summary(summary)
-  if config.push_to_hub and jax.process_index() == 0:
+  if config.push_to_hub and is_main:
     push_to_hub(export_dir, config.hub_model_id)
   return summary

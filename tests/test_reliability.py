@@ -1,0 +1,178 @@
+"""Preemption, crashes and bad state: nothing saved is lost, and the run says what happened."""
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from mlm_jax import checkpoint
+from mlm_jax import infer
+from mlm_jax import metrics
+from mlm_jax import train
+from mlm_jax.errors import UserError
+from tests.conftest import ROOT, load_config
+
+TINY = '--config=configs/tiny_test.py'
+
+
+def _start(workdir, *args) -> subprocess.Popen:
+  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  return subprocess.Popen([sys.executable, str(ROOT / 'run_train.py'), TINY,
+                           f'--workdir={workdir}', *args], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_until_training(workdir: pathlib.Path, process: subprocess.Popen, step: int = 5):
+  """Polls metrics.jsonl until a train step at or past `step` is logged."""
+  deadline = time.time() + 180
+  while time.time() < deadline and process.poll() is None:
+    logged = [r['step'] for r in metrics.read_metrics(str(workdir)) if 'loss' in r]
+    if logged and logged[-1] >= step:
+      return
+    time.sleep(0.05)
+  raise AssertionError('the run did not start training in time')
+
+
+def _latest_step(workdir) -> int | None:
+  return checkpoint.make_manager(str(workdir), keep=None, create=False).latest_step()
+
+
+@pytest.mark.parametrize('signal_number', [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_exits_non_zero(tmp_path, signal_number):
+  process = _start(tmp_path, '--config.num_train_steps=100000', '--config.log_every_steps=1',
+                   '--config.checkpoint_every_steps=100000', '--config.eval_every_steps=100000')
+  try:
+    _wait_until_training(tmp_path, process)
+    process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=120)
+  finally:
+    process.kill()
+  assert process.returncode == 128 + signal_number
+  last_line = stderr.strip().splitlines()[-1]
+  assert f'stopped by {signal.Signals(signal_number).name} at step' in last_line
+  assert 'Resume with the same command' in last_line
+  stopped_at = int(last_line.split(' at step ')[1].split()[0])
+  assert _latest_step(tmp_path) == stopped_at > 0
+
+
+def test_second_signal_exits_at_once_without_saving(tmp_path):
+  process = _start(tmp_path, '--config.num_train_steps=100000', '--config.log_every_steps=1',
+                   '--config.checkpoint_every_steps=100000', '--config.eval_every_steps=100000')
+  try:
+    _wait_until_training(tmp_path, process)
+    # Two different signals: the kernel would merge two pending SIGTERMs into one.
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+  finally:
+    process.kill()
+  assert process.returncode in (128 + signal.SIGTERM, 128 + signal.SIGINT)
+  assert 'exiting now without saving' in stderr
+  assert _latest_step(tmp_path) is None
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+  """A tiny run with checkpoints at steps 10 and 20."""
+  config = load_config('tiny_test')
+  train.train_and_evaluate(config, str(tmp_path))
+  assert sorted(checkpoint.make_manager(str(tmp_path), None, create=False).all_steps()) == [10, 20]
+  return config, tmp_path
+
+
+def test_a_half_written_checkpoint_is_ignored(finished_run, capsys):
+  config, workdir = finished_run
+  checkpoints = workdir / 'checkpoints'
+  shutil.copytree(checkpoints / '20', checkpoints / '30.orbax-checkpoint-tmp-1234')
+  config.num_train_steps = 25
+  summary = train.train_and_evaluate(config, str(workdir))
+  assert summary['steps_this_run'] == 5
+  assert 'Resuming from the checkpoint at step 20' in capsys.readouterr().out
+
+
+def _truncate_state_files(step_dir: pathlib.Path) -> None:
+  for path in (step_dir / 'state').rglob('*'):
+    if path.is_file() and path.stat().st_size > 64:
+      with open(path, 'r+b') as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+def test_a_corrupted_latest_checkpoint_is_named_and_the_previous_one_used(finished_run, capsys):
+  config, workdir = finished_run
+  _truncate_state_files(workdir / 'checkpoints' / '20')
+  shutil.rmtree(workdir / 'export')
+  summary = train.train_and_evaluate(config, str(workdir))
+  out = capsys.readouterr().out
+  assert f'Checkpoint {workdir / "checkpoints" / "20"} could not be restored' in out
+  assert list((workdir / 'unrestorable_checkpoints').iterdir())  # Kept for inspection.
+  assert 'Resuming from the checkpoint at step 10' in out
+  assert summary['steps_this_run'] == 10
+
+
+def test_no_restorable_checkpoint_is_a_clear_error(finished_run):
+  config, workdir = finished_run
+  for step in (10, 20):
+    _truncate_state_files(workdir / 'checkpoints' / str(step))
+  with pytest.raises(UserError, match='no checkpoint in .* could be restored'):
+    train.train_and_evaluate(config, str(workdir))
+
+
+def test_more_steps_may_be_added_on_resume(finished_run):
+  config, workdir = finished_run
+  config.num_train_steps = 30
+  summary = train.train_and_evaluate(config, str(workdir))
+  assert summary['steps_this_run'] == 10
+  assert _latest_step(workdir) == 30
+
+
+def test_resume_lists_every_difference_that_changes_the_checkpoints_meaning(finished_run):
+  config, workdir = finished_run
+  config.block_size = 16
+  config.seed = 7
+  with pytest.raises(UserError, match=r'block_size: 32 -> 16; seed: 0 -> 7'):
+    train.train_and_evaluate(config, str(workdir))
+
+
+def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
+  config = load_config('tiny_test')
+  config.num_train_steps = 40
+  config.checkpoint_every_steps = 1
+  config.warmup_steps = 0
+  config.max_grad_norm = 1e30
+  config.learning_rate = 1e30  # Parameters overflow within a few steps.
+  config.max_nonfinite_steps = 3
+  with pytest.raises(UserError, match=r'3 consecutive non-finite .* at step \d+'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / 'export').exists()
+  params = infer.load_predictor(str(tmp_path)).params  # The latest checkpoint.
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(params))
+
+
+def test_an_unwritable_workdir_is_refused_at_start(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
+  with pytest.raises(UserError, match='cannot be written'):
+    train.train_and_evaluate(load_config('tiny_test'), str(blocker / 'run'))
+
+
+@pytest.mark.parametrize('config_file, content', [
+    ('missing.py', None),
+    ('no_get_config.py', 'X = 1\n'),
+])
+def test_a_bad_config_file_is_a_short_error(tmp_path, config_file, content):
+  path = tmp_path / config_file
+  if content is not None:
+    path.write_text(content)
+  result = subprocess.run([sys.executable, str(ROOT / 'run_train.py'), f'--config={path}',
+                           f'--workdir={tmp_path / "run"}'], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, check=False)
+  assert result.returncode != 0
+  assert 'Traceback' not in result.stderr
+  assert config_file in result.stderr
