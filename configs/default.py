@@ -46,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 24
   config.num_train_steps = -1  # -1: from num_epochs.
   config.seed = 0
+  # Devices per `fsdp` group that shard parameters and optimizer state (1: plain data parallel).
+  config.fsdp = 1
   config.max_nonfinite_steps = 10  # Consecutive skipped (non-finite) updates before stopping.
 
   # Bookkeeping.

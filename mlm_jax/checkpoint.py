@@ -22,7 +22,7 @@ from mlm_jax.errors import UserError
 RESUMABLE_CHANGES = frozenset({
     'num_train_steps', 'num_epochs', 'eval_every_steps', 'eval_batch_size', 'log_every_steps',
     'checkpoint_every_steps', 'keep_checkpoints', 'push_to_hub', 'hub_model_id', 'num_proc',
-    'cache_dir', 'per_device_batch_size', 'max_nonfinite_steps'})
+    'cache_dir', 'per_device_batch_size', 'max_nonfinite_steps', 'fsdp'})
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -37,8 +37,10 @@ def model_config_dir(workdir: str) -> str:
 def make_manager(workdir: str, keep: int | None, create: bool = True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                          cleanup_tmp_directories=create)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=('state', 'data', 'config'))
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers={
+      'state': ocp.StandardCheckpointHandler(),
+      'data': ocp.JsonCheckpointHandler(),
+      'config': ocp.JsonCheckpointHandler()})
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_position: dict,

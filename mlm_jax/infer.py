@@ -42,7 +42,13 @@ def _restore_params(workdir: str, step: int | None) -> Any:
   elif step not in steps:
     raise UserError(f'{workdir} has no checkpoint at step {step}; '
                     f'available steps: {", ".join(map(str, sorted(steps)))}')
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  # Onto this host's first device, whatever the topology the checkpoint was saved from.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  metadata = manager.item_metadata(step)['state']
+  target = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target)))
   return restored.state['params']
 
 

@@ -1,22 +1,38 @@
-"""Device meshes and batch placement: one code path for 1 device, N devices, N hosts.
+"""Device meshes and placement: one code path for 1 device, N devices, N hosts.
 
-Parameters and optimizer state are replicated; batches are sharded on the `data`
-mesh axis. Each host feeds only its own slice of every global batch.
+The mesh has two axes, `data` and `fsdp`. Batches are sharded over both (every
+device gets its own rows). With `fsdp` of size 1 (the default) parameters and
+optimizer state are replicated: plain data parallelism. A larger `fsdp` axis
+shards them too, for models whose state does not fit one device. Each host feeds
+only its own slice of every global batch.
 """
 
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mlm_jax.errors import UserError
+
 DATA_AXIS = 'data'
+FSDP_AXIS = 'fsdp'
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
+_MIN_SHARDED_SIZE = 1 << 14  # Smaller arrays stay replicated: sharding them saves nothing.
 
 
-def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-  """A 1-D `data` mesh over every device of every host."""
+def make_mesh(fsdp: int = 1, devices: list[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp) mesh over every device of every host.
+
+  Devices are ordered by host, so each host's devices hold a contiguous run of a
+  batch's rows: the rows that host feeds (see `process_slice`).
+  """
   devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
+  devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+  if fsdp < 1 or len(devices) % fsdp:
+    raise UserError(f'fsdp={fsdp} must divide the {len(devices)} devices; set --config.fsdp')
+  return Mesh(np.asarray(devices).reshape(-1, fsdp), BATCH_AXES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -24,8 +40,50 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
-  """Shards dimension `batch_axis` of an array on the `data` axis."""
-  return NamedSharding(mesh, P(*([None] * batch_axis), DATA_AXIS))
+  """Shards dimension `batch_axis` of an array over all devices (`data` x `fsdp`)."""
+  return NamedSharding(mesh, P(*([None] * batch_axis), BATCH_AXES))
+
+
+def state_sharding(tree: Any, mesh: Mesh) -> Any:
+  """Shardings for a train state: replicated, or large arrays split on the `fsdp` axis.
+
+  Each large array is split along its largest dimension that the `fsdp` axis divides;
+  the rest stay replicated. Adam's moments mirror the parameters, so they split alike.
+  """
+  size = mesh.shape[FSDP_AXIS]
+
+  def rule(x) -> NamedSharding:
+    shape = np.shape(x)
+    if size == 1 or np.prod(shape, dtype=np.int64) < _MIN_SHARDED_SIZE:
+      return replicated(mesh)
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+      if shape[dim] % size == 0:
+        spec = [None] * len(shape)
+        spec[dim] = FSDP_AXIS
+        return NamedSharding(mesh, P(*spec))
+    return replicated(mesh)
+
+  return jax.tree_util.tree_map(rule, tree)
+
+
+def to_host(tree: Any) -> Any:
+  """Numpy copies of a pytree of (possibly multi-host) arrays, on every host.
+
+  Collective when an array is sharded across hosts: every process must call it.
+  """
+  def fetch(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return np.asarray(x)
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree_util.tree_map(fetch, tree)
+
+
+def sync_hosts(name: str) -> None:
+  """A barrier across hosts (a no-op on one)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def process_slice(global_rows: int) -> slice:
@@ -61,6 +119,7 @@ def shard_batch(local_batch: Any, mesh: Mesh | None = None, batch_axis: int = 0,
       lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Puts a pytree (parameters, optimizer state) on every device of the mesh."""
-  return jax.device_put(tree, replicated(mesh))
+def place_state(tree: Any, mesh: Mesh) -> tuple[Any, Any]:
+  """Puts a train state on the mesh; returns (placed state, its shardings)."""
+  shardings = state_sharding(tree, mesh)
+  return jax.device_put(tree, shardings), shardings

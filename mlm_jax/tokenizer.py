@@ -53,27 +53,32 @@ def tokenizer_dir(workdir: str) -> str:
   return os.path.join(workdir, 'tokenizer')
 
 
-def get_tokenizer(config, workdir: str, train_texts: Iterable[str] | None = None,
-                  save: bool = True) -> transformers.PreTrainedTokenizerBase:
+def _is_saved(workdir: str) -> bool:
+  return os.path.exists(os.path.join(tokenizer_dir(workdir), 'tokenizer_config.json'))
+
+
+def save_tokenizer(tokenizer: transformers.PreTrainedTokenizerBase, workdir: str) -> None:
+  """Saves the run's tokenizer in `workdir` unless it is already there."""
+  if not _is_saved(workdir):
+    tokenizer.save_pretrained(tokenizer_dir(workdir))
+
+
+def get_tokenizer(config, workdir: str,
+                  train_texts: Iterable[str] | None = None) -> transformers.PreTrainedTokenizerBase:
   """Returns the run's tokenizer, reloading the one saved in `workdir` if any.
 
   `train_texts` is only read when a new tokenizer has to be trained from scratch.
   """
-  saved = tokenizer_dir(workdir)
-  if os.path.exists(os.path.join(saved, 'tokenizer_config.json')):
-    return transformers.AutoTokenizer.from_pretrained(saved)
+  if _is_saved(workdir):
+    return transformers.AutoTokenizer.from_pretrained(tokenizer_dir(workdir))
   name = config.tokenizer_name or config.model_name_or_path
   if name:
-    tokenizer = load_pretrained_tokenizer(name)
-  else:
-    if train_texts is None:
-      raise ValueError('a tokenizer trained from scratch needs the training texts')
-    tokenizer = train_bpe_tokenizer(train_texts, config.tokenizer_vocab_size,
-                                    model_max_length=config.model_config.get(
-                                        'max_position_embeddings', 514) - 2)
-  if save:
-    tokenizer.save_pretrained(saved)
-  return tokenizer
+    return load_pretrained_tokenizer(name)
+  if train_texts is None:
+    raise ValueError('a tokenizer trained from scratch needs the training texts')
+  return train_bpe_tokenizer(train_texts, config.tokenizer_vocab_size,
+                             model_max_length=config.model_config.get(
+                                 'max_position_embeddings', 514) - 2)
 
 
 def special_token_ids(tokenizer: transformers.PreTrainedTokenizerBase) -> tuple[int, ...]:

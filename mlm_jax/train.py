@@ -1,7 +1,7 @@
 """Training and evaluation: `train_and_evaluate(config, workdir)`.
 
 The train state is one pytree; the train and eval steps are pure functions of it,
-compiled with `jax.jit` over a `data` mesh (see `sharding.py`). Masking runs inside
+compiled with `jax.jit` over a (`data`, `fsdp`) mesh (see `sharding.py`). Masking runs inside
 the step on the device; every random draw derives from (seed, step), so a resumed
 run continues exactly where the interrupted one was.
 """
@@ -167,18 +167,27 @@ class Steps:
 
 def compile_steps(apply_fn: Callable, tx: optax.GradientTransformation,
                   schedule: optax.Schedule, spec: masking.MaskingSpec, seed: int,
-                  mesh: jax.sharding.Mesh) -> Steps:
-  """jit the steps: state replicated and donated, batches sharded on `data`."""
+                  mesh: jax.sharding.Mesh, state_shardings: Any = None) -> Steps:
+  """jit the steps over `mesh`: the state donated, batches sharded over every device.
+
+  `state_shardings` (a TrainState of shardings, see `sharding.state_sharding`)
+  defaults to replicated.
+  """
   replicated = sharding.replicated(mesh)
+  if state_shardings is None:
+    state_shardings = replicated
+    params_shardings = replicated
+  else:
+    params_shardings = state_shardings.params
   train = jax.jit(
       functools.partial(train_step, apply_fn=apply_fn, tx=tx, schedule=schedule, spec=spec),
-      in_shardings=(replicated, sharding.batch_sharding(mesh, batch_axis=1)),
-      out_shardings=(replicated, replicated), donate_argnums=0)
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh, batch_axis=1)),
+      out_shardings=(state_shardings, replicated), donate_argnums=0)
   eval_rng = jax.random.fold_in(jax.random.PRNGKey(seed), EVAL_STREAM)
   evaluate_batch = jax.jit(
       functools.partial(eval_step, apply_fn=apply_fn, spec=spec, rng=eval_rng),
-      in_shardings=(replicated, sharding.batch_sharding(mesh), sharding.batch_sharding(mesh),
-                    replicated),
+      in_shardings=(params_shardings, sharding.batch_sharding(mesh),
+                    sharding.batch_sharding(mesh), replicated),
       out_shardings=replicated)
   return Steps(train, evaluate_batch, mesh)
 
@@ -190,8 +199,8 @@ def evaluate(steps: Steps, params: Any, blocks: np.ndarray,
   for index, (ids, row_weights) in enumerate(
       input_pipeline.eval_batches(blocks, global_batch_size)):
     ids, row_weights = sharding.shard_batch((ids, row_weights), steps.mesh)
-    totals += np.asarray(steps.eval(params, ids, row_weights,
-                                    np.int32(index * global_batch_size)), np.float64)
+    totals += sharding.to_host(steps.eval(params, ids, row_weights,
+                                          np.int32(index * global_batch_size)))
   return metrics_lib.summarize_eval(*totals)
 
 
@@ -203,7 +212,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Rejects values that would fail later, with the key and the fix."""
   positive = ('block_size', 'per_device_batch_size', 'grad_accum_steps', 'eval_batch_size',
               'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
-              'keep_checkpoints', 'num_proc', 'max_nonfinite_steps')
+              'keep_checkpoints', 'num_proc', 'max_nonfinite_steps', 'fsdp')
   for key in positive:
     if config[key] < 1:
       raise UserError(f'{key}={config[key]} must be at least 1; set --config.{key}')
@@ -256,8 +265,10 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Loads and tokenizes the data and builds the tokenizer and model."""
   validate_config(config)
   texts = data.load_texts(config, _log)
-  tokenizer = tokenizer_lib.get_tokenizer(config, workdir, train_texts=texts['train']['text'],
-                                          save=jax.process_index() == 0)
+  tokenizer = tokenizer_lib.get_tokenizer(config, workdir, train_texts=texts['train']['text'])
+  sharding.sync_hosts('mlm_jax_tokenizer')  # No host reads the saved tokenizer while it is written.
+  if jax.process_index() == 0:
+    tokenizer_lib.save_tokenizer(tokenizer, workdir)
   model = model_lib.create_model(config, tokenizer)
   model_lib.check_block_size(config.block_size, model.config)
   blocks = data.make_blocks(config, tokenizer, texts, _log)
@@ -308,7 +319,7 @@ def _config_record(run: Run) -> dict:
 
 
 def _save(run: Run, manager, state: TrainState) -> None:
-  step = int(state.step)
+  step = int(sharding.to_host(state.step))
   position = input_pipeline.position_of(step, len(run.blocks.train), run.global_batch_size)
   checkpoint.save(manager, step, state, dataclasses.asdict(position), _config_record(run))
 
@@ -372,12 +383,12 @@ class _Loop:
     self.interval_start, self.interval_steps = time.time(), 0
 
   def evaluate(self, state: TrainState) -> None:
-    self.writer.write(int(state.step), evaluate(self.steps, state.params, self.run.blocks.test,
+    self.writer.write(int(sharding.to_host(state.step)), evaluate(self.steps, state.params, self.run.blocks.test,
                                                 self.run.eval_batch_size))
 
   def check_finite(self, step: int, step_metrics: dict) -> None:
     """Stops after `max_nonfinite_steps` consecutive skipped updates."""
-    skipped = int(step_metrics['nonfinite'])
+    skipped = int(sharding.to_host(step_metrics['nonfinite']))
     if skipped >= self.run.config.max_nonfinite_steps:
       raise UserError(
           f'{skipped} consecutive non-finite losses or gradients, the last at step {step}; '
@@ -385,7 +396,7 @@ class _Loop:
           f'in {checkpoint.checkpoint_dir(self.run.workdir)}')
 
   def log(self, step: int, step_metrics: dict) -> None:
-    step_metrics = jax.device_get(step_metrics)
+    step_metrics = sharding.to_host(step_metrics)
     elapsed = time.time() - self.interval_start
     step_metrics['tokens_per_s'] = self.interval_steps * self.tokens_per_step / max(elapsed,
                                                                                   1e-9)
@@ -396,7 +407,7 @@ class _Loop:
                          tok_s=f'{step_metrics["tokens_per_s"]:,.0f}')
 
   def after_step(self, state: TrainState, step_metrics: dict) -> None:
-    config, step = self.run.config, int(state.step)
+    config, step = self.run.config, int(sharding.to_host(state.step))
     last = step == self.run.total_steps
     self.interval_steps += 1
     if step % config.log_every_steps == 0 or last:
@@ -409,7 +420,7 @@ class _Loop:
 
   def stop(self, state: TrainState, stop: preemption.StopRequest) -> None:
     """Saves the state after the step in flight and raises `Stopped`."""
-    step = int(state.step)
+    step = int(sharding.to_host(state.step))
     if self.manager.latest_step() != step:
       _save(self.run, self.manager, state)
     self.manager.wait_until_finished()
@@ -428,7 +439,7 @@ class _Loop:
 
 def _train(run: Run, steps: Steps, state: TrainState, loop: _Loop) -> TrainState:
   """Runs the steps from `state.step` to the end; returns the final state."""
-  start_step = int(state.step)
+  start_step = int(sharding.to_host(state.step))
   loop.bar.update(start_step)
   if start_step == 0:
     loop.evaluate(state)
@@ -459,22 +470,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
        f'{config.block_size} tokens; {jax.device_count()} device(s), global batch '
        f'{run.global_batch_size}; {run.total_steps} steps')
 
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(config.fsdp)
   tx, schedule = make_optimizer(config, run.total_steps)
-  state = sharding.replicate(create_train_state(run.model.params, tx, config.seed), mesh)
+  state, state_shardings = sharding.place_state(
+      create_train_state(run.model.params, tx, config.seed), mesh)
   spec = masking.masking_spec(run.tokenizer, config.mlm_probability)
-  steps = compile_steps(run.model.__call__, tx, schedule, spec, config.seed, mesh)
+  steps = compile_steps(run.model.__call__, tx, schedule, spec, config.seed, mesh,
+                        state_shardings)
   manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
   state = _restore_or_init(run, manager, state)
-  if int(state.step) >= run.total_steps:
-    _log(f'{workdir} holds a finished run (step {int(state.step)} of {run.total_steps}); '
+  if int(sharding.to_host(state.step)) >= run.total_steps:
+    _log(f'{workdir} holds a finished run (step {int(sharding.to_host(state.step))} of {run.total_steps}); '
          'nothing to train. Use a new --workdir to train again.')
     return _summary(run, metrics_lib.read_metrics(workdir), 0.0, 0)
 
   is_main = jax.process_index() == 0
   if is_main:  # What inference needs to rebuild the model around a checkpoint.
     run.model.config.save_pretrained(checkpoint.model_config_dir(workdir))
-  start_step, start_time = int(state.step), time.time()
+  start_step, start_time = int(sharding.to_host(state.step)), time.time()
   loop = _Loop(run, steps, manager, metrics_lib.MetricsWriter(workdir, enabled=is_main))
   try:
     state = _train(run, steps, state, loop)
@@ -483,8 +496,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   wall = time.time() - start_time
 
   export_dir = os.path.join(workdir, 'export')
+  params = sharding.to_host(state.params)  # Every host takes part in gathering sharded ones.
   if is_main:
-    checkpoint.export(run.model, state.params, run.tokenizer, export_dir)
+    checkpoint.export(run.model, params, run.tokenizer, export_dir)
   summary = _summary(run, metrics_lib.read_metrics(workdir), wall, run.total_steps - start_step)
   _print_summary(summary)
   if config.push_to_hub and is_main:

@@ -397,6 +397,7 @@ def test_get_tokenizer_saves_to_workdir_and_reloads_it(tiny_config, tmp_path):
   probe = ['The sky is blue.', 'a <mask> b', 'Purring is calm.']
 
   trained = tokenizer_lib.get_tokenizer(tiny_config, workdir, texts)
+  tokenizer_lib.save_tokenizer(trained, workdir)
   reloaded = tokenizer_lib.get_tokenizer(tiny_config, workdir, train_texts=None)
 
   assert (tmp_path / 'run' / 'tokenizer' / 'tokenizer_config.json').exists()

@@ -1,0 +1,440 @@
+"""Throughput of the package's real train step, and of the host input pipeline that feeds it.
+
+The step is `mlm_jax.train.compile_steps(...).train`: on-device masking, forward and
+backward through a `FlaxAutoModelForMaskedLM` (RoBERTa, random init, sized from the
+flags), the package's optimizer (clip + AdamW with the decay mask) and the non-finite
+guard, jit-compiled over the package's mesh (`sharding.make_mesh(--fsdp)`) with the state
+placed by `sharding.place_state` and donated. Its input is a [grad_accum_steps=1, rows, seq]
+batch of random token ids placed with `sharding.shard_batch(..., batch_axis=1)`, as the
+training loop places its batches.
+
+Timing, after `--warmup` steps (the first of which compiles):
+  * synced: each of `--steps` steps is timed alone, ending in `block_until_ready`;
+    median and mean are reported;
+  * back-to-back: `--steps` steps dispatched in a row, one `block_until_ready` at the
+    end (the way the training loop and the reference rows of anchors.py run).
+
+FLOPs (the standard full-model accounting, as in ../shared/bench/anchors.py):
+  flops_per_token = 6 * N + 12 * layers * seq * hidden
+  N = every parameter outside the embedding tables (encoder layers with their biases and
+      LayerNorms, the LM head's dense + LayerNorm + output bias) + the vocabulary
+      projection (vocab * hidden: the head's decoder, tied to the word embeddings).
+  6 * N is the forward (2) + backward (4) matmul FLOPs per token; the second term is the
+  attention scores (Q K^T) and context (A V): 2 * 2 * seq * hidden per token per layer
+  forward, times 3 for forward + backward. Every position goes through the vocabulary
+  head (the step computes full logits), so nothing is discounted for the 15% masked.
+  MFU = tokens/s per device * flops_per_token / (peak_tflops * 1e12), with the peak
+  from --peak_tflops (default 790 bf16 TFLOP/s on GPU, the anchors' figure; on other
+  platforms MFU is only printed when --peak_tflops is given).
+
+The host pipeline figure is how many batches per second `input_pipeline.train_batches`
++ `sharding.shard_batch` produce at this shape from a synthetic array of
+`--pipeline_blocks` blocks, measured alone (not overlapped with steps); its ratio to the
+step's consumption rate (steps/s, from the median step) says whether the host keeps up
+(> 1) or starves the device (< 1).
+
+Usage:
+  python benchmarks/train_step.py --preset=cpu-small            # seconds on 2 CPU cores
+  python benchmarks/train_step.py                               # distilroberta-base shape, float32
+  python benchmarks/train_step.py --dtype=bfloat16 --steps=50 --json=/tmp/step.json
+  python benchmarks/train_step.py --compare                     # + anchors.py rows (GPU)
+  python benchmarks/train_step.py --preset=cpu-small --layers=4 --batch=64   # flags override a preset
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import transformers
+from flax import traverse_util
+
+from mlm_jax import input_pipeline
+from mlm_jax import masking
+from mlm_jax import model as model_lib
+from mlm_jax import sharding
+from mlm_jax import tokenizer as tokenizer_lib
+from mlm_jax import train
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+ANCHORS = REPO_ROOT.parent / 'shared' / 'bench' / 'anchors.py'
+GPU_PEAK_TFLOPS = 790.0  # bf16 dense, the figure anchors.py divides by.
+SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  layers: int
+  hidden: int
+  heads: int
+  intermediate: int
+  vocab: int
+  seq: int
+  batch: int  # Rows per device per step.
+  dtype: str = 'float32'
+
+  def describe(self) -> str:
+    return (f'{self.layers} layers, hidden {self.hidden}, {self.heads} heads, intermediate '
+            f'{self.intermediate}, vocab {self.vocab}, seq {self.seq}, batch {self.batch}/device, '
+            f'{self.dtype}')
+
+
+PRESETS = {
+    'distilroberta-base': Shape(layers=6, hidden=768, heads=12, intermediate=3072, vocab=50265,
+                                seq=128, batch=128),
+    'cpu-small': Shape(layers=2, hidden=128, heads=4, intermediate=512, vocab=4096, seq=64,
+                       batch=32),
+}
+# The one shape anchors.py measures (its batch and sequence length are settable).
+ANCHOR_DIMS = dict(layers=6, hidden=768, heads=12, intermediate=3072, vocab=50265)
+
+
+# ----------------------------------------------------------------------------
+# Flags.
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--preset', choices=sorted(PRESETS), default='distilroberta-base',
+                      help='base shape; the shape flags below override its fields')
+  for field in ('layers', 'hidden', 'heads', 'intermediate', 'vocab', 'seq', 'batch'):
+    parser.add_argument(f'--{field}', type=int, default=None)
+  parser.add_argument('--dtype', choices=sorted(model_lib.DTYPES), default=None,
+                      help='computation dtype (parameters stay float32); default float32')
+  parser.add_argument('--fsdp', type=int, default=1,
+                      help='devices per fsdp group (sharding.make_mesh); 1 = data parallel')
+  parser.add_argument('--steps', type=int, default=20, help='timed steps (each way)')
+  parser.add_argument('--warmup', type=int, default=3, help='untimed steps, the first compiles')
+  parser.add_argument('--peak_tflops', type=float, default=None,
+                      help=f'per-device peak for MFU; default {GPU_PEAK_TFLOPS:g} on GPU')
+  parser.add_argument('--pipeline_blocks', type=int, default=20_000,
+                      help='blocks in the synthetic array the host pipeline draws from')
+  parser.add_argument('--pipeline_batches', type=int, default=200,
+                      help='batches the host-pipeline measurement produces')
+  parser.add_argument('--compare', action='store_true',
+                      help=f'also run the reference rows of {ANCHORS} (GPU)')
+  parser.add_argument('--force', action='store_true',
+                      help='--compare even off GPU or at a shape other than the anchors\'')
+  parser.add_argument('--json', default=None, metavar='PATH', help='write the results here')
+  args = parser.parse_args(argv)
+  if args.steps < 1 or args.warmup < 1:
+    parser.error('--steps and --warmup must be at least 1')
+  return args
+
+
+def resolve_shape(args: argparse.Namespace) -> Shape:
+  overrides = {field.name: getattr(args, field.name) for field in dataclasses.fields(Shape)
+               if getattr(args, field.name) is not None}
+  return dataclasses.replace(PRESETS[args.preset], **overrides)
+
+
+# ----------------------------------------------------------------------------
+# The step, built from the package.
+
+
+def model_config(shape: Shape) -> transformers.RobertaConfig:
+  """RoBERTa as `model.scratch_model_config` builds it, with the tokenizer's special ids."""
+  return transformers.RobertaConfig(
+      vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+      num_attention_heads=shape.heads, intermediate_size=shape.intermediate,
+      max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
+      bos_token_id=0, pad_token_id=1, eos_token_id=2)
+
+
+def optimizer_config() -> ml_collections.ConfigDict:
+  """The optimizer fields `train.make_optimizer` reads, at configs/default.py's values."""
+  return ml_collections.ConfigDict(dict(
+      learning_rate=2e-3, warmup_steps=50, lr_schedule='linear', max_grad_norm=1.0,
+      weight_decay=0.01))
+
+
+def masking_spec(shape: Shape) -> masking.MaskingSpec:
+  """Masking as for the package's BPE tokenizer: <s> <pad> </s> <unk> <mask> are ids 0-4."""
+  special = tuple(range(len(tokenizer_lib.SPECIAL_TOKENS)))
+  return masking.MaskingSpec(mask_token_id=tokenizer_lib.SPECIAL_TOKENS.index('<mask>'),
+                             special_ids=special, vocab_size=shape.vocab, probability=0.15)
+
+
+def build_step(shape: Shape, mesh: jax.sharding.Mesh,
+               total_steps: int) -> tuple[train.Steps, train.TrainState, Any]:
+  """(compiled steps, replicated train state, float32 params as initialised)."""
+  config = model_config(shape)
+  model_lib.check_block_size(shape.seq, config)
+  model = transformers.FlaxAutoModelForMaskedLM.from_config(
+      config, seed=SEED, dtype=model_lib.compute_dtype(shape.dtype))
+  tx, schedule = train.make_optimizer(optimizer_config(), total_steps)
+  state, state_shardings = sharding.place_state(
+      train.create_train_state(model.params, tx, SEED), mesh)
+  steps = train.compile_steps(model.__call__, tx, schedule, masking_spec(shape), SEED, mesh,
+                              state_shardings)
+  return steps, state, model.params
+
+
+def random_ids(shape: Shape, rows: int, rng: np.random.Generator) -> np.ndarray:
+  """[1, rows, seq] int32 token ids, none of them special (as real blocks mostly are)."""
+  low = len(tokenizer_lib.SPECIAL_TOKENS)
+  return rng.integers(low, shape.vocab, (1, rows, shape.seq), dtype=np.int32)
+
+
+# ----------------------------------------------------------------------------
+# FLOPs.
+
+
+def flop_params(params: Any, vocab: int, hidden: int) -> int:
+  """N of the docstring: parameters outside the embeddings + the vocabulary projection."""
+  flat = traverse_util.flatten_dict(params)
+  outside = sum(int(np.prod(v.shape)) for path, v in flat.items() if 'embeddings' not in path)
+  untied = any('decoder' in path for path in flat)  # An untied head counts itself above.
+  return outside + (0 if untied else vocab * hidden)
+
+
+def flops_per_token(params: Any, shape: Shape) -> float:
+  attention = 12 * shape.layers * shape.seq * shape.hidden
+  return 6 * flop_params(params, shape.vocab, shape.hidden) + attention
+
+
+def default_peak_tflops(platform: str, given: float | None) -> float | None:
+  if given is not None:
+    return given
+  return GPU_PEAK_TFLOPS if platform == 'gpu' else None
+
+
+# ----------------------------------------------------------------------------
+# Measurements.
+
+
+@dataclasses.dataclass
+class StepTimes:
+  first_step_s: float  # Compile + one step.
+  synced_ms: list[float]
+  back_to_back_ms: float  # Mean over the back-to-back steps.
+
+  @property
+  def median_ms(self) -> float:
+    return statistics.median(self.synced_ms)
+
+  @property
+  def mean_ms(self) -> float:
+    return statistics.fmean(self.synced_ms)
+
+
+def time_steps(steps: train.Steps, state: train.TrainState, batch: jax.Array, warmup: int,
+               count: int) -> StepTimes:
+  start = time.perf_counter()
+  state, metrics = steps.train(state, batch)
+  jax.block_until_ready((state, metrics))
+  first = time.perf_counter() - start
+  for _ in range(warmup - 1):
+    state, metrics = steps.train(state, batch)
+  jax.block_until_ready((state, metrics))
+
+  synced = []
+  for _ in range(count):
+    start = time.perf_counter()
+    state, metrics = steps.train(state, batch)
+    jax.block_until_ready((state, metrics))
+    synced.append((time.perf_counter() - start) * 1e3)
+
+  start = time.perf_counter()
+  for _ in range(count):
+    state, metrics = steps.train(state, batch)
+  jax.block_until_ready((state, metrics))
+  back_to_back = (time.perf_counter() - start) * 1e3 / count
+  if not np.isfinite(float(metrics['loss'])):
+    print(f'warning: the last step\'s loss is {float(metrics["loss"])}', flush=True)
+  return StepTimes(first, synced, back_to_back)
+
+
+def host_pipeline_rate(shape: Shape, mesh: jax.sharding.Mesh, num_blocks: int,
+                       num_batches: int) -> float:
+  """Batches/s from `train_batches` + `shard_batch`, each batch placed before the next."""
+  blocks = random_ids(shape, num_blocks, np.random.default_rng(SEED + 1))[0]
+  global_batch = shape.batch * mesh.size
+  batches = input_pipeline.train_batches(blocks, global_batch, 1, SEED)
+  jax.block_until_ready(sharding.shard_batch(next(batches), mesh, batch_axis=1))
+  start = time.perf_counter()
+  for _ in range(num_batches):
+    jax.block_until_ready(sharding.shard_batch(next(batches), mesh, batch_axis=1))
+  return num_batches / (time.perf_counter() - start)
+
+
+def peak_device_memory(device: jax.Device) -> int | None:
+  stats = device.memory_stats() or {}
+  return stats.get('peak_bytes_in_use')
+
+
+def host_peak_rss() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB.
+
+
+# ----------------------------------------------------------------------------
+# Reference rows (anchors.py), run before this process touches the accelerator.
+
+
+def probe_platform() -> str:
+  """The platform JAX picks, asked in a child so this process leaves the accelerator untouched."""
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE='false')
+  out = subprocess.run([sys.executable, '-c', 'import jax; print(jax.devices()[0].platform)'],
+                       env=env, capture_output=True, text=True, check=True)
+  return out.stdout.strip().splitlines()[-1]
+
+
+def compare_skip_reason(shape: Shape, platform: str, force: bool) -> str | None:
+  if not ANCHORS.is_file():
+    return f'{ANCHORS} does not exist'
+  if force:
+    return None
+  if platform != 'gpu':
+    return (f'the reference rows need a GPU (anchors.py torch mode uses CUDA, and its jax mode '
+            f'is the distilroberta-base shape); this is {platform}. --force runs them anyway')
+  mismatched = {k: (getattr(shape, k), v) for k, v in ANCHOR_DIMS.items()
+                if getattr(shape, k) != v}
+  if mismatched:
+    return (f'anchors.py measures only the distilroberta-base dims {ANCHOR_DIMS}; this shape '
+            f'differs in {mismatched}. --force runs them anyway')
+  return None
+
+
+def run_anchors(shape: Shape, steps: int) -> dict[str, dict]:
+  """{row name: {step_ms, ktok_s, mfu}} from anchors.py's jax and torch modes, one device each."""
+  rows = {}
+  for mode in ('jax', 'torch'):
+    with tempfile.TemporaryDirectory() as out:
+      env = dict(os.environ, B=str(shape.batch), L=str(shape.seq), STEPS=str(steps), OUT=out)
+      print(f'--- anchors.py {mode} (B={shape.batch} L={shape.seq} STEPS={steps})', flush=True)
+      done = subprocess.run([sys.executable, str(ANCHORS), mode], env=env, check=False)
+      result = pathlib.Path(out) / f'{mode}_B{shape.batch}_L{shape.seq}.json'
+      if done.returncode != 0 or not result.is_file():
+        print(f'    anchors.py {mode} failed (exit {done.returncode}); its rows are left out',
+              flush=True)
+        continue
+      rows.update(json.loads(result.read_text()))
+  return rows
+
+
+# ----------------------------------------------------------------------------
+# Report.
+
+
+def results(shape: Shape, device: jax.Device, num_devices: int, times: StepTimes,
+            fpt: float, n_flop_params: int, n_params: int, peak_tflops: float | None,
+            pipeline_batches_s: float, peak_bytes: int | None) -> dict:
+  tokens_per_step = shape.batch * num_devices * shape.seq
+  tps_median = tokens_per_step / (times.median_ms / 1e3)
+  tps_b2b = tokens_per_step / (times.back_to_back_ms / 1e3)
+
+  def mfu(tps: float) -> float | None:
+    return None if peak_tflops is None else tps / num_devices * fpt / (peak_tflops * 1e12)
+
+  steps_per_s = 1e3 / times.median_ms
+  return {
+      'device_kind': device.device_kind, 'platform': device.platform,
+      'num_devices': num_devices, 'shape': dataclasses.asdict(shape),
+      'params': n_params, 'flop_params': n_flop_params, 'flops_per_token': fpt,
+      'first_step_s': times.first_step_s,
+      'step_ms_median': times.median_ms, 'step_ms_mean': times.mean_ms,
+      'step_ms_back_to_back': times.back_to_back_ms, 'step_ms_synced': times.synced_ms,
+      'tokens_per_s_median': tps_median, 'tokens_per_s_back_to_back': tps_b2b,
+      'peak_tflops': peak_tflops, 'mfu_median': mfu(tps_median), 'mfu_back_to_back': mfu(tps_b2b),
+      'peak_device_bytes': peak_bytes, 'host_peak_rss_bytes': host_peak_rss(),
+      'pipeline_batches_per_s': pipeline_batches_s, 'steps_per_s': steps_per_s,
+      'pipeline_to_step_ratio': pipeline_batches_s / steps_per_s,
+  }
+
+
+def _gib(n: int | None) -> str:
+  return 'n/a' if n is None else f'{n / 2**30:.2f} GiB'
+
+
+def print_report(r: dict, steps: int) -> None:
+  shape = Shape(**r['shape'])
+  print(f'device: {r["device_kind"]} ({r["platform"]}) x {r["num_devices"]}')
+  print(f'shape: {shape.describe()}')
+  print(f'params: {r["params"] / 1e6:.2f}M total, N = {r["flop_params"] / 1e6:.2f}M for FLOPs; '
+        f'{r["flops_per_token"] / 1e9:.3f} GFLOP/token (6N + 12*L*s*h)')
+  print(f'first step (compile + run): {r["first_step_s"]:.2f} s')
+  print(f'step time ({steps} synced steps): median {r["step_ms_median"]:.2f} ms, '
+        f'mean {r["step_ms_mean"]:.2f} ms; back-to-back mean {r["step_ms_back_to_back"]:.2f} ms')
+  print(f'tokens/s: {r["tokens_per_s_median"]:,.0f} (median step), '
+        f'{r["tokens_per_s_back_to_back"]:,.0f} (back-to-back)')
+  if r['peak_tflops'] is None:
+    print('MFU: n/a (pass --peak_tflops)')
+  else:
+    print(f'MFU of {r["peak_tflops"]:g} TFLOP/s/device: {r["mfu_median"] * 100:.2f}% (median '
+          f'step), {r["mfu_back_to_back"] * 100:.2f}% (back-to-back)')
+  print(f'peak device memory: {_gib(r["peak_device_bytes"])}; '
+        f'host peak RSS: {_gib(r["host_peak_rss_bytes"])}')
+  print(f'host pipeline (train_batches + shard_batch): {r["pipeline_batches_per_s"]:,.0f} '
+        f'batches/s vs {r["steps_per_s"]:,.1f} steps/s consumed: ratio '
+        f'{r["pipeline_to_step_ratio"]:,.1f}x', flush=True)
+
+
+def print_comparison(r: dict, rows: dict[str, dict]) -> dict[str, float]:
+  """Ratio of our back-to-back tokens/s per device to each row's (both: mean of back-to-back steps)."""
+  ours = r['tokens_per_s_back_to_back'] / r['num_devices']
+  print(f'ours vs anchors.py (tokens/s per device, back-to-back; ours {ours / 1e3:,.1f} ktok/s, '
+        f'{r["shape"]["dtype"]}):')
+  ratios = {}
+  for name, row in rows.items():
+    ratios[name] = ours / (row['ktok_s'] * 1e3)
+    print(f'  {name:48s} {row["ktok_s"]:9.1f} ktok/s  ours/ref {ratios[name]:.2f}x')
+  return ratios
+
+
+# ----------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  args = parse_args(argv)
+  shape = resolve_shape(args)
+  warnings.filterwarnings('ignore', message='Some donated buffers were not usable')
+
+  anchors = None
+  if args.compare:
+    reason = compare_skip_reason(shape, probe_platform(), args.force)
+    if reason:
+      print(f'--compare skipped: {reason}', flush=True)
+    else:
+      anchors = run_anchors(shape, args.steps)
+
+  mesh = sharding.make_mesh(args.fsdp)
+  device = mesh.devices.flat[0]
+  total_steps = args.warmup + 2 * args.steps
+  steps, state, params = build_step(shape, mesh, total_steps)
+  # Counted now: the first step donates the state, which may share the params' buffers.
+  n_params = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(params))
+  n_flop_params, fpt = flop_params(params, shape.vocab, shape.hidden), flops_per_token(params, shape)
+  rows = shape.batch * jax.local_device_count()
+  batch = sharding.shard_batch(random_ids(shape, rows, np.random.default_rng(SEED)), mesh,
+                               batch_axis=1)
+  times = time_steps(steps, state, batch, args.warmup, args.steps)
+  peak_bytes = peak_device_memory(device)
+  pipeline = host_pipeline_rate(shape, mesh, args.pipeline_blocks, args.pipeline_batches)
+
+  report = results(shape, device, mesh.size, times, fpt, n_flop_params, n_params,
+                   default_peak_tflops(device.platform, args.peak_tflops), pipeline, peak_bytes)
+  print_report(report, args.steps)
+  if anchors is not None:
+    report['anchors'] = anchors
+    report['ratio_to_anchors'] = print_comparison(report, anchors)
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(report, indent=1))
+    print(f'wrote {args.json}')
+  return report
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,132 @@
+"""One code path for 1 device, N devices and N hosts: the layout never changes the result.
+
+Several devices are CPU devices (`--xla_force_host_platform_device_count`), several
+hosts are processes on 127.0.0.1 joined by `jax.distributed` with gloo collectives.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mlm_jax import infer
+from mlm_jax import metrics
+from tests.conftest import ROOT
+from tests.multidevice import run_with_devices
+
+# Dropout on, so its random draws are part of what must not depend on the layout.
+_TRAIN = '''
+import json, sys
+from tests.conftest import load_config
+from mlm_jax import train
+config = load_config('tiny_test')
+config.model_config.hidden_dropout_prob = 0.1
+config.num_train_steps = 6
+config.eval_every_steps = 6
+config.checkpoint_every_steps = 6
+config.per_device_batch_size = {per_device}
+config.fsdp = {fsdp}
+config.model_config.hidden_size = 64
+summary = train.train_and_evaluate(config, {workdir!r})
+print(json.dumps(summary))
+'''
+
+
+def _train(workdir, devices: int, per_device: int, fsdp: int = 1) -> dict:
+  out = run_with_devices(_TRAIN.format(per_device=per_device, fsdp=fsdp, workdir=str(workdir)),
+                         devices=devices)
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def _params(workdir) -> list[np.ndarray]:
+  return jax.tree_util.tree_leaves(infer.load_predictor(str(workdir)).params)
+
+
+def _assert_same_run(workdir_a, workdir_b) -> None:
+  # atol: attention key biases have a zero true gradient (softmax ignores them), so Adam
+  # turns float32 rounding noise in their gradients into updates of ~1e-6.
+  for a, b in zip(_params(workdir_a), _params(workdir_b)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-5)
+  loss_a = [r['loss'] for r in metrics.read_metrics(str(workdir_a)) if 'loss' in r]
+  loss_b = [r['loss'] for r in metrics.read_metrics(str(workdir_b)) if 'loss' in r]
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+
+
+@pytest.fixture(scope='module')
+def one_device_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('one_device')
+  _train(workdir, devices=1, per_device=8)
+  return workdir
+
+
+def test_eight_devices_train_exactly_like_one(one_device_run, tmp_path):
+  _train(tmp_path, devices=8, per_device=1)
+  _assert_same_run(tmp_path, one_device_run)
+
+
+def test_fsdp_sharded_state_trains_exactly_like_replicated(one_device_run, tmp_path):
+  _train(tmp_path, devices=8, per_device=1, fsdp=4)
+  _assert_same_run(tmp_path, one_device_run)
+
+
+def test_fsdp_shards_large_arrays_and_replicates_small_ones():
+  out = run_with_devices('''
+    import json
+    import jax.numpy as jnp
+    from mlm_jax import sharding
+    mesh = sharding.make_mesh(fsdp=4)
+    specs = sharding.state_sharding({'big': jnp.zeros((400, 64)), 'small': jnp.zeros(64)}, mesh)
+    print(json.dumps([list(specs['big'].spec), list(specs['small'].spec)]))
+  ''')
+  assert json.loads(out) == [['fsdp', None], []]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+_CLI_FLAGS = ['--config=configs/tiny_test.py', '--config.num_train_steps=6',
+              '--config.eval_every_steps=6', '--config.checkpoint_every_steps=6',
+              '--config.per_device_batch_size=2', '--config.log_every_steps=1']
+
+
+def _cli_env(devices: int) -> dict:
+  env = dict(os.environ, PYTHONUNBUFFERED='1', JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  env['PYTHONPATH'] = os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')])
+  return env
+
+
+def test_two_hosts_reach_the_same_loss_as_one_host_with_as_many_devices(tmp_path):
+  single = tmp_path / 'single'
+  result = subprocess.run([sys.executable, 'run_train.py', *_CLI_FLAGS, f'--workdir={single}'],
+                          cwd=ROOT, env=_cli_env(4), capture_output=True, text=True,
+                          timeout=240, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  multi = tmp_path / 'multi'
+  address = f'127.0.0.1:{_free_port()}'
+  processes = [subprocess.Popen(
+      [sys.executable, 'run_train.py', *_CLI_FLAGS, f'--workdir={multi}',
+       f'--coordinator_address={address}', '--num_processes=2', f'--process_id={index}'],
+      cwd=ROOT, env=_cli_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for index in range(2)]
+  try:
+    outputs = [p.communicate(timeout=300) for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+      p.wait()
+  for p, (_, stderr) in zip(processes, outputs):
+    assert p.returncode == 0, stderr[-3000:]
+  assert '4 device(s)' in outputs[0][0]
+  own_lines = [line for line in outputs[1][0].splitlines() if not line.startswith('[Gloo]')]
+  assert not own_lines  # Only process 0 prints (gloo's own connection lines aside).
+  _assert_same_run(multi, single)
