@@ -129,6 +129,11 @@ def padded_shape(predictor: infer.Predictor, texts: Sequence[str]) -> tuple[int,
   return infer._bucket(len(texts), minimum=1), infer._bucket(max(lengths))  # pylint: disable=protected-access
 
 
+def load_average() -> list[float]:
+  """The host's 1/5/15-minute load averages: other work on the machine skews CPU figures."""
+  return [round(x, 2) for x in os.getloadavg()]
+
+
 def count_params(params) -> int:
   return sum(x.size for x in jax.tree_util.tree_leaves(params))
 
@@ -158,6 +163,7 @@ def measure(predictor: infer.Predictor, texts: Sequence[str], top_k: int,
 
 def main(argv: Sequence[str] | None = None) -> dict:
   args = parse_args(argv)
+  load_before = load_average()
   answers = sample_answers()
   texts = one_mask_texts(answers, args.batch, args.words)
   start = time.perf_counter()
@@ -172,10 +178,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             'layers': config.num_hidden_layers, 'hidden': config.hidden_size,
             'vocab': config.vocab_size, 'params': count_params(predictor.params),
             'batch': len(texts), 'padded_shape': [rows, length], 'load_s': load_s,
-            **measure(predictor, texts, args.top_k, args.repeats)}
+            **measure(predictor, texts, args.top_k, args.repeats),
+            'load_average_before': load_before, 'load_average_after': load_average()}
 
   print(f'device: {result["device_kind"]} ({jax.device_count()} device, '
-        f'{os.cpu_count()} CPUs)')
+        f'{os.cpu_count()} CPUs); host load average (1/5/15 min) {load_before} before, '
+        f'{result["load_average_after"]} after')
   print(f'model: {source}: {result["layers"]} layers, hidden {result["hidden"]}, vocab '
         f'{result["vocab"]}, {result["params"] / 1e6:.2f}M params (loaded/built in {load_s:.1f} s)')
   print(f'batch: {len(texts)} one-mask texts of {args.words} words, padded to {rows} x {length} '

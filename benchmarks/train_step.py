@@ -276,6 +276,11 @@ def peak_device_memory(device: jax.Device) -> int | None:
   return stats.get('peak_bytes_in_use')
 
 
+def load_average() -> list[float]:
+  """The host's 1/5/15-minute load averages: other work on the machine skews CPU figures."""
+  return [round(x, 2) for x in os.getloadavg()]
+
+
 def host_peak_rss() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB.
 
@@ -331,7 +336,7 @@ def run_anchors(shape: Shape, steps: int) -> dict[str, dict]:
 
 def results(shape: Shape, device: jax.Device, num_devices: int, times: StepTimes,
             fpt: float, n_flop_params: int, n_params: int, peak_tflops: float | None,
-            pipeline_batches_s: float, peak_bytes: int | None) -> dict:
+            pipeline_batches_s: float, peak_bytes: int | None, load_before: list[float]) -> dict:
   tokens_per_step = shape.batch * num_devices * shape.seq
   tps_median = tokens_per_step / (times.median_ms / 1e3)
   tps_b2b = tokens_per_step / (times.back_to_back_ms / 1e3)
@@ -352,6 +357,7 @@ def results(shape: Shape, device: jax.Device, num_devices: int, times: StepTimes
       'peak_device_bytes': peak_bytes, 'host_peak_rss_bytes': host_peak_rss(),
       'pipeline_batches_per_s': pipeline_batches_s, 'steps_per_s': steps_per_s,
       'pipeline_to_step_ratio': pipeline_batches_s / steps_per_s,
+      'load_average_before': load_before, 'load_average_after': load_average(),
   }
 
 
@@ -361,15 +367,18 @@ def _gib(n: int | None) -> str:
 
 def print_report(r: dict, steps: int) -> None:
   shape = Shape(**r['shape'])
-  print(f'device: {r["device_kind"]} ({r["platform"]}) x {r["num_devices"]}')
+  print(f'device: {r["device_kind"]} ({r["platform"]}) x {r["num_devices"]}; host load average '
+        f'(1/5/15 min) {r["load_average_before"]} before, {r["load_average_after"]} after')
   print(f'shape: {shape.describe()}')
   print(f'params: {r["params"] / 1e6:.2f}M total, N = {r["flop_params"] / 1e6:.2f}M for FLOPs; '
-        f'{r["flops_per_token"] / 1e9:.3f} GFLOP/token (6N + 12*L*s*h)')
+        f'{r["flops_per_token"] / 1e6:,.1f} MFLOP/token (6N + 12*L*s*h)')
   print(f'first step (compile + run): {r["first_step_s"]:.2f} s')
   print(f'step time ({steps} synced steps): median {r["step_ms_median"]:.2f} ms, '
         f'mean {r["step_ms_mean"]:.2f} ms; back-to-back mean {r["step_ms_back_to_back"]:.2f} ms')
   print(f'tokens/s: {r["tokens_per_s_median"]:,.0f} (median step), '
         f'{r["tokens_per_s_back_to_back"]:,.0f} (back-to-back)')
+  achieved = r['tokens_per_s_back_to_back'] / r['num_devices'] * r['flops_per_token'] / 1e12
+  print(f'achieved (back-to-back): {achieved:.4g} TFLOP/s per device')
   if r['peak_tflops'] is None:
     print('MFU: n/a (pass --peak_tflops)')
   else:
@@ -385,12 +394,15 @@ def print_report(r: dict, steps: int) -> None:
 def print_comparison(r: dict, rows: dict[str, dict]) -> dict[str, float]:
   """Ratio of our back-to-back tokens/s per device to each row's (both: mean of back-to-back steps)."""
   ours = r['tokens_per_s_back_to_back'] / r['num_devices']
-  print(f'ours vs anchors.py (tokens/s per device, back-to-back; ours {ours / 1e3:,.1f} ktok/s, '
+  print(f'ours vs anchors.py (tokens/s per device, back-to-back; ours {ours / 1e3:,.2f} ktok/s, '
         f'{r["shape"]["dtype"]}):')
+  if any(r['shape'][k] != v for k, v in ANCHOR_DIMS.items()):
+    print(f'  note: the anchors ran their own dims {ANCHOR_DIMS}, not this shape: the ratios are '
+          'not like for like')
   ratios = {}
   for name, row in rows.items():
     ratios[name] = ours / (row['ktok_s'] * 1e3)
-    print(f'  {name:48s} {row["ktok_s"]:9.1f} ktok/s  ours/ref {ratios[name]:.2f}x')
+    print(f'  {name:48s} {row["ktok_s"]:10.2f} ktok/s  ours/ref {ratios[name]:.2f}x')
   return ratios
 
 
@@ -410,6 +422,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:
       anchors = run_anchors(shape, args.steps)
 
+  load_before = load_average()
   mesh = sharding.make_mesh(args.fsdp)
   device = mesh.devices.flat[0]
   total_steps = args.warmup + 2 * args.steps
@@ -425,7 +438,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   pipeline = host_pipeline_rate(shape, mesh, args.pipeline_blocks, args.pipeline_batches)
 
   report = results(shape, device, mesh.size, times, fpt, n_flop_params, n_params,
-                   default_peak_tflops(device.platform, args.peak_tflops), pipeline, peak_bytes)
+                   default_peak_tflops(device.platform, args.peak_tflops), pipeline, peak_bytes,
+                   load_before)
   print_report(report, args.steps)
   if anchors is not None:
     report['anchors'] = anchors

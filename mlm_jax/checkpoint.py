@@ -7,6 +7,7 @@ writes each checkpoint into a temporary folder and renames it when complete, so 
 reader never sees half a checkpoint.
 """
 
+import importlib.util
 import os
 import shutil
 import time
@@ -94,6 +95,29 @@ def check_resumable(saved: dict, current: dict, workdir: str) -> None:
 
 
 def export(model, params: Any, tokenizer, directory: str) -> None:
-  """An HF-format export that `from_pretrained` loads in Flax and PyTorch."""
-  model.save_pretrained(directory, params=jax.device_get(params))
+  """An HF-format export that `from_pretrained` loads in Flax and, with torch, PyTorch.
+
+  Flax weights always; PyTorch weights (model.safetensors) too where torch is
+  installed, so PyTorch users load the export without `from_flax=True`.
+  """
+  params = jax.device_get(params)
+  model.save_pretrained(directory, params=params)
   tokenizer.save_pretrained(directory)
+  if importlib.util.find_spec('torch') is not None:
+    save_pytorch_weights(model.config, params, directory)
+
+
+def save_pytorch_weights(config, params: Any, directory: str) -> None:
+  """Converts Flax parameters into a PyTorch model saved in `directory`.
+
+  transformers' own `from_pretrained(..., from_flax=True)` builds the PyTorch model on
+  the meta device and then cannot copy the Flax weights in (transformers 4.57 with
+  torch 2.13), so the model is built on the CPU and the weights loaded explicitly.
+  """
+  import transformers  # pylint: disable=import-outside-toplevel
+  from transformers import modeling_flax_pytorch_utils  # pylint: disable=import-outside-toplevel
+  torch_model = transformers.AutoModelForMaskedLM.from_config(config)
+  torch_model = modeling_flax_pytorch_utils.load_flax_weights_in_pytorch_model(
+      torch_model, params)
+  torch_model.tie_weights()
+  torch_model.save_pretrained(directory)

@@ -55,6 +55,9 @@ def _restore_params(workdir: str, step: int | None) -> Any:
 def load_predictor(model: str, step: int | None = None) -> Predictor:
   """Loads a training workdir, an HF-format directory or a hub id."""
   if os.path.isdir(checkpoint.checkpoint_dir(model)):
+    if not os.path.isfile(os.path.join(checkpoint.model_config_dir(model), 'config.json')):
+      raise UserError(f'{model!r} has a checkpoints/ folder but no model/config.json, so it is '
+                      'not a complete training workdir; pass its export/ or a finished run')
     config = transformers.AutoConfig.from_pretrained(checkpoint.model_config_dir(model))
     flax_model = transformers.FlaxAutoModelForMaskedLM.from_config(config, _do_init=False)
     return Predictor(flax_model, _restore_params(model, step),
@@ -127,16 +130,22 @@ def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
 
 
 def fill_mask(predictor: Predictor, texts: Sequence[str], top_k: int = 5,
-              targets: Sequence[str] | None = None) -> list[list[list[dict]]]:
+              targets: Sequence[str] | str | None = None) -> list[list[list[dict]]]:
   """For each text, for each mask in it: the top-k fills, best first.
 
   Each fill is a dict with the pipeline's keys: score, token, token_str, sequence.
   """
   if top_k < 1:
     raise UserError(f'top_k={top_k} must be at least 1')
+  if not texts:
+    raise UserError('no text given; pass at least one text with <mask> in it')
+  if isinstance(targets, str):
+    targets = [targets]
+  if targets is not None and not targets:
+    raise UserError('targets is empty; pass at least one word, or None to score every token')
   tokenizer = predictor.tokenizer
   encoded = _encode(tokenizer, texts)
-  candidates = target_ids(tokenizer, targets) if targets else None
+  candidates = None if targets is None else target_ids(tokenizer, targets)
   k = min(top_k, predictor.model.config.vocab_size if candidates is None else len(candidates))
   mask_positions = [np.flatnonzero(np.asarray(seq) == tokenizer.mask_token_id) for seq in encoded]
   length, batch = _bucket(max(map(len, encoded))), _bucket(len(encoded), minimum=1)

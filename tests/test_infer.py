@@ -337,7 +337,7 @@ def test_matches_the_pytorch_fill_mask_pipeline(workdir, export_predictor, targe
   pytest.importorskip('torch')
   export = os.path.join(workdir, 'export')
   pipe = transformers.pipeline(
-      'fill-mask', model=transformers.AutoModelForMaskedLM.from_pretrained(export, from_flax=True),
+      'fill-mask', model=transformers.AutoModelForMaskedLM.from_pretrained(export),
       tokenizer=export)
   for text in (TEXT, 'Why is the <mask> blue?', '<mask> is the colour of the sky.'):
     expected = pipe(text.replace(infer.USER_MASK, pipe.tokenizer.mask_token), top_k=3,
@@ -347,3 +347,9 @@ def test_matches_the_pytorch_fill_mask_pipeline(workdir, export_predictor, targe
     np.testing.assert_allclose(_scores(actual), _scores(expected), rtol=0, atol=1e-4)
     assert [f['sequence'] for f in actual] == [f['sequence'] for f in expected]
     assert [f['token_str'] for f in actual] == [f['token_str'] for f in expected]
+
+
+def test_a_folder_with_checkpoints_but_no_model_config_is_a_user_error(tmp_path):
+  (tmp_path / 'checkpoints').mkdir()
+  with pytest.raises(UserError, match='no model/config.json'):
+    infer.load_predictor(str(tmp_path))
