@@ -33,6 +33,11 @@ The host pipeline figure is how many batches per second `input_pipeline.train_ba
 step's consumption rate (steps/s, from the median step) says whether the host keeps up
 (> 1) or starves the device (< 1).
 
+`--compare` runs ../shared/bench/anchors.py (modes jax and torch, each a subprocess, at
+this --batch, --seq and --steps) before this process touches the accelerator, so each
+gets the whole GPU; anchors.py's own environment knobs (VARIANTS, COMPILE, NODROP) pass
+through. The ratio printed per row is our back-to-back tokens/s per device over the row's.
+
 Usage:
   python benchmarks/train_step.py --preset=cpu-small            # seconds on 2 CPU cores
   python benchmarks/train_step.py                               # distilroberta-base shape, float32

@@ -182,7 +182,7 @@ from mlm_jax import sharding
 mesh = sharding.make_mesh()
 batch = np.arange(2 * 16 * 4, dtype=np.int32).reshape(2, 16, 4)
 placed = sharding.shard_batch(batch, mesh, batch_axis=1)
-shards = [{'device': mesh.devices.tolist().index(s.device), 'index': s.index[1].start,
+shards = [{'device': mesh.devices.ravel().tolist().index(s.device), 'index': s.index[1].start,
            'shape': list(s.data.shape), 'equal': bool((np.asarray(s.data) == batch[s.index]).all())}
           for s in placed.addressable_shards]
 pmap = sharding.shard_batch(batch, batch_axis=1, layout='pmap')
