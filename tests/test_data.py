@@ -271,6 +271,7 @@ def test_sample_follows_the_eli5_schema():
 def test_empty_data_files_and_dataset_load_the_sample(tiny_config):
   tiny_config.data_files = ''
   tiny_config.dataset = ''
+  tiny_config.split = 'train'
   records = read_sample()
 
   splits = data.load_texts(tiny_config, log=lambda _: None)

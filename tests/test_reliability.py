@@ -44,47 +44,70 @@ def _latest_step(workdir) -> int | None:
   return checkpoint.make_manager(str(workdir), keep=None, create=False).latest_step()
 
 
-@pytest.mark.parametrize('signal_number', [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_a_checkpoint_and_exits_non_zero(tmp_path, signal_number):
-  process = _start(tmp_path, '--config.num_train_steps=100000', '--config.log_every_steps=1',
-                   '--config.checkpoint_every_steps=100000', '--config.eval_every_steps=100000')
+_FOREVER = ['--config.num_train_steps=100000', '--config.log_every_steps=1',
+            '--config.checkpoint_every_steps=100000', '--config.eval_every_steps=100000']
+_SIGNALS = {'SIGTERM': [signal.SIGTERM], 'SIGINT': [signal.SIGINT],
+            'SIGTERM+SIGINT': [signal.SIGTERM, signal.SIGINT]}
+
+
+@pytest.fixture(scope='module')
+def signalled_runs(tmp_path_factory) -> dict:
+  """Runs interrupted by each entry of _SIGNALS once training is under way, side by side.
+
+  Returns {name: (workdir, exit status, stderr)}.
+  """
+  workdirs = {name: tmp_path_factory.mktemp(name.replace('+', '_')) for name in _SIGNALS}
+  processes = {name: _start(workdirs[name], *_FOREVER) for name in _SIGNALS}
+  results = {}
   try:
-    _wait_until_training(tmp_path, process)
-    process.send_signal(signal_number)
-    _, stderr = process.communicate(timeout=120)
+    for name, process in processes.items():
+      _wait_until_training(workdirs[name], process)
+      # Two signals are two different ones: the kernel would merge two pending SIGTERMs.
+      for number in _SIGNALS[name]:
+        process.send_signal(number)
+    for name, process in processes.items():
+      _, stderr = process.communicate(timeout=120)
+      results[name] = (workdirs[name], process.returncode, stderr)
   finally:
-    process.kill()
-  assert process.returncode == 128 + signal_number
+    for process in processes.values():
+      process.kill()
+      process.wait()
+  return results
+
+
+@pytest.mark.parametrize('name', ['SIGTERM', 'SIGINT'])
+def test_signal_saves_a_checkpoint_and_exits_non_zero(signalled_runs, name):
+  workdir, status, stderr = signalled_runs[name]
+  assert status == 128 + signal.Signals[name]
   last_line = stderr.strip().splitlines()[-1]
-  assert f'stopped by {signal.Signals(signal_number).name} at step' in last_line
+  assert f'stopped by {name} at step' in last_line
   assert 'Resume with the same command' in last_line
   stopped_at = int(last_line.split(' at step ')[1].split()[0])
-  assert _latest_step(tmp_path) == stopped_at > 0
+  assert _latest_step(workdir) == stopped_at > 0
 
 
-def test_second_signal_exits_at_once_without_saving(tmp_path):
-  process = _start(tmp_path, '--config.num_train_steps=100000', '--config.log_every_steps=1',
-                   '--config.checkpoint_every_steps=100000', '--config.eval_every_steps=100000')
-  try:
-    _wait_until_training(tmp_path, process)
-    # Two different signals: the kernel would merge two pending SIGTERMs into one.
-    process.send_signal(signal.SIGTERM)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-  finally:
-    process.kill()
-  assert process.returncode in (128 + signal.SIGTERM, 128 + signal.SIGINT)
+def test_second_signal_exits_at_once_without_saving(signalled_runs):
+  workdir, status, stderr = signalled_runs['SIGTERM+SIGINT']
+  assert status in (128 + signal.SIGTERM, 128 + signal.SIGINT)
   assert 'exiting now without saving' in stderr
-  assert _latest_step(tmp_path) is None
+  assert _latest_step(workdir) is None
+
+
+@pytest.fixture(scope='module')
+def _finished_run_template(tmp_path_factory):
+  """A tiny run with checkpoints at steps 10 and 20, trained once per module."""
+  workdir = tmp_path_factory.mktemp('finished')
+  train.train_and_evaluate(load_config('tiny_test'), str(workdir))
+  assert sorted(checkpoint.make_manager(str(workdir), None, create=False).all_steps()) == [10, 20]
+  return workdir
 
 
 @pytest.fixture
-def finished_run(tmp_path):
-  """A tiny run with checkpoints at steps 10 and 20."""
-  config = load_config('tiny_test')
-  train.train_and_evaluate(config, str(tmp_path))
-  assert sorted(checkpoint.make_manager(str(tmp_path), None, create=False).all_steps()) == [10, 20]
-  return config, tmp_path
+def finished_run(_finished_run_template, tmp_path):
+  """A private copy of the finished run, for a test to damage or extend."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(_finished_run_template, workdir)
+  return load_config('tiny_test'), workdir
 
 
 def test_a_half_written_checkpoint_is_ignored(finished_run, capsys):

@@ -240,26 +240,28 @@ def _final_params(workdir):
 
 def test_run_killed_mid_training_resumes_to_the_same_parameters(tmp_path):
   """SIGKILL after the first checkpoint, restart: same result as an uninterrupted run."""
-  common = ['--config=configs/tiny_test.py', '--config.num_train_steps=120',
-            '--config.checkpoint_every_steps=10', '--config.eval_every_steps=60']
-  straight = tmp_path / 'straight'
-  assert _run_train_cli(*common, f'--workdir={straight}').returncode == 0
-
-  resumed = tmp_path / 'resumed'
+  common = ['--config=configs/tiny_test.py', '--config.num_train_steps=60',
+            '--config.checkpoint_every_steps=5', '--config.eval_every_steps=30']
+  straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
   env = dict(os.environ, PYTHONUNBUFFERED='1')
-  process = subprocess.Popen([sys.executable, str(ROOT / 'run_train.py'), *common,
-                              f'--workdir={resumed}'], cwd=ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  processes = [subprocess.Popen([sys.executable, str(ROOT / 'run_train.py'), *common,
+                                 f'--workdir={workdir}'], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for workdir in (straight, resumed)]
+  uninterrupted, killed = processes
   try:
     deadline = time.time() + 180
-    while not (resumed / 'checkpoints' / '10').exists() and process.poll() is None:
+    while not (resumed / 'checkpoints' / '5').exists() and killed.poll() is None:
       assert time.time() < deadline
       time.sleep(0.05)
-    process.kill()
+    killed.kill()
+    assert uninterrupted.wait(timeout=180) == 0
   finally:
-    process.wait(timeout=60)
+    for process in processes:
+      process.kill()
+      process.wait(timeout=60)
   killed_at = checkpoint.make_manager(str(resumed), keep=None, create=False).latest_step()
-  assert killed_at is not None and killed_at < 120
+  assert killed_at is not None and killed_at < 60
 
   result = _run_train_cli(*common, f'--workdir={resumed}')
   assert result.returncode == 0, result.stderr[-2000:]
