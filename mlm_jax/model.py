@@ -48,6 +48,9 @@ def create_model(config, tokenizer) -> transformers.FlaxPreTrainedModel:
   else:
     model = transformers.FlaxAutoModelForMaskedLM.from_config(
         scratch_model_config(config, tokenizer), seed=config.seed, dtype=dtype)
+  # transformers 4.56+ also reads the Flax `dtype` argument into the config's `dtype` (the
+  # *weights'* dtype, which PyTorch loaders read): record what the parameters really are.
+  model.config.dtype = 'float32'
   if len(tokenizer) > model.config.vocab_size:
     raise UserError(f'the tokenizer has {len(tokenizer)} tokens but the model only '
                     f'{model.config.vocab_size}; use the model\'s own tokenizer')

@@ -6,6 +6,7 @@ the step on the device; every random draw derives from (seed, step), so a resume
 run continues exactly where the interrupted one was.
 """
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -319,9 +320,32 @@ def _config_record(run: Run) -> dict:
 
 
 def _save(run: Run, manager, state: TrainState) -> None:
+  """Starts saving `state`; a failure (disk full, say) of this or the previous save is a
+  `UserError`, and the newest complete checkpoint stays intact."""
   step = int(sharding.to_host(state.step))
   position = input_pipeline.position_of(step, len(run.blocks.train), run.global_batch_size)
-  checkpoint.save(manager, step, state, dataclasses.asdict(position), _config_record(run))
+  with _save_errors(run, manager, step):
+    checkpoint.save(manager, step, state, dataclasses.asdict(position), _config_record(run))
+
+
+def _finish_saves(run: Run, manager) -> None:
+  with _save_errors(run, manager, manager.latest_step()):
+    manager.wait_until_finished()
+
+
+@contextlib.contextmanager
+def _save_errors(run: Run, manager, step: int | None):
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    complete = [s for s in manager.all_steps() if s != step]
+    kept = (f'the checkpoint at step {max(complete)} is intact' if complete
+            else 'no earlier checkpoint exists')
+    raise UserError(
+        f'could not write the checkpoint at step {step} in '
+        f'{checkpoint.checkpoint_dir(run.workdir)} ({type(e).__name__}: '
+        f'{str(e).splitlines()[0] if str(e) else ""}); {kept}. Free disk space (or fix the '
+        'workdir) and rerun the same command to resume') from e
 
 
 def _prefetch(batches: Iterator[np.ndarray], mesh, size: int = 2) -> Iterator[jax.Array]:
@@ -423,7 +447,7 @@ class _Loop:
     step = int(sharding.to_host(state.step))
     if self.manager.latest_step() != step:
       _save(self.run, self.manager, state)
-    self.manager.wait_until_finished()
+    _finish_saves(self.run, self.manager)
     self.writer.flush()
     number = stop.signal_number or signal.SIGTERM
     raise preemption.Stopped(
@@ -433,8 +457,8 @@ class _Loop:
 
   def close(self) -> None:
     self.bar.close()
-    self.manager.wait_until_finished()
     self.writer.close()
+    _finish_saves(self.run, self.manager)
 
 
 def _train(run: Run, steps: Steps, state: TrainState, loop: _Loop) -> TrainState:

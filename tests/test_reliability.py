@@ -199,3 +199,25 @@ def test_a_bad_config_file_is_a_short_error(tmp_path, config_file, content):
   assert result.returncode != 0
   assert 'Traceback' not in result.stderr
   assert config_file in result.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 900 KB tmpfs: room for the run's files and one tiny checkpoint, not two."""
+  mount_point = tmp_path / 'disk'
+  mount_point.mkdir()
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=900k', 'tmpfs', str(mount_point)],
+                           capture_output=True, check=False)
+  if mounted.returncode != 0:
+    pytest.skip('mounting a small tmpfs needs root: ' + mounted.stderr.decode().strip())
+  yield mount_point
+  subprocess.run(['umount', str(mount_point)], check=False)
+
+
+def test_a_full_disk_at_save_time_is_a_clear_error_and_keeps_the_previous_checkpoint(small_disk):
+  config = load_config('tiny_test')
+  with pytest.raises(UserError, match=r'could not write the checkpoint at step 20 .*'
+                     r'the checkpoint at step 10 is intact'):
+    train.train_and_evaluate(config, str(small_disk / 'run'))
+  predictor = infer.load_predictor(str(small_disk / 'run'))  # The step-10 checkpoint restores.
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(predictor.params))

@@ -16,9 +16,12 @@ from mlm_jax import checkpoint
 from mlm_jax import infer
 from mlm_jax import masking
 from mlm_jax import metrics
+from mlm_jax import model as model_lib
+from mlm_jax import plot
 from mlm_jax import sharding
 from mlm_jax import train
 from mlm_jax.errors import UserError
+from mlm_jax.tokenizer import train_bpe_tokenizer
 from tests.conftest import ROOT, load_config
 
 
@@ -272,3 +275,49 @@ def test_run_killed_mid_training_resumes_to_the_same_parameters(tmp_path):
   resumed_evals = [r for r in metrics.read_metrics(str(resumed)) if 'eval_loss' in r]
   np.testing.assert_allclose(resumed_evals[-1]['eval_loss'], straight_evals[-1]['eval_loss'],
                              rtol=1e-5)
+
+
+def test_fine_tunes_a_pretrained_model_from_a_local_directory(trained, tmp_path):
+  """The hub-id code path (`from_pretrained` of model and tokenizer), through a local export."""
+  _, workdir, _ = trained
+  config = load_config('tiny_test')
+  config.model_name_or_path = os.path.join(workdir, 'export')
+  config.num_train_steps = 5
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  pretrained = infer.load_predictor(config.model_name_or_path)
+  assert len(infer.load_predictor(str(tmp_path)).tokenizer) == len(pretrained.tokenizer)
+  # Starting from trained weights, step 0 is already far better than a fresh model's 398.
+  assert summary['perplexity_before'] < 250
+
+
+def test_loads_pytorch_only_weights_with_from_pt(tmp_path):
+  torch = pytest.importorskip('torch')
+  del torch
+  torch_dir = tmp_path / 'torch_only'
+  config = transformers.RobertaConfig(vocab_size=300, hidden_size=8, num_hidden_layers=1,
+                                      num_attention_heads=2, intermediate_size=16)
+  transformers.AutoModelForMaskedLM.from_config(config).save_pretrained(torch_dir)
+  run_config = load_config('tiny_test')
+  run_config.model_name_or_path = str(torch_dir)
+  tokenizer = train_bpe_tokenizer(['a b c d e f g'] * 10, vocab_size=40, model_max_length=64)
+  model = model_lib.create_model(run_config, tokenizer)
+  assert model.config.vocab_size == 300
+
+
+def test_push_to_hub_failure_is_one_line_and_keeps_the_export(trained, capsys):
+  _, workdir, _ = trained
+  export = os.path.join(workdir, 'export')
+  before = sorted(os.listdir(export))
+  train.push_to_hub(export, 'someone/tiny-mlm')  # HF_HUB_OFFLINE=1: the upload cannot happen.
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('push_to_hub failed')
+  assert f'the export is saved in {export}' in lines[0]
+  assert sorted(os.listdir(export)) == before
+
+
+def test_plot_writes_curves_png(trained):
+  _, workdir, _ = trained
+  path = plot.plot_curves(workdir)
+  assert path == os.path.join(workdir, 'curves.png')
+  with open(path, 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
