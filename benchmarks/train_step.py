@@ -89,11 +89,12 @@ class Shape:
   seq: int
   batch: int  # Rows per device per step.
   dtype: str = 'float32'
+  masked_head: bool = False  # The vocabulary head on masked positions only (config.masked_lm_head).
 
   def describe(self) -> str:
     return (f'{self.layers} layers, hidden {self.hidden}, {self.heads} heads, intermediate '
             f'{self.intermediate}, vocab {self.vocab}, seq {self.seq}, batch {self.batch}/device, '
-            f'{self.dtype}')
+            f'{self.dtype}, {"masked-only" if self.masked_head else "full"} vocabulary head')
 
 
 PRESETS = {
@@ -119,6 +120,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(f'--{field}', type=int, default=None)
   parser.add_argument('--dtype', choices=sorted(model_lib.DTYPES), default=None,
                       help='computation dtype (parameters stay float32); default float32')
+  parser.add_argument('--masked_head', action='store_true',
+                      help='train the vocabulary head on masked positions only')
   parser.add_argument('--fsdp', type=int, default=1,
                       help='devices per fsdp group (sharding.make_mesh); 1 = data parallel')
   parser.add_argument('--steps', type=int, default=20, help='timed steps (each way)')
@@ -183,8 +186,10 @@ def build_step(shape: Shape, mesh: jax.sharding.Mesh,
   tx, schedule = train.make_optimizer(optimizer_config(), total_steps)
   state, state_shardings = sharding.place_state(
       train.create_train_state(model.params, tx, SEED), mesh)
-  steps = train.compile_steps(model.__call__, tx, schedule, masking_spec(shape), SEED, mesh,
-                              state_shardings)
+  steps = train.compile_steps(
+      model.__call__, tx, schedule, masking_spec(shape), SEED, mesh, state_shardings,
+      head_fn=model_lib.masked_head_fn(model) if shape.masked_head else None,
+      max_predictions=model_lib.max_predictions(shape.seq, 0.15))
   return steps, state, model.params
 
 

@@ -22,6 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
       attention_probs_dropout_prob=0.1,
   ))
   config.dtype = 'float32'  # Computation dtype: float32 | bfloat16 (params stay float32).
+  # Train the vocabulary head on the masked positions only (RoBERTa-family models; same loss).
+  config.masked_lm_head = True
 
   # Data: `data_files` (local files) wins over `dataset` (hub id or local
   # dataset dir); with both empty the embedded ELI5 sample is used.

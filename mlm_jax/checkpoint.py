@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from mlm_jax.errors import UserError
@@ -117,7 +118,8 @@ def save_pytorch_weights(config, params: Any, directory: str) -> None:
   import transformers  # pylint: disable=import-outside-toplevel
   from transformers import modeling_flax_pytorch_utils  # pylint: disable=import-outside-toplevel
   torch_model = transformers.AutoModelForMaskedLM.from_config(config)
+  writable = jax.tree_util.tree_map(np.array, params)  # torch.from_numpy wants writable arrays.
   torch_model = modeling_flax_pytorch_utils.load_flax_weights_in_pytorch_model(
-      torch_model, params)
+      torch_model, writable)
   torch_model.tie_weights()
   torch_model.save_pretrained(directory)

@@ -1,7 +1,10 @@
 """The masked-LM model: `FlaxAutoModelForMaskedLM` from a hub id, a local directory or a config."""
 
+import math
+
 import jax.numpy as jnp
 import transformers
+from transformers.models.roberta import modeling_flax_roberta
 
 from mlm_jax.errors import UserError
 
@@ -70,3 +73,48 @@ def check_block_size(block_size: int, model_config: transformers.PretrainedConfi
   if not 0 < block_size <= limit:
     raise UserError(f'block_size={block_size} is outside what the model allows (1..{limit}); '
                     f'set --config.block_size to at most {limit}')
+
+
+# ----------------------------------------------------------------------------
+# The vocabulary head on masked positions only.
+
+_ROBERTA_LIKE = ('roberta', 'xlm-roberta', 'camembert')  # Modules with .roberta and .lm_head.
+
+
+def supports_masked_head(model: transformers.FlaxPreTrainedModel) -> bool:
+  return model.config.model_type in _ROBERTA_LIKE
+
+
+def max_predictions(block_size: int, probability: float) -> int:
+  """Positions per row the head sees: the mean masked count plus 6 standard deviations.
+
+  With Bernoulli masking a row has more masked tokens than this with probability
+  below 1e-9; those extra tokens stay masked in the input but are not predicted.
+  """
+  mean = block_size * probability
+  return min(block_size, math.ceil(mean + 6 * math.sqrt(mean * (1 - probability))))
+
+
+def _encode_and_predict_at(module, input_ids, positions, deterministic: bool):
+  """FlaxRobertaForMaskedLMModule's forward with the LM head applied at `positions` only."""
+  position_ids = modeling_flax_roberta.create_position_ids_from_input_ids(
+      input_ids, module.config.pad_token_id)
+  hidden = module.roberta(input_ids, jnp.ones_like(input_ids), jnp.zeros_like(input_ids),
+                          position_ids, None, deterministic=deterministic)[0]
+  hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+  shared = (module.roberta.variables['params']['embeddings']['word_embeddings']['embedding']
+            if module.config.tie_word_embeddings else None)
+  return module.lm_head(hidden, shared_embedding=shared)
+
+
+def masked_head_fn(model: transformers.FlaxPreTrainedModel):
+  """`fn(input_ids, positions, params, train, dropout_rng) -> logits [batch, positions, vocab]`.
+
+  Same parameters and numbers as the model's own forward, but the vocabulary
+  projection (the largest matmul of a small model) runs on the gathered positions.
+  """
+  def fn(input_ids, positions, params, train: bool, dropout_rng):
+    return model.module.apply({'params': params}, input_ids, positions, not train,
+                              method=_encode_and_predict_at,
+                              rngs={'dropout': dropout_rng} if train else {})
+  return fn

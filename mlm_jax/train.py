@@ -100,24 +100,38 @@ def mask_micro_batches(rng: jax.Array, ids: jax.Array, spec: masking.MaskingSpec
 
 def train_step(state: TrainState, ids: jax.Array, *, apply_fn: Callable,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
-               spec: masking.MaskingSpec) -> tuple[TrainState, dict[str, jax.Array]]:
+               spec: masking.MaskingSpec, head_fn: Callable | None = None,
+               max_predictions: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step over a [grad_accum_steps, rows, length] batch of token ids.
 
   The loss is the mean cross-entropy over all masked tokens of all micro-batches,
   so k accumulated micro-batches give the gradient of one batch k times larger.
-  A non-finite loss or gradient skips the update and is counted.
+  With `head_fn` (see `model.masked_head_fn`) the vocabulary head runs only on the
+  `max_predictions` masked positions of each row. A non-finite loss or gradient
+  skips the update and is counted.
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
   mask_rng, dropout_rng = jax.random.split(step_rng)
   inputs, labels, weights = mask_micro_batches(mask_rng, ids, spec)
+  if head_fn is None:
+    positions = jnp.zeros(ids.shape[:2] + (0,), jnp.int32)  # Unused: every position.
+  else:  # The masked positions of each row first (weight 1 sorts before 0).
+    positions = jax.lax.top_k(weights, max_predictions)[1]
+    labels = jnp.take_along_axis(labels, positions, axis=-1)
+    weights = jnp.take_along_axis(weights, positions, axis=-1)
   total = jnp.maximum(weights.sum(), 1.0)
 
+  def logits_of(params, micro_inputs, micro_positions, rng):
+    if head_fn is None:
+      return apply_fn(micro_inputs, params=params, train=True, dropout_rng=rng).logits
+    return head_fn(micro_inputs, micro_positions, params, True, rng)
+
   def micro_step(carry, micro):
-    index, micro_inputs, micro_labels, micro_weights = micro
+    index, micro_inputs, micro_positions, micro_labels, micro_weights = micro
 
     def loss_fn(params):
-      logits = apply_fn(micro_inputs, params=params, train=True,
-                        dropout_rng=jax.random.fold_in(dropout_rng, index)).logits
+      logits = logits_of(params, micro_inputs, micro_positions,
+                         jax.random.fold_in(dropout_rng, index))
       loss_sum, correct = metrics_lib.masked_lm_sums(logits, micro_labels, micro_weights)
       return loss_sum / total, (loss_sum, correct)
 
@@ -128,7 +142,8 @@ def train_step(state: TrainState, ids: jax.Array, *, apply_fn: Callable,
 
   zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
   (grads, loss_sum, correct), _ = jax.lax.scan(
-      micro_step, (zeros, 0.0, 0.0), (jnp.arange(ids.shape[0]), inputs, labels, weights))
+      micro_step, (zeros, 0.0, 0.0),
+      (jnp.arange(ids.shape[0]), inputs, positions, labels, weights))
   loss, grad_norm = loss_sum / total, optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -168,11 +183,13 @@ class Steps:
 
 def compile_steps(apply_fn: Callable, tx: optax.GradientTransformation,
                   schedule: optax.Schedule, spec: masking.MaskingSpec, seed: int,
-                  mesh: jax.sharding.Mesh, state_shardings: Any = None) -> Steps:
+                  mesh: jax.sharding.Mesh, state_shardings: Any = None,
+                  head_fn: Callable | None = None, max_predictions: int = 0) -> Steps:
   """jit the steps over `mesh`: the state donated, batches sharded over every device.
 
   `state_shardings` (a TrainState of shardings, see `sharding.state_sharding`)
-  defaults to replicated.
+  defaults to replicated. `head_fn` and `max_predictions` select the masked-only
+  vocabulary head for training; evaluation always scores every masked token.
   """
   replicated = sharding.replicated(mesh)
   if state_shardings is None:
@@ -181,7 +198,8 @@ def compile_steps(apply_fn: Callable, tx: optax.GradientTransformation,
   else:
     params_shardings = state_shardings.params
   train = jax.jit(
-      functools.partial(train_step, apply_fn=apply_fn, tx=tx, schedule=schedule, spec=spec),
+      functools.partial(train_step, apply_fn=apply_fn, tx=tx, schedule=schedule, spec=spec,
+                        head_fn=head_fn, max_predictions=max_predictions),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh, batch_axis=1)),
       out_shardings=(state_shardings, replicated), donate_argnums=0)
   eval_rng = jax.random.fold_in(jax.random.PRNGKey(seed), EVAL_STREAM)
@@ -499,8 +517,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state, state_shardings = sharding.place_state(
       create_train_state(run.model.params, tx, config.seed), mesh)
   spec = masking.masking_spec(run.tokenizer, config.mlm_probability)
-  steps = compile_steps(run.model.__call__, tx, schedule, spec, config.seed, mesh,
-                        state_shardings)
+  masked_head = config.masked_lm_head and model_lib.supports_masked_head(run.model)
+  steps = compile_steps(
+      run.model.__call__, tx, schedule, spec, config.seed, mesh, state_shardings,
+      head_fn=model_lib.masked_head_fn(run.model) if masked_head else None,
+      max_predictions=model_lib.max_predictions(config.block_size, config.mlm_probability))
   manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
   state = _restore_or_init(run, manager, state)
   if int(sharding.to_host(state.step)) >= run.total_steps:

@@ -321,3 +321,24 @@ def test_plot_writes_curves_png(trained):
   assert path == os.path.join(workdir, 'curves.png')
   with open(path, 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_masked_only_head_gives_the_full_heads_loss_and_update():
+  config = load_config('tiny_test')
+  config.model_config.hidden_dropout_prob = 0.1  # The same dropout draws on both paths.
+  run = _tiny_run(config)
+  batch = jnp.asarray(run.blocks.train[:8])[None]
+  state, full = _fresh_state_and_steps(config, run)
+  full_state, full_metrics = full.train(state, batch)
+  state, _ = _fresh_state_and_steps(config, run)
+  tx, schedule = train.make_optimizer(config, total_steps=10)
+  masked = train.compile_steps(
+      run.model.__call__, tx, schedule, masking.masking_spec(run.tokenizer, 0.15), config.seed,
+      sharding.make_mesh(), head_fn=model_lib.masked_head_fn(run.model),
+      max_predictions=model_lib.max_predictions(config.block_size, 0.15))
+  masked_state, masked_metrics = masked.train(state, batch)
+  np.testing.assert_allclose(masked_metrics['loss'], full_metrics['loss'], rtol=1e-5)
+  assert masked_metrics['masked_tokens'] == full_metrics['masked_tokens']
+  for a, b in zip(jax.tree_util.tree_leaves(masked_state.params),
+                  jax.tree_util.tree_leaves(full_state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
