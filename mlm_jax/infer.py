@@ -9,7 +9,7 @@ length are bucketed to powers of two so the compiled function is reused.
 import dataclasses
 import functools
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 import transformers
 
 from mlm_jax import checkpoint
+from mlm_jax import model as model_lib
 from mlm_jax import tokenizer as tokenizer_lib
 from mlm_jax.errors import UserError
 
@@ -30,6 +31,26 @@ class Predictor:
   model: transformers.FlaxPreTrainedModel
   params: Any
   tokenizer: transformers.PreTrainedTokenizerBase
+
+  def __post_init__(self):
+    # One function object per predictor, so the jit cache keyed on it is reused.
+    self.logits_fn = _logits_at_positions_fn(self.model)
+
+
+def _logits_at_positions_fn(model) -> Callable:
+  """`fn(params, ids, attention_mask, positions)` -> logits at `positions` only.
+
+  RoBERTa-family models run the vocabulary head on those positions alone; others
+  compute every position's logits and gather.
+  """
+  if model_lib.supports_masked_head(model):
+    head = model_lib.masked_head_fn(model)
+    return lambda params, ids, mask, positions: head(ids, positions, params, False, None, mask)
+
+  def gather(params, ids, mask, positions):
+    logits = model(ids, attention_mask=mask, params=params, train=False).logits
+    return jnp.take_along_axis(logits, positions[:, :, None], axis=1)
+  return gather
 
 
 def _restore_params(workdir: str, step: int | None) -> Any:
@@ -83,11 +104,10 @@ def _bucket(n: int, minimum: int = 8) -> int:
   return max(minimum, 1 << (n - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=('apply_fn', 'top_k'))
-def _top_k_at(params, ids, attention_mask, positions, candidate_ids, *, apply_fn, top_k):
+@functools.partial(jax.jit, static_argnames=('logits_fn', 'top_k'))
+def _top_k_at(params, ids, attention_mask, positions, candidate_ids, *, logits_fn, top_k):
   """Top-k (probability, index into candidate_ids) at `positions` [batch, masks]."""
-  logits = apply_fn(ids, attention_mask=attention_mask, params=params, train=False).logits
-  logits = jnp.take_along_axis(logits, positions[:, :, None], axis=1)
+  logits = logits_fn(params, ids, attention_mask, positions)
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   if candidate_ids is not None:
     probs = probs[..., candidate_ids]
@@ -158,7 +178,7 @@ def fill_mask(predictor: Predictor, texts: Sequence[str], top_k: int = 5,
     positions[row, :len(where)] = where
   scores, indices = jax.device_get(_top_k_at(
       predictor.params, ids, attention_mask, positions, candidates,
-      apply_fn=predictor.model.__call__, top_k=k))
+      logits_fn=predictor.logits_fn, top_k=k))
   if candidates is not None:
     indices = candidates[indices]
   return [_fills(tokenizer, seq, where, scores[row], indices[row])

@@ -95,11 +95,11 @@ def max_predictions(block_size: int, probability: float) -> int:
   return min(block_size, math.ceil(mean + 6 * math.sqrt(mean * (1 - probability))))
 
 
-def _encode_and_predict_at(module, input_ids, positions, deterministic: bool):
+def _encode_and_predict_at(module, input_ids, positions, attention_mask, deterministic: bool):
   """FlaxRobertaForMaskedLMModule's forward with the LM head applied at `positions` only."""
   position_ids = modeling_flax_roberta.create_position_ids_from_input_ids(
       input_ids, module.config.pad_token_id)
-  hidden = module.roberta(input_ids, jnp.ones_like(input_ids), jnp.zeros_like(input_ids),
+  hidden = module.roberta(input_ids, attention_mask, jnp.zeros_like(input_ids),
                           position_ids, None, deterministic=deterministic)[0]
   hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
   shared = (module.roberta.variables['params']['embeddings']['word_embeddings']['embedding']
@@ -108,13 +108,16 @@ def _encode_and_predict_at(module, input_ids, positions, deterministic: bool):
 
 
 def masked_head_fn(model: transformers.FlaxPreTrainedModel):
-  """`fn(input_ids, positions, params, train, dropout_rng) -> logits [batch, positions, vocab]`.
+  """`fn(input_ids, positions, params, train, dropout_rng, attention_mask=None)` -> logits
+  [batch, positions, vocab].
 
   Same parameters and numbers as the model's own forward, but the vocabulary
   projection (the largest matmul of a small model) runs on the gathered positions.
   """
-  def fn(input_ids, positions, params, train: bool, dropout_rng):
-    return model.module.apply({'params': params}, input_ids, positions, not train,
-                              method=_encode_and_predict_at,
+  def fn(input_ids, positions, params, train: bool, dropout_rng, attention_mask=None):
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    return model.module.apply({'params': params}, input_ids, positions, attention_mask,
+                              not train, method=_encode_and_predict_at,
                               rngs={'dropout': dropout_rng} if train else {})
   return fn
