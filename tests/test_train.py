@@ -168,37 +168,34 @@ def test_non_finite_loss_skips_the_update_and_is_counted():
 
 
 def _uniform_logits(ids, params, train):  # pylint: disable=redefined-outer-name
-  """A 'model' whose logits are all zero: perplexity is exactly the vocabulary size."""
+  """A 'model' whose logits are `params['vocab']` everywhere: all zero, a uniform prediction."""
   del train
 
   class Output:
-    logits = jnp.zeros(ids.shape + (params['vocab'].shape[0],)) + params['vocab'] * 0
+    logits = jnp.broadcast_to(params['vocab'], ids.shape + params['vocab'].shape)
   return Output()
+
+
+def _evaluate_uniform_model(batch_size: int, vocab: int = 37) -> dict:
+  """Eval metrics of the uniform model on 10 fixed random blocks."""
+  spec = masking.MaskingSpec(mask_token_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=vocab)
+  blocks = np.random.default_rng(0).integers(5, vocab, (10, 16)).astype(np.int32)
+  tx, schedule = train.make_optimizer(load_config('tiny_test'), 10)
+  steps = train.compile_steps(_uniform_logits, tx, schedule, spec, seed=0,
+                              mesh=sharding.make_mesh())
+  return train.evaluate(steps, {'vocab': jnp.zeros(vocab)}, blocks, batch_size)
 
 
 @pytest.mark.parametrize('batch_size', [4, 7])
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(batch_size):
-  vocab = 37
-  spec = masking.MaskingSpec(mask_token_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=vocab)
-  blocks = np.random.default_rng(0).integers(5, vocab, (10, 16)).astype(np.int32)
-  tx, schedule = train.make_optimizer(load_config('tiny_test'), 10)
-  steps = train.compile_steps(_uniform_logits, tx, schedule, spec, seed=0,
-                              mesh=sharding.make_mesh())
-  result = train.evaluate(steps, {'vocab': jnp.zeros(vocab)}, blocks, batch_size)
-  np.testing.assert_allclose(result['eval_perplexity'], vocab, rtol=1e-5)
+  np.testing.assert_allclose(_evaluate_uniform_model(batch_size, vocab=37)['eval_perplexity'],
+                             37, rtol=1e-5)
 
 
 def test_eval_counts_every_block_once_whatever_the_batch_size():
-  vocab = 37
-  spec = masking.MaskingSpec(mask_token_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=vocab)
-  blocks = np.random.default_rng(0).integers(5, vocab, (10, 16)).astype(np.int32)
-  tx, schedule = train.make_optimizer(load_config('tiny_test'), 10)
-  steps = train.compile_steps(_uniform_logits, tx, schedule, spec, seed=0,
-                              mesh=sharding.make_mesh())
-  counts = {b: train.evaluate(steps, {'vocab': jnp.zeros(vocab)}, blocks, b)['eval_masked_tokens']
-            for b in (3, 4, 10, 16)}
+  counts = {b: _evaluate_uniform_model(b)['eval_masked_tokens'] for b in (3, 4, 10, 16)}
   assert len(set(counts.values())) == 1
-  assert 0 < counts[4] < blocks.size
+  assert 0 < counts[4] < 10 * 16
 
 
 def test_eval_is_deterministic(trained):
