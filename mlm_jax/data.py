@@ -21,7 +21,7 @@ from typing import Callable
 import datasets
 import numpy as np
 
-from mlm_jax.errors import UserError
+from mlm_jax.errors import UserError, first_line
 
 CACHE_VERSION = 1
 _BUILDERS = {'.jsonl': 'json', '.json': 'json', '.parquet': 'parquet', '.csv': 'csv',
@@ -122,7 +122,7 @@ def load_local_files(files: list[str], split: str) -> datasets.Dataset:
     if where:
       raise UserError(f'{where}; fix or remove that line') from None
     raise UserError(f'could not read {", ".join(files)} as {builder} '
-                    f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
+                    f'({type(e).__name__}: {first_line(e)}); '
                     'check the file format and --config.split') from None
 
 
@@ -140,7 +140,7 @@ def load_hub_dataset(name: str, config_name: str, split: str,
   except Exception as e:  # pylint: disable=broad-except
     if _SCRIPTS_UNSUPPORTED not in str(e):
       raise UserError(f'could not load dataset {name!r} split {split!r} '
-                      f'({str(e).splitlines()[0] if str(e) else type(e).__name__}); '
+                      f'({first_line(e)}); '
                       f'{how_to_fix}') from None
   log(f'{name} is a script-based dataset, which this version of `datasets` refuses: '
       f'loading the hub\'s parquet conversion (revision {_PARQUET_REVISION}) instead.')
@@ -149,7 +149,7 @@ def load_hub_dataset(name: str, config_name: str, split: str,
                                  revision=_PARQUET_REVISION)
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f'could not load the parquet conversion of dataset {name!r} '
-                    f'({str(e).splitlines()[0] if str(e) else type(e).__name__}); '
+                    f'({first_line(e)}); '
                     f'{how_to_fix}') from None
 
 

@@ -20,7 +20,7 @@ import transformers
 from mlm_jax import checkpoint
 from mlm_jax import model as model_lib
 from mlm_jax import tokenizer as tokenizer_lib
-from mlm_jax.errors import UserError
+from mlm_jax.errors import UserError, first_line
 
 USER_MASK = '<mask>'
 
@@ -94,7 +94,7 @@ def load_predictor(model: str, step: int | None = None) -> Predictor:
     flax_model = transformers.FlaxAutoModelForMaskedLM.from_pretrained(model)
   except (OSError, ValueError) as e:
     raise UserError(f'could not load a masked-LM model from {model!r} '
-                    f'({str(e).splitlines()[0]}); pass a training workdir, an HF-format '
+                    f'({first_line(e)}); pass a training workdir, an HF-format '
                     'directory or a hub id') from None
   return Predictor(flax_model, flax_model.params, tokenizer_lib.load_pretrained_tokenizer(model))
 

@@ -17,6 +17,12 @@ import numpy as np
 from mlm_jax.errors import UserError
 
 
+def check_probability(probability: float) -> None:
+  if not 0 < probability < 1:
+    raise UserError(f'mlm_probability={probability} must be in (0, 1); '
+                    'set --config.mlm_probability, e.g. 0.15')
+
+
 @dataclasses.dataclass(frozen=True)
 class MaskingSpec:
   """What masking needs to know of the tokenizer; static and hashable."""
@@ -28,9 +34,7 @@ class MaskingSpec:
   random_fraction: float = 0.1  # ... become a random non-special token; the rest stay.
 
   def __post_init__(self):
-    if not 0 < self.probability < 1:
-      raise UserError(f'mlm_probability={self.probability} must be in (0, 1); '
-                      'set --config.mlm_probability, e.g. 0.15')
+    check_probability(self.probability)
 
   @property
   def replacement_ids(self) -> np.ndarray:

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import transformers
 from transformers.models.roberta import modeling_flax_roberta
 
-from mlm_jax.errors import UserError
+from mlm_jax.errors import UserError, first_line
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -33,7 +33,7 @@ def _from_pretrained(path: str, dtype, seed: int):
     # Only PyTorch weights there: convert them (needs torch installed).
     if 'from_pt=True' not in str(e):
       raise UserError(f'could not load a masked-LM model from {path!r} '
-                      f'({str(e).splitlines()[0]}); pass a hub id or an HF-format directory '
+                      f'({first_line(e)}); pass a hub id or an HF-format directory '
                       'as --config.model_name_or_path') from None
   try:
     return transformers.FlaxAutoModelForMaskedLM.from_pretrained(

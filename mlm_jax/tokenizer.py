@@ -11,7 +11,7 @@ import tokenizers
 import transformers
 from tokenizers import processors
 
-from mlm_jax.errors import UserError
+from mlm_jax.errors import UserError, first_line
 
 SPECIAL_TOKENS = ('<s>', '<pad>', '</s>', '<unk>', '<mask>')  # RoBERTa's, in its id order.
 
@@ -41,7 +41,7 @@ def load_pretrained_tokenizer(name_or_path: str) -> transformers.PreTrainedToken
     tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
   except (OSError, ValueError) as e:
     raise UserError(
-        f'could not load a tokenizer from {name_or_path!r} ({str(e).splitlines()[0]}); '
+        f'could not load a tokenizer from {name_or_path!r} ({first_line(e)}); '
         'pass a hub id or a directory with tokenizer files') from None
   if tokenizer.mask_token is None:
     raise UserError(f'tokenizer {name_or_path!r} has no mask token; '

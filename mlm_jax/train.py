@@ -32,7 +32,7 @@ from mlm_jax import model as model_lib
 from mlm_jax import preemption
 from mlm_jax import sharding
 from mlm_jax import tokenizer as tokenizer_lib
-from mlm_jax.errors import UserError
+from mlm_jax.errors import UserError, first_line
 
 EVAL_STREAM = 1  # Eval masking draws from fold_in(PRNGKey(seed), EVAL_STREAM), fixed.
 
@@ -235,9 +235,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in positive:
     if config[key] < 1:
       raise UserError(f'{key}={config[key]} must be at least 1; set --config.{key}')
-  if not 0 < config.mlm_probability < 1:
-    raise UserError(f'mlm_probability={config.mlm_probability} must be in (0, 1); '
-                    'set --config.mlm_probability, e.g. 0.15')
+  masking.check_probability(config.mlm_probability)
   if config.learning_rate <= 0:
     raise UserError(f'learning_rate={config.learning_rate} must be positive')
   if config.num_train_steps == 0 or config.num_train_steps < -1:
@@ -317,7 +315,7 @@ def _restore_or_init(run: Run, manager, state: TrainState) -> TrainState:
     except Exception as e:  # pylint: disable=broad-except
       aside = checkpoint.set_aside(run.workdir, step) if jax.process_index() == 0 else where
       _log(f'Checkpoint {where} could not be restored ({type(e).__name__}: '
-           f'{str(e).splitlines()[0] if str(e) else ""}); moved it to {aside} and trying the '
+           f'{first_line(e)}); moved it to {aside} and trying the '
            'one before it.')
       continue
     manager.reload()
@@ -362,7 +360,7 @@ def _save_errors(run: Run, manager, step: int | None):
     raise UserError(
         f'could not write the checkpoint at step {step} in '
         f'{checkpoint.checkpoint_dir(run.workdir)} ({type(e).__name__}: '
-        f'{str(e).splitlines()[0] if str(e) else ""}); {kept}. Free disk space (or fix the '
+        f'{first_line(e)}); {kept}. Free disk space (or fix the '
         'workdir) and rerun the same command to resume') from e
 
 
@@ -408,7 +406,7 @@ def push_to_hub(export_dir: str, repo_id: str) -> None:
     huggingface_hub.upload_folder(repo_id=repo_id, folder_path=export_dir)
     _log(f'Pushed {export_dir} to https://huggingface.co/{repo_id}')
   except Exception as e:  # pylint: disable=broad-except
-    _log(f'push_to_hub failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
+    _log(f'push_to_hub failed ({type(e).__name__}: {first_line(e)}); '
          f'the export is saved in {export_dir}: upload it later with '
          f'`huggingface-cli upload {repo_id} {export_dir}`')
 

@@ -16,6 +16,11 @@ os.environ['HF_DATASETS_CACHE'] = os.path.join(_CACHE, 'hf_datasets')
 os.environ['HF_HUB_OFFLINE'] = '1'
 os.environ['HF_DATASETS_OFFLINE'] = '1'
 os.environ['TOKENIZERS_PARALLELISM'] = 'false'
+# JAX's persistent compilation cache: the many runs of the tiny config (in subprocesses
+# too) compile the same programs once.
+os.environ['JAX_COMPILATION_CACHE_DIR'] = os.path.join(_CACHE, 'jax')
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
 
 import pytest  # pylint: disable=wrong-import-position
 
@@ -36,3 +41,15 @@ def tiny_config(tmp_path):
   config = load_config('tiny_test')
   config.cache_dir = str(tmp_path / 'cache')
   return config
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory):
+  """A finished run of the tiny config, shared read-only: (config, workdir, summary).
+
+  Checkpoints at steps 10 and 20 and an export.
+  """
+  from mlm_jax import train  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path_factory.mktemp('tiny_run'))
+  config = load_config('tiny_test')
+  return config, workdir, train.train_and_evaluate(config, workdir)

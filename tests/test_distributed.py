@@ -26,6 +26,7 @@ from tests.conftest import load_config
 from mlm_jax import train
 for per_device, fsdp, workdir in {runs!r}:
   config = load_config('tiny_test')
+  config.split = 'train[:40]'
   config.model_config.hidden_dropout_prob = 0.1
   config.model_config.hidden_size = 64
   config.num_train_steps = 6
@@ -98,7 +99,8 @@ def _free_port() -> int:
 
 
 # The same run as `_TRAIN` with 2 rows per device: 2 hosts x 2 devices x 2 = 8 rows, as one_device_run.
-_CLI_FLAGS = ['--config=configs/tiny_test.py', '--config.num_train_steps=6',
+_CLI_FLAGS = ['--config=configs/tiny_test.py', '--config.split=train[:40]',
+              '--config.num_train_steps=6',
               '--config.eval_every_steps=6', '--config.checkpoint_every_steps=6',
               '--config.per_device_batch_size=2', '--config.model_config.hidden_size=64',
               '--config.model_config.hidden_dropout_prob=0.1']

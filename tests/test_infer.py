@@ -27,11 +27,9 @@ LONGER_TEXTS = (
 
 
 @pytest.fixture(scope='module')
-def workdir(tmp_path_factory):
+def workdir(tiny_run):
   """A finished tiny training run (checkpoints at steps 10 and 20, and an export)."""
-  path = str(tmp_path_factory.mktemp('infer_run'))
-  train.train_and_evaluate(load_config('tiny_test'), path)
-  return path
+  return tiny_run[1]
 
 
 @pytest.fixture(scope='module')
@@ -288,14 +286,31 @@ def _run_infer(*args):
                         check=False)
 
 
-def test_cli_prints_json_with_top_k_fills(workdir, predictor):
-  result = _run_infer(f'--model={workdir}', f'--text={TEXT}', '--top_k=3', '--json')
+_FILE_TEXTS = ['The sky is <mask> blue.', 'Why is <mask> wet?']
+
+
+@pytest.fixture(scope='module')
+def cli_json(workdir, tmp_path_factory) -> list[dict]:
+  """`run_infer.py --json` on one --text and an --input_file of two more texts."""
+  input_file = tmp_path_factory.mktemp('cli') / 'texts.txt'
+  input_file.write_text('\n'.join(_FILE_TEXTS) + '\n', encoding='utf-8')
+  result = _run_infer(f'--model={workdir}', f'--text={TEXT}', f'--input_file={input_file}',
+                      '--top_k=3', '--json')
   assert result.returncode == 0, result.stderr[-2000:]
-  [entry] = json.loads(result.stdout)
+  return json.loads(result.stdout)
+
+
+def test_cli_prints_json_with_top_k_fills(cli_json, predictor):
+  entry = cli_json[0]
   assert entry['text'] == TEXT
   [fills] = entry['masks']
   assert len(fills) == 3
   _assert_same_fills(fills, infer.fill_mask(predictor, [TEXT], top_k=3)[0][0])
+
+
+def test_cli_reads_one_text_per_line_of_input_file_after_the_texts(cli_json):
+  assert [entry['text'] for entry in cli_json[1:]] == _FILE_TEXTS
+  assert all(len(entry['masks']) == 1 and len(entry['masks'][0]) == 3 for entry in cli_json)
 
 
 def test_cli_table_names_the_predicted_tokens(workdir, predictor):
@@ -306,17 +321,6 @@ def test_cli_table_names_the_predicted_tokens(workdir, predictor):
   for rank, fill in enumerate(infer.fill_mask(predictor, [TEXT], top_k=3)[0][0], start=1):
     assert any(line.strip().startswith(f'{rank}.') and repr(fill['token_str']) in line
                and fill['sequence'] in line for line in lines), (fill, result.stdout)
-
-
-def test_cli_reads_one_text_per_line_of_input_file(workdir, tmp_path):
-  texts = ['The sky is <mask> blue.', 'Why is <mask> wet?']
-  input_file = tmp_path / 'texts.txt'
-  input_file.write_text('\n'.join(texts) + '\n', encoding='utf-8')
-  result = _run_infer(f'--model={workdir}', f'--input_file={input_file}', '--top_k=2', '--json')
-  assert result.returncode == 0, result.stderr[-2000:]
-  entries = json.loads(result.stdout)
-  assert [entry['text'] for entry in entries] == texts
-  assert all(len(entry['masks']) == 1 and len(entry['masks'][0]) == 2 for entry in entries)
 
 
 def test_cli_text_without_mask_exits_2_with_a_one_line_error(workdir):

@@ -25,13 +25,10 @@ from mlm_jax.tokenizer import train_bpe_tokenizer
 from tests.conftest import ROOT, load_config
 
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """A finished tiny run: (config, workdir, summary)."""
-  workdir = str(tmp_path_factory.mktemp('run'))
-  config = load_config('tiny_test')
-  summary = train.train_and_evaluate(config, workdir)
-  return config, workdir, summary
+@pytest.fixture
+def trained(tiny_run):
+  """The shared finished tiny run: (config, workdir, summary)."""
+  return tiny_run
 
 
 def _tiny_run(config):
@@ -238,38 +235,35 @@ def _final_params(workdir):
   return jax.tree_util.tree_leaves(infer.load_predictor(workdir).params)
 
 
-def test_run_killed_mid_training_resumes_to_the_same_parameters(tmp_path):
-  """SIGKILL after the first checkpoint, restart: same result as an uninterrupted run."""
-  common = ['--config=configs/tiny_test.py', '--config.num_train_steps=60',
-            '--config.checkpoint_every_steps=5', '--config.eval_every_steps=30']
-  straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+def test_run_killed_mid_training_resumes_to_the_same_parameters(trained, tmp_path):
+  """SIGKILL after the first checkpoint, restart: same result as the uninterrupted tiny run.
+
+  Saving every 2 steps changes when the state is written, not what is trained.
+  """
+  _, straight, _ = trained
+  common = ['--config=configs/tiny_test.py', '--config.checkpoint_every_steps=2']
   env = dict(os.environ, PYTHONUNBUFFERED='1')
-  processes = [subprocess.Popen([sys.executable, str(ROOT / 'run_train.py'), *common,
-                                 f'--workdir={workdir}'], cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-               for workdir in (straight, resumed)]
-  uninterrupted, killed = processes
+  killed = subprocess.Popen([sys.executable, str(ROOT / 'run_train.py'), *common,
+                             f'--workdir={tmp_path}'], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 180
-    while not (resumed / 'checkpoints' / '5').exists() and killed.poll() is None:
+    while not (tmp_path / 'checkpoints' / '2').exists() and killed.poll() is None:
       assert time.time() < deadline
-      time.sleep(0.05)
+      time.sleep(0.02)
     killed.kill()
-    assert uninterrupted.wait(timeout=180) == 0
   finally:
-    for process in processes:
-      process.kill()
-      process.wait(timeout=60)
-  killed_at = checkpoint.make_manager(str(resumed), keep=None, create=False).latest_step()
-  assert killed_at is not None and killed_at < 60
+    killed.wait(timeout=60)
+  killed_at = checkpoint.make_manager(str(tmp_path), keep=None, create=False).latest_step()
+  assert killed_at is not None and killed_at < 20
 
-  result = _run_train_cli(*common, f'--workdir={resumed}')
+  result = _run_train_cli(*common, f'--workdir={tmp_path}')
   assert result.returncode == 0, result.stderr[-2000:]
   assert f'Resuming from the checkpoint at step {killed_at}' in result.stdout
-  for a, b in zip(_final_params(str(resumed)), _final_params(str(straight))):
+  for a, b in zip(_final_params(str(tmp_path)), _final_params(straight)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  straight_evals = [r for r in metrics.read_metrics(str(straight)) if 'eval_loss' in r]
-  resumed_evals = [r for r in metrics.read_metrics(str(resumed)) if 'eval_loss' in r]
+  straight_evals = [r for r in metrics.read_metrics(straight) if 'eval_loss' in r]
+  resumed_evals = [r for r in metrics.read_metrics(str(tmp_path)) if 'eval_loss' in r]
   np.testing.assert_allclose(resumed_evals[-1]['eval_loss'], straight_evals[-1]['eval_loss'],
                              rtol=1e-5)
 
