@@ -14,9 +14,8 @@ from tokenizers import models, pre_tokenizers, trainers
 
 from mlm_jax import checkpoint
 from mlm_jax import infer
-from mlm_jax import train
 from mlm_jax.errors import UserError
-from tests.conftest import ROOT, load_config
+from tests.conftest import ROOT
 
 TEXT = 'The sky is <mask> because of the sun.'
 LONGER_TEXTS = (
