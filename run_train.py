@@ -2,7 +2,6 @@
 
 import os
 import sys
-import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -27,9 +26,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   cli.quiet_libraries()
-  workdir = FLAGS.workdir or os.path.join('runs', time.strftime('%Y%m%d-%H%M%S'))
   cli.run_user_facing(
-      lambda: cli.train(FLAGS.config, workdir, FLAGS.coordinator_address,
+      lambda: cli.train(FLAGS.config, FLAGS.workdir, FLAGS.coordinator_address,
                         FLAGS.num_processes, FLAGS.process_id))
 
 

@@ -1,7 +1,9 @@
 """What the entry points share: multi-host start-up and one-line errors for user mistakes."""
 
 import ast
+import os
 import sys
+import time
 from typing import Callable, NoReturn, TypeVar
 
 import jax
@@ -89,10 +91,16 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
     pass  # Not a cluster JAX knows how to detect: a single-process run.
 
 
-def train(config, workdir: str, coordinator_address: str | None = None,
+def train(config, workdir: str | None, coordinator_address: str | None = None,
           num_processes: int | None = None, process_id: int | None = None) -> dict:
+  """Joins the cluster if any, then trains; `workdir=None` makes a new one under ./runs."""
   from mlm_jax import train as train_lib  # pylint: disable=import-outside-toplevel
   initialize_distributed(coordinator_address, num_processes, process_id)
+  if workdir is None:
+    if jax.process_count() > 1:  # Each host would pick its own timestamp.
+      raise UserError('a multi-host run needs --workdir, on storage that every host sees '
+                      '(a GCS bucket, NFS)')
+    workdir = os.path.join('runs', time.strftime('%Y%m%d-%H%M%S'))
   if jax.process_index() == 0:
     print(f'Workdir: {workdir}', flush=True)
   return train_lib.train_and_evaluate(config, workdir)
