@@ -90,11 +90,13 @@ class Shape:
   batch: int  # Rows per device per step.
   dtype: str = 'float32'
   masked_head: bool = False  # The vocabulary head on masked positions only (config.masked_lm_head).
+  impl: str = 'transformers'  # The model's forward: transformers' module or fast_model's.
 
   def describe(self) -> str:
     return (f'{self.layers} layers, hidden {self.hidden}, {self.heads} heads, intermediate '
             f'{self.intermediate}, vocab {self.vocab}, seq {self.seq}, batch {self.batch}/device, '
-            f'{self.dtype}, {"masked-only" if self.masked_head else "full"} vocabulary head')
+            f'{self.dtype}, {"masked-only" if self.masked_head else "full"} vocabulary head, '
+            f'{self.impl} forward')
 
 
 PRESETS = {
@@ -120,6 +122,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(f'--{field}', type=int, default=None)
   parser.add_argument('--dtype', choices=sorted(model_lib.DTYPES), default=None,
                       help='computation dtype (parameters stay float32); default float32')
+  parser.add_argument('--impl', choices=model_lib.IMPLEMENTATIONS, default=None,
+                      help='the forward: transformers\' FlaxRobertaForMaskedLM or '
+                           'mlm_jax.fast_model (same parameters); default transformers')
   parser.add_argument('--masked_head', action='store_true',
                       help='train the vocabulary head on masked positions only')
   parser.add_argument('--fsdp', type=int, default=1,
@@ -186,9 +191,10 @@ def build_step(shape: Shape, mesh: jax.sharding.Mesh,
   tx, schedule = train.make_optimizer(optimizer_config(), total_steps)
   state, state_shardings = sharding.place_state(
       train.create_train_state(model.params, tx, SEED), mesh)
+  apply_fn, head_fn = model_lib.forward_fns(model, shape.impl)
   steps = train.compile_steps(
-      model.__call__, tx, schedule, masking_spec(shape), SEED, mesh, state_shardings,
-      head_fn=model_lib.masked_head_fn(model) if shape.masked_head else None,
+      apply_fn, tx, schedule, masking_spec(shape), SEED, mesh, state_shardings,
+      head_fn=head_fn if shape.masked_head else None,
       max_predictions=model_lib.max_predictions(shape.seq, 0.15))
   return steps, state, model.params
 

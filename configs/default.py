@@ -24,6 +24,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.dtype = 'float32'  # Computation dtype: float32 | bfloat16 (params stay float32).
   # Train the vocabulary head on the masked positions only (RoBERTa-family models; same loss).
   config.masked_lm_head = True
+  # The forward: 'transformers' (FlaxAutoModelForMaskedLM) or 'fast' (mlm_jax.fast_model, RoBERTa
+  # family; the same parameters and numbers, float32 embedding gathers, for GPU speed; its speed-up
+  # is not yet measured on a GPU, so transformers' is the default).
+  config.model_impl = 'transformers'
 
   # Data: `data_files` (local files) wins over `dataset` (hub id or local
   # dataset dir); with both empty the embedded ELI5 sample is used.

@@ -1,6 +1,7 @@
 """The masked-LM model: `FlaxAutoModelForMaskedLM` from a hub id, a local directory or a config."""
 
 import math
+from typing import Callable
 
 import jax.numpy as jnp
 import transformers
@@ -121,3 +122,27 @@ def masked_head_fn(model: transformers.FlaxPreTrainedModel):
                               not train, method=_encode_and_predict_at,
                               rngs={'dropout': dropout_rng} if train else {})
   return fn
+
+
+IMPLEMENTATIONS = ('transformers', 'fast')
+
+
+def check_implementation(impl: str) -> None:
+  if impl not in IMPLEMENTATIONS:
+    raise UserError(f'model_impl={impl!r} is not supported; set --config.model_impl to one of '
+                    f'{", ".join(IMPLEMENTATIONS)}')
+
+
+def forward_fns(model: transformers.FlaxPreTrainedModel,
+                impl: str = 'transformers') -> tuple[Callable, Callable]:
+  """(apply_fn, head_fn) of the model's forward, for `train.compile_steps`.
+
+  impl='fast' runs RoBERTa-family models through `mlm_jax.fast_model` (same parameters and
+  numbers); other models, and impl='transformers', through transformers' own module.
+  """
+  check_implementation(impl)
+  if impl == 'fast' and supports_masked_head(model):
+    from mlm_jax import fast_model  # pylint: disable=import-outside-toplevel
+    module = fast_model.FastRobertaForMaskedLM(model.config, model.dtype)
+    return fast_model.apply_fn_for(module), fast_model.head_fn_for(module)
+  return model.__call__, masked_head_fn(model)

@@ -244,6 +244,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.num_train_steps == -1 and config.num_epochs < 1:
     raise UserError(f'num_epochs={config.num_epochs} must be at least 1')
   model_lib.compute_dtype(config.dtype)
+  model_lib.check_implementation(config.model_impl)
   if config.push_to_hub and not config.hub_model_id:
     raise UserError('push_to_hub=True needs --config.hub_model_id=USER/NAME')
 
@@ -516,9 +517,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       create_train_state(run.model.params, tx, config.seed), mesh)
   spec = masking.masking_spec(run.tokenizer, config.mlm_probability)
   masked_head = config.masked_lm_head and model_lib.supports_masked_head(run.model)
+  apply_fn, head_fn = model_lib.forward_fns(run.model, config.model_impl)
   steps = compile_steps(
-      run.model.__call__, tx, schedule, spec, config.seed, mesh, state_shardings,
-      head_fn=model_lib.masked_head_fn(run.model) if masked_head else None,
+      apply_fn, tx, schedule, spec, config.seed, mesh, state_shardings,
+      head_fn=head_fn if masked_head else None,
       max_predictions=model_lib.max_predictions(config.block_size, config.mlm_probability))
   manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
   state = _restore_or_init(run, manager, state)

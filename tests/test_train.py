@@ -314,22 +314,43 @@ def test_plot_writes_curves_png(trained):
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
-def test_masked_only_head_gives_the_full_heads_loss_and_update():
-  config = load_config('tiny_test')
-  config.model_config.hidden_dropout_prob = 0.1  # The same dropout draws on both paths.
-  run = _tiny_run(config)
-  batch = jnp.asarray(run.blocks.train[:8])[None]
-  state, full = _fresh_state_and_steps(config, run)
-  full_state, full_metrics = full.train(state, batch)
+def _one_step(config, run, impl: str, masked_head: bool):
+  """(new state, metrics) of one train step from a fresh state with the given forward."""
   state, _ = _fresh_state_and_steps(config, run)
   tx, schedule = train.make_optimizer(config, total_steps=10)
-  masked = train.compile_steps(
-      run.model.__call__, tx, schedule, masking.masking_spec(run.tokenizer, 0.15), config.seed,
-      sharding.make_mesh(), head_fn=model_lib.masked_head_fn(run.model),
+  apply_fn, head_fn = model_lib.forward_fns(run.model, impl)
+  steps = train.compile_steps(
+      apply_fn, tx, schedule, masking.masking_spec(run.tokenizer, 0.15), config.seed,
+      sharding.make_mesh(), head_fn=head_fn if masked_head else None,
       max_predictions=model_lib.max_predictions(config.block_size, 0.15))
-  masked_state, masked_metrics = masked.train(state, batch)
-  np.testing.assert_allclose(masked_metrics['loss'], full_metrics['loss'], rtol=1e-5)
-  assert masked_metrics['masked_tokens'] == full_metrics['masked_tokens']
-  for a, b in zip(jax.tree_util.tree_leaves(masked_state.params),
-                  jax.tree_util.tree_leaves(full_state.params)):
+  return steps.train(state, jnp.asarray(run.blocks.train[:8])[None])
+
+
+def _assert_same_step(result, expected):
+  (state, step_metrics), (expected_state, expected_metrics) = result, expected
+  np.testing.assert_allclose(step_metrics['loss'], expected_metrics['loss'], rtol=1e-5)
+  assert step_metrics['masked_tokens'] == expected_metrics['masked_tokens']
+  for a, b in zip(jax.tree_util.tree_leaves(state.params),
+                  jax.tree_util.tree_leaves(expected_state.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope='module')
+def dropout_run():
+  config = load_config('tiny_test')
+  config.model_config.hidden_dropout_prob = 0.1  # The same dropout draws on every path.
+  config.model_config.attention_probs_dropout_prob = 0.1
+  return config, _tiny_run(config)
+
+
+def test_masked_only_head_gives_the_full_heads_loss_and_update(dropout_run):
+  config, run = dropout_run
+  _assert_same_step(_one_step(config, run, 'transformers', masked_head=True),
+                    _one_step(config, run, 'transformers', masked_head=False))
+
+
+@pytest.mark.parametrize('masked_head', [False, True])
+def test_fast_forward_gives_transformers_loss_and_update(dropout_run, masked_head):
+  config, run = dropout_run
+  _assert_same_step(_one_step(config, run, 'fast', masked_head),
+                    _one_step(config, run, 'transformers', masked_head))
