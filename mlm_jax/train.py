@@ -424,8 +424,9 @@ class _Loop:
     self.interval_start, self.interval_steps = time.time(), 0
 
   def evaluate(self, state: TrainState) -> None:
-    self.writer.write(int(sharding.to_host(state.step)), evaluate(self.steps, state.params, self.run.blocks.test,
-                                                self.run.eval_batch_size))
+    step = int(sharding.to_host(state.step))
+    self.writer.write(step, evaluate(self.steps, state.params, self.run.blocks.test,
+                                     self.run.eval_batch_size))
 
   def check_finite(self, step: int, step_metrics: dict) -> None:
     """Stops after `max_nonfinite_steps` consecutive skipped updates."""
@@ -447,8 +448,10 @@ class _Loop:
                          lr=f'{step_metrics["learning_rate"]:.2e}',
                          tok_s=f'{step_metrics["tokens_per_s"]:,.0f}')
 
-  def after_step(self, state: TrainState, step_metrics: dict) -> None:
-    config, step = self.run.config, int(sharding.to_host(state.step))
+  def after_step(self, step: int, state: TrainState, step_metrics: dict) -> None:
+    """Logs, evaluates and saves as due after `step` (the host's count: reading
+    `state.step` would wait for the device and stall the queue of dispatched steps)."""
+    config = self.run.config
     last = step == self.run.total_steps
     self.interval_steps += 1
     if step % config.log_every_steps == 0 or last:
@@ -495,7 +498,7 @@ def _train(run: Run, steps: Steps, state: TrainState, loop: _Loop) -> TrainState
       if previous is not None:
         loop.check_finite(step - 1, previous)
       previous = step_metrics
-      loop.after_step(state, step_metrics)
+      loop.after_step(step, state, step_metrics)
       if stop.requested or loop.manager.reached_preemption(step):
         loop.stop(state, stop)
     if previous is not None:
