@@ -527,15 +527,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       max_predictions=model_lib.max_predictions(config.block_size, config.mlm_probability))
   manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
   state = _restore_or_init(run, manager, state)
-  if int(sharding.to_host(state.step)) >= run.total_steps:
-    _log(f'{workdir} holds a finished run (step {int(sharding.to_host(state.step))} of {run.total_steps}); '
+  start_step = int(sharding.to_host(state.step))
+  if start_step >= run.total_steps:
+    _log(f'{workdir} holds a finished run (step {start_step} of {run.total_steps}); '
          'nothing to train. Use a new --workdir to train again.')
     return _summary(run, metrics_lib.read_metrics(workdir), 0.0, 0)
 
   is_main = jax.process_index() == 0
   if is_main:  # What inference needs to rebuild the model around a checkpoint.
     run.model.config.save_pretrained(checkpoint.model_config_dir(workdir))
-  start_step, start_time = int(sharding.to_host(state.step)), time.time()
+  start_time = time.time()
   loop = _Loop(run, steps, manager, metrics_lib.MetricsWriter(workdir, enabled=is_main))
   try:
     state = _train(run, steps, state, loop)
