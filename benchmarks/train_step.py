@@ -138,7 +138,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--pipeline_batches', type=int, default=200,
                       help='batches the host-pipeline measurement produces')
   parser.add_argument('--compare', action='store_true',
-                      help=f'also run the reference rows of {ANCHORS} (GPU)')
+                      help='also run the reference rows of --anchors (GPU)')
+  parser.add_argument('--anchors', type=pathlib.Path, default=ANCHORS,
+                      help='the reference script (default: ../shared/bench/anchors.py beside '
+                           'the repository; a copy inside it where only the repository travels)')
   parser.add_argument('--force', action='store_true',
                       help='--compare even off GPU or at a shape other than the anchors\'')
   parser.add_argument('--json', default=None, metavar='PATH', help='write the results here')
@@ -313,9 +316,10 @@ def probe_platform() -> str:
   return out.stdout.strip().splitlines()[-1]
 
 
-def compare_skip_reason(shape: Shape, platform: str, force: bool) -> str | None:
-  if not ANCHORS.is_file():
-    return f'{ANCHORS} does not exist'
+def compare_skip_reason(shape: Shape, platform: str, force: bool,
+                        anchors: pathlib.Path) -> str | None:
+  if not anchors.is_file():
+    return f'{anchors} does not exist'
   if force:
     return None
   if platform != 'gpu':
@@ -329,14 +333,14 @@ def compare_skip_reason(shape: Shape, platform: str, force: bool) -> str | None:
   return None
 
 
-def run_anchors(shape: Shape, steps: int) -> dict[str, dict]:
+def run_anchors(shape: Shape, steps: int, anchors: pathlib.Path) -> dict[str, dict]:
   """{row name: {step_ms, ktok_s, mfu}} from anchors.py's jax and torch modes, one device each."""
   rows = {}
   for mode in ('jax', 'torch'):
     with tempfile.TemporaryDirectory() as out:
       env = dict(os.environ, B=str(shape.batch), L=str(shape.seq), STEPS=str(steps), OUT=out)
       print(f'--- anchors.py {mode} (B={shape.batch} L={shape.seq} STEPS={steps})', flush=True)
-      done = subprocess.run([sys.executable, str(ANCHORS), mode], env=env, check=False)
+      done = subprocess.run([sys.executable, str(anchors), mode], env=env, check=False)
       result = pathlib.Path(out) / f'{mode}_B{shape.batch}_L{shape.seq}.json'
       if done.returncode != 0 or not result.is_file():
         print(f'    anchors.py {mode} failed (exit {done.returncode}); its rows are left out',
@@ -432,11 +436,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
   anchors = None
   if args.compare:
-    reason = compare_skip_reason(shape, probe_platform(), args.force)
+    reason = compare_skip_reason(shape, probe_platform(), args.force, args.anchors)
     if reason:
       print(f'--compare skipped: {reason}', flush=True)
     else:
-      anchors = run_anchors(shape, args.steps)
+      anchors = run_anchors(shape, args.steps, args.anchors)
 
   load_before = load_average()
   mesh = sharding.make_mesh(args.fsdp)
