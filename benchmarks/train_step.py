@@ -66,6 +66,7 @@ import numpy as np
 import transformers
 from flax import traverse_util
 
+import profile_summary
 from mlm_jax import input_pipeline
 from mlm_jax import masking
 from mlm_jax import model as model_lib
@@ -145,6 +146,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--force', action='store_true',
                       help='--compare even off GPU or at a shape other than the anchors\'')
   parser.add_argument('--json', default=None, metavar='PATH', help='write the results here')
+  parser.add_argument('--profile', default=None, metavar='DIR',
+                      help='also trace --profile_steps steps with jax.profiler into DIR, print '
+                           'the top ops by device time and write the optimized HLO there')
+  parser.add_argument('--profile_steps', type=int, default=5)
   args = parser.parse_args(argv)
   if args.steps < 1 or args.warmup < 1:
     parser.error('--steps and --warmup must be at least 1')
@@ -251,7 +256,8 @@ class StepTimes:
 
 
 def time_steps(steps: train.Steps, state: train.TrainState, batch: jax.Array, warmup: int,
-               count: int) -> StepTimes:
+               count: int) -> tuple[StepTimes, train.TrainState]:
+  """The step's timings, and the state after them (the one passed in is donated)."""
   start = time.perf_counter()
   state, metrics = steps.train(state, batch)
   jax.block_until_ready((state, metrics))
@@ -274,7 +280,7 @@ def time_steps(steps: train.Steps, state: train.TrainState, batch: jax.Array, wa
   back_to_back = (time.perf_counter() - start) * 1e3 / count
   if not np.isfinite(float(metrics['loss'])):
     print(f'warning: the last step\'s loss is {float(metrics["loss"])}', flush=True)
-  return StepTimes(first, synced, back_to_back)
+  return StepTimes(first, synced, back_to_back), state
 
 
 def host_pipeline_rate(shape: Shape, mesh: jax.sharding.Mesh, num_blocks: int,
@@ -288,6 +294,20 @@ def host_pipeline_rate(shape: Shape, mesh: jax.sharding.Mesh, num_blocks: int,
   for _ in range(num_batches):
     jax.block_until_ready(sharding.shard_batch(next(batches), mesh, batch_axis=1))
   return num_batches / (time.perf_counter() - start)
+
+
+def profile_steps(steps: train.Steps, state: train.TrainState, batch: jax.Array, trace_dir: str,
+                  count: int) -> dict:
+  """Traces `count` back-to-back steps; writes the step's optimized HLO beside the trace."""
+  path = pathlib.Path(trace_dir)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / 'train_step.hlo.txt').write_text(steps.train.lower(state, batch).compile().as_text())
+  state = jax.block_until_ready(steps.train(state, batch)[0])
+  with jax.profiler.trace(str(path)):
+    for _ in range(count):
+      state, metrics = steps.train(state, batch)
+    jax.block_until_ready((state, metrics))
+  return profile_summary.summarize(str(path), count)
 
 
 def peak_device_memory(device: jax.Device) -> int | None:
@@ -453,7 +473,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
   rows = shape.batch * jax.local_device_count()
   batch = sharding.shard_batch(random_ids(shape, rows, np.random.default_rng(SEED)), mesh,
                                batch_axis=1)
-  times = time_steps(steps, state, batch, args.warmup, args.steps)
+  times, state = time_steps(steps, state, batch, args.warmup, args.steps)
+  profile = None
+  if args.profile:
+    profile = profile_steps(steps, state, batch, args.profile, args.profile_steps)
   peak_bytes = peak_device_memory(device)
   pipeline = host_pipeline_rate(shape, mesh, args.pipeline_blocks, args.pipeline_batches)
 
@@ -461,6 +484,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    default_peak_tflops(device.platform, args.peak_tflops), pipeline, peak_bytes,
                    load_before)
   print_report(report, args.steps)
+  if profile is not None:
+    profile_summary.print_summary(profile)
+    report['profile'] = profile
   if anchors is not None:
     report['anchors'] = anchors
     report['ratio_to_anchors'] = print_comparison(report, anchors)
