@@ -1,0 +1,101 @@
+"""Loss curves of the float32 step against a faster variant, on the same data and seed.
+
+Trains the same config twice with `run_train.py` (the package's real loop, data, masking
+and evaluation), once as the reference (float32, transformers' forward) and once as the
+variant (default: bfloat16 computation through `model_impl='fast'`), then plots both
+train-loss and eval-perplexity curves into one PNG and prints how far apart they are.
+Same seed, so both runs see the same batches, masks and dropout keys: what differs is
+the arithmetic alone, and the gap should be bf16 noise, not a trend.
+
+  python benchmarks/loss_curves.py --out=/tmp/curves                       # default config
+  python benchmarks/loss_curves.py --out=$OUT/curves --steps=300 --config.per_device_batch_size=64
+"""
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+REFERENCE = {'dtype': 'float32', 'model_impl': 'transformers'}
+
+
+def parse_args() -> tuple[argparse.Namespace, list[str]]:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
+  parser.add_argument('--config', default=str(REPO_ROOT / 'configs' / 'default.py'))
+  parser.add_argument('--out', required=True, help='folder for the two workdirs and the PNG')
+  parser.add_argument('--steps', type=int, default=300)
+  parser.add_argument('--dtype', default='bfloat16', help="the variant's config.dtype")
+  parser.add_argument('--impl', default='fast', help="the variant's config.model_impl")
+  args, overrides = parser.parse_known_args()
+  return args, overrides  # Extra --config.KEY=VALUE flags go to both runs.
+
+
+def train(config: str, workdir: pathlib.Path, steps: int, fields: dict,
+          overrides: list[str]) -> list[dict]:
+  flags = [f'--config.{key}={value}' for key, value in fields.items()]
+  command = [sys.executable, str(REPO_ROOT / 'run_train.py'), f'--config={config}',
+             f'--workdir={workdir}', f'--config.num_train_steps={steps}',
+             f'--config.eval_every_steps={max(steps // 6, 1)}', '--config.log_every_steps=5',
+             *flags, *overrides]
+  print('$', ' '.join(command[1:]), flush=True)
+  subprocess.run(command, check=True, cwd=REPO_ROOT)
+  lines = (workdir / 'metrics.jsonl').read_text(encoding='utf-8').splitlines()
+  return [json.loads(line) for line in lines if line.strip()]
+
+
+def series(records: list[dict], key: str) -> dict[int, float]:
+  return {r['step']: r[key] for r in records if key in r}
+
+
+def plot(curves: dict[str, list[dict]], path: pathlib.Path) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  figure, (loss_axis, perplexity_axis) = plt.subplots(1, 2, figsize=(11, 4))
+  for name, records in curves.items():
+    loss_axis.plot(*zip(*sorted(series(records, 'loss').items())), label=name, alpha=0.8)
+    perplexity_axis.plot(*zip(*sorted(series(records, 'eval_perplexity').items())),
+                         marker='o', label=name)
+  loss_axis.set(xlabel='step', ylabel='cross-entropy', title='Train loss (masked tokens)')
+  perplexity_axis.set(xlabel='step', ylabel='perplexity', yscale='log',
+                      title='Held-out perplexity')
+  for axis in (loss_axis, perplexity_axis):
+    axis.grid(alpha=0.3)
+    axis.legend()
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+
+
+def compare(reference: list[dict], variant: list[dict]) -> dict:
+  """Largest and mean |difference| of the train loss; final eval perplexities."""
+  ref_loss, var_loss = series(reference, 'loss'), series(variant, 'loss')
+  gaps = [abs(ref_loss[s] - var_loss[s]) for s in ref_loss.keys() & var_loss.keys()]
+  ref_ppl, var_ppl = series(reference, 'eval_perplexity'), series(variant, 'eval_perplexity')
+  last = max(ref_ppl.keys() & var_ppl.keys())
+  return {'logged_steps': len(gaps), 'max_abs_loss_gap': max(gaps),
+          'mean_abs_loss_gap': sum(gaps) / len(gaps), 'final_step': last,
+          'final_eval_perplexity': {'reference': ref_ppl[last], 'variant': var_ppl[last]}}
+
+
+def main() -> None:
+  args, overrides = parse_args()
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  variant_fields = {'dtype': args.dtype, 'model_impl': args.impl}
+  names = {'reference': 'float32, transformers',
+           'variant': f'{args.dtype}, {args.impl}'}
+  curves = {names['reference']: train(args.config, out / 'reference', args.steps, REFERENCE,
+                                      overrides),
+            names['variant']: train(args.config, out / 'variant', args.steps, variant_fields,
+                                    overrides)}
+  plot(curves, out / 'loss_curves.png')
+  result = compare(*curves.values())
+  (out / 'loss_curves.json').write_text(json.dumps(result, indent=1))
+  print(json.dumps(result, indent=1))
+  print(f'wrote {out / "loss_curves.png"}')
+
+
+if __name__ == '__main__':
+  main()
