@@ -1,6 +1,6 @@
 """Throughput of the package's real train step, and of the host input pipeline that feeds it.
 
-The step is `mlm_jax.train.compile_steps(...).train`: on-device masking, forward and
+The step is `mlm_jax.steps.compile_steps(...).train`: on-device masking, forward and
 backward through a `FlaxAutoModelForMaskedLM` (RoBERTa, random init, sized from the
 flags), the package's optimizer (clip + AdamW with the decay mask) and the non-finite
 guard, jit-compiled over the package's mesh (`sharding.make_mesh(--fsdp)`) with the state
@@ -70,9 +70,10 @@ import profile_summary
 from mlm_jax import input_pipeline
 from mlm_jax import masking
 from mlm_jax import model as model_lib
+from mlm_jax import optim
 from mlm_jax import sharding
+from mlm_jax import steps as steps_lib
 from mlm_jax import tokenizer as tokenizer_lib
-from mlm_jax import train
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 ANCHORS = REPO_ROOT.parent / 'shared' / 'bench' / 'anchors.py'
@@ -171,12 +172,12 @@ def model_config(shape: Shape) -> transformers.RobertaConfig:
   return transformers.RobertaConfig(
       vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
       num_attention_heads=shape.heads, intermediate_size=shape.intermediate,
-      max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
-      bos_token_id=0, pad_token_id=1, eos_token_id=2)
+      max_position_embeddings=model_lib.SCRATCH_MAX_LENGTH + 2,  # After pad id 1, as RoBERTa.
+      type_vocab_size=1, layer_norm_eps=1e-5, bos_token_id=0, pad_token_id=1, eos_token_id=2)
 
 
 def optimizer_config() -> ml_collections.ConfigDict:
-  """The optimizer fields `train.make_optimizer` reads, at configs/default.py's values."""
+  """The optimizer fields `optim.make_optimizer` reads, at configs/default.py's values."""
   return ml_collections.ConfigDict(dict(
       learning_rate=2e-3, warmup_steps=50, lr_schedule='linear', max_grad_norm=1.0,
       weight_decay=0.01))
@@ -190,17 +191,17 @@ def masking_spec(shape: Shape) -> masking.MaskingSpec:
 
 
 def build_step(shape: Shape, mesh: jax.sharding.Mesh,
-               total_steps: int) -> tuple[train.Steps, train.TrainState, Any]:
+               total_steps: int) -> tuple[steps_lib.Steps, steps_lib.TrainState, Any]:
   """(compiled steps, replicated train state, float32 params as initialised)."""
   config = model_config(shape)
   model_lib.check_block_size(shape.seq, config)
   model = transformers.FlaxAutoModelForMaskedLM.from_config(
       config, seed=SEED, dtype=model_lib.compute_dtype(shape.dtype))
-  tx, schedule = train.make_optimizer(optimizer_config(), total_steps)
+  tx, schedule = optim.make_optimizer(optimizer_config(), total_steps)
   state, state_shardings = sharding.place_state(
-      train.create_train_state(model.params, tx, SEED), mesh)
+      steps_lib.create_train_state(model.params, tx, SEED), mesh)
   apply_fn, head_fn = model_lib.forward_fns(model, shape.impl)
-  steps = train.compile_steps(
+  steps = steps_lib.compile_steps(
       apply_fn, tx, schedule, masking_spec(shape), SEED, mesh, state_shardings,
       head_fn=head_fn if shape.masked_head else None,
       max_predictions=model_lib.max_predictions(shape.seq, 0.15))
@@ -255,8 +256,8 @@ class StepTimes:
     return statistics.fmean(self.synced_ms)
 
 
-def time_steps(steps: train.Steps, state: train.TrainState, batch: jax.Array, warmup: int,
-               count: int) -> tuple[StepTimes, train.TrainState]:
+def time_steps(steps: steps_lib.Steps, state: steps_lib.TrainState, batch: jax.Array,
+               warmup: int, count: int) -> tuple[StepTimes, steps_lib.TrainState]:
   """The step's timings, and the state after them (the one passed in is donated)."""
   start = time.perf_counter()
   state, metrics = steps.train(state, batch)
@@ -296,8 +297,8 @@ def host_pipeline_rate(shape: Shape, mesh: jax.sharding.Mesh, num_blocks: int,
   return num_batches / (time.perf_counter() - start)
 
 
-def profile_steps(steps: train.Steps, state: train.TrainState, batch: jax.Array, trace_dir: str,
-                  count: int) -> dict:
+def profile_steps(steps: steps_lib.Steps, state: steps_lib.TrainState, batch: jax.Array,
+                  trace_dir: str, count: int) -> dict:
   """Traces `count` back-to-back steps; writes the step's optimized HLO beside the trace."""
   path = pathlib.Path(trace_dir)
   path.mkdir(parents=True, exist_ok=True)

@@ -1,23 +1,22 @@
-"""Orbax checkpoints of the whole train state, and the Hugging Face export.
+"""Orbax checkpoints of the whole train state, and which one a run resumes from.
 
 A checkpoint in `WORKDIR/checkpoints/STEP` holds three items: `state` (the train
-state pytree), `data` (the position of the next batch) and `config` (the run's
+state pytree), `data` (the epoch and batch of the next batch) and `config` (the run's
 config, to refuse a resume whose config changes what the state means). Orbax
 writes each checkpoint into a temporary folder and renames it when complete, so a
 reader never sees half a checkpoint.
 """
 
-import importlib.util
+import contextlib
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
-from mlm_jax.errors import UserError
+from mlm_jax.errors import UserError, first_line
 
 # Keys that may change between a run and its resume: they change when or how much is
 # logged, evaluated, saved or trained, not what the saved state means.
@@ -45,17 +44,17 @@ def make_manager(workdir: str, keep: int | None, create: bool = True) -> ocp.Che
       'config': ocp.JsonCheckpointHandler()})
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_position: dict,
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_cursor: dict,
          config_dict: dict) -> None:
   """Starts an (asynchronous) save; `manager.wait_until_finished()` completes it."""
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
-      data=ocp.args.JsonSave(data_position),
+      data=ocp.args.JsonSave(data_cursor),
       config=ocp.args.JsonSave(config_dict)), force=True)
 
 
 def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict, dict]:
-  """Restores (state, data position, config) at `step`, laid out like `target`."""
+  """Restores (state, data cursor, config) at `step`, laid out like `target`."""
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract),
@@ -65,7 +64,7 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any
 
 
 def read_metadata(manager: ocp.CheckpointManager, step: int) -> tuple[dict, dict]:
-  """(data position, config) of the checkpoint at `step`, without reading the state."""
+  """(data cursor, config) of the checkpoint at `step`, without reading the state."""
   restored = manager.restore(step, args=ocp.args.Composite(
       data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
   return restored.data, restored.config
@@ -95,31 +94,55 @@ def check_resumable(saved: dict, current: dict, workdir: str) -> None:
                     '--workdir')
 
 
-def export(model, params: Any, tokenizer, directory: str) -> None:
-  """An HF-format export that `from_pretrained` loads in Flax and, with torch, PyTorch.
 
-  Flax weights always; PyTorch weights (model.safetensors) too where torch is
-  installed, so PyTorch users load the export without `from_flax=True`.
+def restore_newest(manager: ocp.CheckpointManager, workdir: str, target: Any,
+                   config_record: dict, log: Callable[[str], None]) -> Any:
+  """The newest checkpoint that restores (checked against `config_record`), else `target`.
+
+  A checkpoint that fails to restore (a truncated file, say) is moved aside, reported
+  by name, and the one before it is tried.
   """
-  params = jax.device_get(params)
-  model.save_pretrained(directory, params=params)
-  tokenizer.save_pretrained(directory)
-  if importlib.util.find_spec('torch') is not None:
-    save_pytorch_weights(model.config, params, directory)
+  steps = sorted(manager.all_steps(), reverse=True)
+  for step in steps:
+    where = os.path.join(checkpoint_dir(workdir), str(step))
+    try:
+      _, saved_config = read_metadata(manager, step)
+      check_resumable(saved_config, config_record, workdir)
+      restored, cursor, _ = restore(manager, step, target)
+    except UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      aside = set_aside(workdir, step) if jax.process_index() == 0 else where
+      log(f'Checkpoint {where} could not be restored ({type(e).__name__}: '
+          f'{first_line(e)}); moved it to {aside} and trying the one before it.')
+      continue
+    manager.reload()
+    log(f'Resuming from the checkpoint at step {step} (epoch {cursor["epoch"]}, '
+        f'batch {cursor["batch"]}) in {checkpoint_dir(workdir)}')
+    return restored
+  manager.reload()
+  if steps:
+    raise UserError(f'no checkpoint in {checkpoint_dir(workdir)} could be restored (see '
+                    'above); use a new --workdir to start afresh')
+  return target
 
 
-def save_pytorch_weights(config, params: Any, directory: str) -> None:
-  """Converts Flax parameters into a PyTorch model saved in `directory`.
+@contextlib.contextmanager
+def save_errors(manager: ocp.CheckpointManager, workdir: str, step: int | None):
+  """Turns a failed save (disk full, say) into a `UserError` that says what is intact."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    complete = [s for s in manager.all_steps() if s != step]
+    kept = (f'the checkpoint at step {max(complete)} is intact' if complete
+            else 'no earlier checkpoint exists')
+    raise UserError(
+        f'could not write the checkpoint at step {step} in {checkpoint_dir(workdir)} '
+        f'({type(e).__name__}: {first_line(e)}); {kept}. Free disk space (or fix the '
+        'workdir) and rerun the same command to resume') from e
 
-  transformers' own `from_pretrained(..., from_flax=True)` builds the PyTorch model on
-  the meta device and then cannot copy the Flax weights in (transformers 4.57 with
-  torch 2.13), so the model is built on the CPU and the weights loaded explicitly.
-  """
-  import transformers  # pylint: disable=import-outside-toplevel
-  from transformers import modeling_flax_pytorch_utils  # pylint: disable=import-outside-toplevel
-  torch_model = transformers.AutoModelForMaskedLM.from_config(config)
-  writable = jax.tree_util.tree_map(np.array, params)  # torch.from_numpy wants writable arrays.
-  torch_model = modeling_flax_pytorch_utils.load_flax_weights_in_pytorch_model(
-      torch_model, writable)
-  torch_model.tie_weights()
-  torch_model.save_pretrained(directory)
+
+def finish_saves(manager: ocp.CheckpointManager, workdir: str) -> None:
+  """Waits for the saves in flight; a failure is a `UserError` (see `save_errors`)."""
+  with save_errors(manager, workdir, manager.latest_step()):
+    manager.wait_until_finished()

@@ -129,7 +129,5 @@ def fill_mask(model: str, texts: list[str], input_file: str | None, top_k: int,
   """(texts, fills) for the run_infer.py entry point."""
   from mlm_jax import infer  # pylint: disable=import-outside-toplevel
   texts = read_texts(texts, input_file)
-  if top_k < 1:
-    raise UserError(f'--top_k={top_k} must be at least 1')
   predictor = infer.load_predictor(model, step)
   return texts, infer.fill_mask(predictor, texts, top_k, targets)

@@ -40,7 +40,6 @@ class Blocks:
   """Token-id blocks of the train and test splits, each [num_blocks, block_size] int32."""
   train: np.ndarray
   test: np.ndarray
-  from_cache: bool = False
 
 
 # ----------------------------------------------------------------------------
@@ -279,7 +278,7 @@ def make_blocks(config, tokenizer, splits: datasets.DatasetDict,
   directory = os.path.join(cache_root(config), 'blocks', cache_key(config, tokenizer))
   if os.path.exists(os.path.join(directory, 'test.npy')):
     blocks = Blocks(np.load(os.path.join(directory, 'train.npy')),
-                    np.load(os.path.join(directory, 'test.npy')), from_cache=True)
+                    np.load(os.path.join(directory, 'test.npy')))
     log(f'Loaded tokenized blocks from the cache {directory}')
   else:
     blocks = Blocks(*(texts_to_blocks(splits[s], tokenizer, config.block_size,

@@ -242,9 +242,9 @@ class LMHead(nn.Module):
 class FastRobertaForMaskedLM(nn.Module):
   """RoBERTa masked LM; parameters as `FlaxRobertaForMaskedLM`'s (`params` of it apply here).
 
-  `__call__(input_ids, attention_mask=None, positions=None, deterministic=True)` -> logits
-  [batch, seq, vocab], or [batch, k, vocab] at `positions` [batch, k] (the head sees only
-  those). `attention_mask=None` promises no padding (see the module docstring). Dropout
+  `__call__(input_ids, attention_mask=None, predict_at=None, deterministic=True)` -> logits
+  [batch, seq, vocab], or [batch, k, vocab] at the token indices `predict_at` [batch, k] (the
+  head sees only those). `attention_mask=None` promises no padding (see the module docstring). Dropout
   draws from the 'dropout' rng when not `deterministic`.
   """
   config: transformers.PretrainedConfig
@@ -261,11 +261,11 @@ class FastRobertaForMaskedLM(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
-               positions: Array | None = None, deterministic: bool = True) -> Array:
+               predict_at: Array | None = None, deterministic: bool = True) -> Array:
     hidden, word_table = Roberta(self.config, self.dtype, self.attention_impl, name='roberta')(
         jnp.asarray(input_ids, jnp.int32), attention_mask, deterministic)
-    if positions is not None:
-      hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+    if predict_at is not None:
+      hidden = jnp.take_along_axis(hidden, predict_at[..., None], axis=1)
     return LMHead(self.config, self.dtype, name='lm_head')(hidden, word_table)
 
 
@@ -291,7 +291,7 @@ def _rngs(train: bool, dropout_rng: Array | None) -> dict:
 def apply_fn_for(module: FastRobertaForMaskedLM) -> Callable[..., FlaxMaskedLMOutput]:
   """`fn(input_ids, params, train=False, dropout_rng=None, attention_mask=None)` -> `.logits`.
 
-  Called as train.py calls a transformers model: `apply_fn(ids, params=p, train=True,
+  Called as steps.py calls a transformers model: `apply_fn(ids, params=p, train=True,
   dropout_rng=rng).logits`.
   """
   def fn(input_ids: Array, params: Any, train: bool = False, dropout_rng: Array | None = None,
@@ -303,10 +303,10 @@ def apply_fn_for(module: FastRobertaForMaskedLM) -> Callable[..., FlaxMaskedLMOu
 
 
 def head_fn_for(module: FastRobertaForMaskedLM) -> Callable[..., Array]:
-  """`fn(input_ids, positions, params, train, dropout_rng, attention_mask=None)` -> logits
-  [batch, positions, vocab], as `model.masked_head_fn`'s."""
-  def fn(input_ids: Array, positions: Array, params: Any, train: bool,
+  """`fn(input_ids, predict_at, params, train, dropout_rng, attention_mask=None)` -> logits
+  [batch, k, vocab] at the token indices `predict_at` [batch, k], as `model.masked_head_fn`'s."""
+  def fn(input_ids: Array, predict_at: Array, params: Any, train: bool,
          dropout_rng: Array | None, attention_mask: Array | None = None) -> Array:
-    return module.apply({'params': params}, input_ids, attention_mask, positions,
+    return module.apply({'params': params}, input_ids, attention_mask, predict_at,
                         deterministic=not train, rngs=_rngs(train, dropout_rng))
   return fn

@@ -9,6 +9,8 @@ host takes its own slice of the rows (see `sharding.process_slice`).
 import dataclasses
 from typing import Iterator
 
+import jax
+
 import numpy as np
 
 from mlm_jax import sharding
@@ -16,8 +18,8 @@ from mlm_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
-class Position:
-  """Where in the data a step's batch comes from."""
+class DataCursor:
+  """Where in the data a step's batch comes from: batch `batch` of epoch `epoch`."""
   epoch: int
   batch: int
 
@@ -30,9 +32,9 @@ def steps_per_epoch(num_blocks: int, global_batch_size: int) -> int:
   return steps
 
 
-def position_of(step: int, num_blocks: int, global_batch_size: int) -> Position:
+def cursor_at(step: int, num_blocks: int, global_batch_size: int) -> DataCursor:
   epoch, batch = divmod(step, steps_per_epoch(num_blocks, global_batch_size))
-  return Position(epoch, batch)
+  return DataCursor(epoch, batch)
 
 
 def epoch_permutation(num_blocks: int, seed: int, epoch: int) -> np.ndarray:
@@ -49,8 +51,8 @@ def train_batches(blocks: np.ndarray, global_batch_size: int, grad_accum_steps: 
   per_step = steps_per_epoch(len(blocks), global_batch_size)
   micro = global_batch_size // grad_accum_steps
   rows = sharding.process_slice(micro)
-  position = position_of(start_step, len(blocks), global_batch_size)
-  epoch, first = position.epoch, position.batch
+  cursor = cursor_at(start_step, len(blocks), global_batch_size)
+  epoch, first = cursor.epoch, cursor.batch
   while True:
     order = epoch_permutation(len(blocks), seed, epoch)
     for batch in range(first, per_step):
@@ -74,3 +76,14 @@ def eval_batches(blocks: np.ndarray,
     padded = np.zeros((global_batch_size,) + blocks.shape[1:], blocks.dtype)
     padded[:len(chunk)] = chunk
     yield padded[rows], weights[rows]
+
+
+def prefetch(batches: Iterator[np.ndarray], mesh: jax.sharding.Mesh,
+             size: int = 2) -> Iterator[jax.Array]:
+  """Keeps `size` train batches in flight to the devices while the current step runs."""
+  queue = []
+  for batch in batches:
+    queue.append(sharding.shard_batch(batch, mesh, batch_axis=1))
+    if len(queue) > size:
+      yield queue.pop(0)
+  yield from queue

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlm_jax import tokenizer as tokenizer_lib
 from mlm_jax.errors import UserError
 
 
@@ -43,7 +44,7 @@ class MaskingSpec:
 
 def masking_spec(tokenizer, probability: float) -> MaskingSpec:
   return MaskingSpec(mask_token_id=tokenizer.mask_token_id,
-                     special_ids=tuple(sorted(set(tokenizer.all_special_ids))),
+                     special_ids=tokenizer_lib.special_token_ids(tokenizer),
                      vocab_size=len(tokenizer), probability=probability)
 
 

@@ -10,6 +10,9 @@ from transformers.models.roberta import modeling_flax_roberta
 from mlm_jax.errors import UserError, first_line
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# Models whose module has .roberta and .lm_head, and whose positions start after the padding id.
+ROBERTA_FAMILY = ('roberta', 'xlm-roberta', 'camembert')
+SCRATCH_MAX_LENGTH = 512  # Tokens per text of a model trained from scratch, as RoBERTa's.
 
 
 def compute_dtype(name: str):
@@ -20,7 +23,8 @@ def compute_dtype(name: str):
 
 def scratch_model_config(config, tokenizer) -> transformers.RobertaConfig:
   """A RoBERTa config for training from scratch, sized to the tokenizer."""
-  kwargs = dict(max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5)
+  kwargs = dict(max_position_embeddings=SCRATCH_MAX_LENGTH + tokenizer.pad_token_id + 1,
+                type_vocab_size=1, layer_norm_eps=1e-5)
   kwargs.update(config.model_config.to_dict())
   return transformers.RobertaConfig(
       vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
@@ -64,7 +68,7 @@ def create_model(config, tokenizer) -> transformers.FlaxPreTrainedModel:
 def max_block_size(model_config: transformers.PretrainedConfig) -> int:
   """The longest block the model's position embeddings allow."""
   limit = model_config.max_position_embeddings
-  if model_config.model_type in ('roberta', 'xlm-roberta', 'camembert'):
+  if model_config.model_type in ROBERTA_FAMILY:
     limit -= model_config.pad_token_id + 1  # Positions start after the padding index.
   return limit
 
@@ -77,13 +81,10 @@ def check_block_size(block_size: int, model_config: transformers.PretrainedConfi
 
 
 # ----------------------------------------------------------------------------
-# The vocabulary head on masked positions only.
-
-_ROBERTA_LIKE = ('roberta', 'xlm-roberta', 'camembert')  # Modules with .roberta and .lm_head.
-
+# The vocabulary head on masked tokens only.
 
 def supports_masked_head(model: transformers.FlaxPreTrainedModel) -> bool:
-  return model.config.model_type in _ROBERTA_LIKE
+  return model.config.model_type in ROBERTA_FAMILY
 
 
 def max_predictions(block_size: int, probability: float) -> int:
@@ -96,29 +97,30 @@ def max_predictions(block_size: int, probability: float) -> int:
   return min(block_size, math.ceil(mean + 6 * math.sqrt(mean * (1 - probability))))
 
 
-def _encode_and_predict_at(module, input_ids, positions, attention_mask, deterministic: bool):
-  """FlaxRobertaForMaskedLMModule's forward with the LM head applied at `positions` only."""
+def _encode_and_predict_at(module, input_ids, predict_at, attention_mask, deterministic: bool):
+  """FlaxRobertaForMaskedLMModule's forward with the LM head applied at the token indices
+  `predict_at` only."""
   position_ids = modeling_flax_roberta.create_position_ids_from_input_ids(
       input_ids, module.config.pad_token_id)
   hidden = module.roberta(input_ids, attention_mask, jnp.zeros_like(input_ids),
                           position_ids, None, deterministic=deterministic)[0]
-  hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+  hidden = jnp.take_along_axis(hidden, predict_at[..., None], axis=1)
   shared = (module.roberta.variables['params']['embeddings']['word_embeddings']['embedding']
             if module.config.tie_word_embeddings else None)
   return module.lm_head(hidden, shared_embedding=shared)
 
 
 def masked_head_fn(model: transformers.FlaxPreTrainedModel):
-  """`fn(input_ids, positions, params, train, dropout_rng, attention_mask=None)` -> logits
-  [batch, positions, vocab].
+  """`fn(input_ids, predict_at, params, train, dropout_rng, attention_mask=None)` -> logits
+  [batch, k, vocab] at the token indices `predict_at` [batch, k].
 
   Same parameters and numbers as the model's own forward, but the vocabulary
-  projection (the largest matmul of a small model) runs on the gathered positions.
+  projection (the largest matmul of a small model) runs on the gathered tokens.
   """
-  def fn(input_ids, positions, params, train: bool, dropout_rng, attention_mask=None):
+  def fn(input_ids, predict_at, params, train: bool, dropout_rng, attention_mask=None):
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
-    return model.module.apply({'params': params}, input_ids, positions, attention_mask,
+    return model.module.apply({'params': params}, input_ids, predict_at, attention_mask,
                               not train, method=_encode_and_predict_at,
                               rngs={'dropout': dropout_rng} if train else {})
   return fn
@@ -135,7 +137,7 @@ def check_implementation(impl: str) -> None:
 
 def forward_fns(model: transformers.FlaxPreTrainedModel,
                 impl: str = 'transformers') -> tuple[Callable, Callable]:
-  """(apply_fn, head_fn) of the model's forward, for `train.compile_steps`.
+  """(apply_fn, head_fn) of the model's forward, for `steps.compile_steps`.
 
   impl='fast' runs RoBERTa-family models through `mlm_jax.fast_model` (same parameters and
   numbers); other models, and impl='transformers', through transformers' own module.

@@ -3,7 +3,7 @@
 import os
 import sys
 
-from mlm_jax import metrics
+from mlm_jax import metric_writers
 
 
 def plot_curves(workdir: str) -> str:
@@ -12,7 +12,7 @@ def plot_curves(workdir: str) -> str:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  records = metrics.read_metrics(workdir)
+  records = metric_writers.read_metrics(workdir)
   train = [(r['step'], r['loss']) for r in records if 'loss' in r]
   evals = [(r['step'], r['eval_perplexity']) for r in records if 'eval_perplexity' in r]
   if not train and not evals:

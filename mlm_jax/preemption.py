@@ -31,10 +31,6 @@ class StopRequest:
   def requested(self) -> bool:
     return self.signal_number is not None
 
-  @property
-  def signal_name(self) -> str:
-    return signal.Signals(self.signal_number).name if self.requested else ''
-
   def _handle(self, number, frame):
     del frame
     if self.requested:  # The second signal: no more waiting.

@@ -11,6 +11,7 @@ import tokenizers
 import transformers
 from tokenizers import processors
 
+from mlm_jax import model as model_lib
 from mlm_jax.errors import UserError, first_line
 
 SPECIAL_TOKENS = ('<s>', '<pad>', '</s>', '<unk>', '<mask>')  # RoBERTa's, in its id order.
@@ -76,9 +77,9 @@ def get_tokenizer(config, workdir: str,
     return load_pretrained_tokenizer(name)
   if train_texts is None:
     raise ValueError('a tokenizer trained from scratch needs the training texts')
+  # The model's positions may allow fewer: `run.prepare` lowers the limit to them.
   return train_bpe_tokenizer(train_texts, config.tokenizer_vocab_size,
-                             model_max_length=config.model_config.get(
-                                 'max_position_embeddings', 514) - 2)
+                             model_max_length=model_lib.SCRATCH_MAX_LENGTH)
 
 
 def special_token_ids(tokenizer: transformers.PreTrainedTokenizerBase) -> tuple[int, ...]:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mlm_jax import infer
-from mlm_jax import metrics
+from mlm_jax import metric_writers
 from tests.conftest import ROOT
 from tests.multidevice import run_with_devices
 
@@ -52,8 +52,8 @@ def _assert_same_run(workdir_a, workdir_b) -> None:
   # turns float32 rounding noise in their gradients into updates of ~1e-6.
   for a, b in zip(_params(workdir_a), _params(workdir_b)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-5)
-  loss_a = [r['loss'] for r in metrics.read_metrics(str(workdir_a)) if 'loss' in r]
-  loss_b = [r['loss'] for r in metrics.read_metrics(str(workdir_b)) if 'loss' in r]
+  loss_a = [r['loss'] for r in metric_writers.read_metrics(str(workdir_a)) if 'loss' in r]
+  loss_b = [r['loss'] for r in metric_writers.read_metrics(str(workdir_b)) if 'loss' in r]
   np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
 
 

@@ -92,13 +92,13 @@ def test_grad_accum_splits_the_global_batch_into_micro_batches():
 
 
 # ----------------------------------------------------------------------------
-# position_of and steps_per_epoch
+# cursor_at and steps_per_epoch
 
 
 @pytest.mark.parametrize('step, epoch, batch', [(0, 0, 0), (5, 0, 5), (6, 1, 0), (13, 2, 1)])
-def test_position_of_a_step_is_its_epoch_and_batch(step, epoch, batch):
-  assert input_pipeline.position_of(step, NUM_BLOCKS, GLOBAL_BATCH) == (
-      input_pipeline.Position(epoch=epoch, batch=batch))
+def test_cursor_at_a_step_is_its_epoch_and_batch(step, epoch, batch):
+  assert input_pipeline.cursor_at(step, NUM_BLOCKS, GLOBAL_BATCH) == (
+      input_pipeline.DataCursor(epoch=epoch, batch=batch))
 
 
 def test_steps_per_epoch_drops_the_last_partial_batch():

@@ -14,7 +14,7 @@ import pytest
 
 from mlm_jax import checkpoint
 from mlm_jax import infer
-from mlm_jax import metrics
+from mlm_jax import metric_writers
 from mlm_jax import train
 from mlm_jax.errors import UserError
 from tests.conftest import ROOT, load_config
@@ -33,7 +33,7 @@ def _wait_until_training(workdir: pathlib.Path, process: subprocess.Popen, step:
   """Polls metrics.jsonl until a train step at or past `step` is logged."""
   deadline = time.time() + 180
   while time.time() < deadline and process.poll() is None:
-    logged = [r['step'] for r in metrics.read_metrics(str(workdir)) if 'loss' in r]
+    logged = [r['step'] for r in metric_writers.read_metrics(str(workdir)) if 'loss' in r]
     if logged and logged[-1] >= step:
       return
     time.sleep(0.05)

@@ -15,10 +15,14 @@ from flax import traverse_util
 from mlm_jax import checkpoint
 from mlm_jax import infer
 from mlm_jax import masking
-from mlm_jax import metrics
+from mlm_jax import metric_writers
 from mlm_jax import model as model_lib
+from mlm_jax import optim
 from mlm_jax import plot
+from mlm_jax import report
+from mlm_jax import run as run_lib
 from mlm_jax import sharding
+from mlm_jax import steps as steps_lib
 from mlm_jax import train
 from mlm_jax.errors import UserError
 from mlm_jax.tokenizer import train_bpe_tokenizer
@@ -34,12 +38,12 @@ def trained(tiny_run):
 def _tiny_run(config):
   """The prepared data, tokenizer and model of `config`, in a fresh workdir."""
   import tempfile  # pylint: disable=import-outside-toplevel
-  return train.prepare(config, tempfile.mkdtemp())
+  return run_lib.prepare(config, tempfile.mkdtemp())
 
 
 def test_training_lowers_train_loss_and_perplexity(trained):
   _, workdir, summary = trained
-  records = metrics.read_metrics(workdir)
+  records = metric_writers.read_metrics(workdir)
   train_losses = [r['loss'] for r in records if 'loss' in r]
   assert train_losses[-1] < train_losses[0]
   assert summary['perplexity_after'] < summary['perplexity_before']
@@ -47,13 +51,13 @@ def test_training_lowers_train_loss_and_perplexity(trained):
 
 def test_evaluates_at_step_zero_every_eval_steps_and_at_the_end(trained):
   config, workdir, _ = trained
-  eval_steps = [r['step'] for r in metrics.read_metrics(workdir) if 'eval_perplexity' in r]
+  eval_steps = [r['step'] for r in metric_writers.read_metrics(workdir) if 'eval_perplexity' in r]
   assert eval_steps == [0, config.eval_every_steps, config.num_train_steps]
 
 
 def test_logs_learning_rate_following_warmup(trained):
   config, workdir, _ = trained
-  rates = {r['step']: r['learning_rate'] for r in metrics.read_metrics(workdir) if 'loss' in r}
+  rates = {r['step']: r['learning_rate'] for r in metric_writers.read_metrics(workdir) if 'loss' in r}
   # The rate logged at step s is the one used by update s (schedule(s - 1)).
   assert rates[config.num_train_steps] < rates[config.log_every_steps]
   assert max(rates.values()) <= config.learning_rate
@@ -107,7 +111,7 @@ def test_export_loads_in_pytorch_with_the_same_logits(trained):
   _, workdir, _ = trained
   export = os.path.join(workdir, 'export')
   flax_model = transformers.FlaxAutoModelForMaskedLM.from_pretrained(export)
-  # The export carries PyTorch weights when torch is installed (see checkpoint.export).
+  # The export carries PyTorch weights when torch is installed (see export.export).
   torch_model = transformers.AutoModelForMaskedLM.from_pretrained(export).eval()
   tokenizer = transformers.AutoTokenizer.from_pretrained(export)
   ids = tokenizer(['Why is the sky blue?'])['input_ids']
@@ -121,7 +125,7 @@ def test_weight_decay_mask_excludes_exactly_biases_and_layernorm_scales():
   model = transformers.FlaxAutoModelForMaskedLM.from_config(
       transformers.RobertaConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1,
                                  num_attention_heads=2, intermediate_size=16))
-  mask = traverse_util.flatten_dict(train.decay_mask(model.params))
+  mask = traverse_util.flatten_dict(optim.decay_mask(model.params))
   for path, decayed in mask.items():
     no_decay = path[-1] == 'bias' or path[-2:] == ('LayerNorm', 'scale')
     assert decayed == (not no_decay), path
@@ -131,11 +135,11 @@ def test_weight_decay_mask_excludes_exactly_biases_and_layernorm_scales():
 def _fresh_state_and_steps(config, run):
   """A fresh train state and the compiled steps for `run`."""
   mesh = sharding.make_mesh()
-  tx, schedule = train.make_optimizer(config, total_steps=10)
+  tx, schedule = optim.make_optimizer(config, total_steps=10)
   params = jax.tree_util.tree_map(jnp.copy, run.model.params)  # The step donates its state.
-  state = train.create_train_state(params, tx, config.seed)
+  state = steps_lib.create_train_state(params, tx, config.seed)
   spec = masking.masking_spec(run.tokenizer, config.mlm_probability)
-  steps = train.compile_steps(run.model.__call__, tx, schedule, spec, config.seed, mesh)
+  steps = steps_lib.compile_steps(run.model.__call__, tx, schedule, spec, config.seed, mesh)
   return state, steps
 
 
@@ -177,10 +181,10 @@ def _evaluate_uniform_model(batch_size: int, vocab: int = 37) -> dict:
   """Eval metrics of the uniform model on 10 fixed random blocks."""
   spec = masking.MaskingSpec(mask_token_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=vocab)
   blocks = np.random.default_rng(0).integers(5, vocab, (10, 16)).astype(np.int32)
-  tx, schedule = train.make_optimizer(load_config('tiny_test'), 10)
-  steps = train.compile_steps(_uniform_logits, tx, schedule, spec, seed=0,
+  tx, schedule = optim.make_optimizer(load_config('tiny_test'), 10)
+  steps = steps_lib.compile_steps(_uniform_logits, tx, schedule, spec, seed=0,
                               mesh=sharding.make_mesh())
-  return train.evaluate(steps, {'vocab': jnp.zeros(vocab)}, blocks, batch_size)
+  return steps_lib.evaluate(steps, {'vocab': jnp.zeros(vocab)}, blocks, batch_size)
 
 
 @pytest.mark.parametrize('batch_size', [4, 7])
@@ -199,13 +203,13 @@ def test_eval_is_deterministic(trained):
   config, workdir, _ = trained
   predictor = infer.load_predictor(workdir)
   spec = masking.masking_spec(predictor.tokenizer, config.mlm_probability)
-  tx, schedule = train.make_optimizer(config, 10)
-  steps = train.compile_steps(predictor.model.__call__, tx, schedule, spec, config.seed,
+  tx, schedule = optim.make_optimizer(config, 10)
+  steps = steps_lib.compile_steps(predictor.model.__call__, tx, schedule, spec, config.seed,
                               sharding.make_mesh())
   blocks = np.asarray(predictor.tokenizer(['Why is the sky blue? ' * 20])['input_ids'][0][:64],
                       np.int32).reshape(2, 32)
-  first = train.evaluate(steps, predictor.params, blocks, 2)
-  second = train.evaluate(steps, predictor.params, blocks, 2)
+  first = steps_lib.evaluate(steps, predictor.params, blocks, 2)
+  second = steps_lib.evaluate(steps, predictor.params, blocks, 2)
   assert first == second
 
 
@@ -262,8 +266,8 @@ def test_run_killed_mid_training_resumes_to_the_same_parameters(trained, tmp_pat
   assert f'Resuming from the checkpoint at step {killed_at}' in result.stdout
   for a, b in zip(_final_params(str(tmp_path)), _final_params(straight)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  straight_evals = [r for r in metrics.read_metrics(straight) if 'eval_loss' in r]
-  resumed_evals = [r for r in metrics.read_metrics(str(tmp_path)) if 'eval_loss' in r]
+  straight_evals = [r for r in metric_writers.read_metrics(straight) if 'eval_loss' in r]
+  resumed_evals = [r for r in metric_writers.read_metrics(str(tmp_path)) if 'eval_loss' in r]
   np.testing.assert_allclose(resumed_evals[-1]['eval_loss'], straight_evals[-1]['eval_loss'],
                              rtol=1e-5)
 
@@ -299,7 +303,7 @@ def test_push_to_hub_failure_is_one_line_and_keeps_the_export(trained, capsys):
   _, workdir, _ = trained
   export = os.path.join(workdir, 'export')
   before = sorted(os.listdir(export))
-  train.push_to_hub(export, 'someone/tiny-mlm')  # HF_HUB_OFFLINE=1: the upload cannot happen.
+  report.push_to_hub(export, 'someone/tiny-mlm')  # HF_HUB_OFFLINE=1: the upload cannot happen.
   lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('push_to_hub failed')
   assert f'the export is saved in {export}' in lines[0]
@@ -317,9 +321,9 @@ def test_plot_writes_curves_png(trained):
 def _one_step(config, run, impl: str, masked_head: bool):
   """(new state, metrics) of one train step from a fresh state with the given forward."""
   state, _ = _fresh_state_and_steps(config, run)
-  tx, schedule = train.make_optimizer(config, total_steps=10)
+  tx, schedule = optim.make_optimizer(config, total_steps=10)
   apply_fn, head_fn = model_lib.forward_fns(run.model, impl)
-  steps = train.compile_steps(
+  steps = steps_lib.compile_steps(
       apply_fn, tx, schedule, masking.masking_spec(run.tokenizer, 0.15), config.seed,
       sharding.make_mesh(), head_fn=head_fn if masked_head else None,
       max_predictions=model_lib.max_predictions(config.block_size, 0.15))

@@ -1,0 +1,96 @@
+"""What happens between training steps: logging, evaluation, checkpoints and stop checks."""
+
+import dataclasses
+import signal
+import time
+
+import jax
+import tqdm
+
+from mlm_jax import checkpoint
+from mlm_jax import input_pipeline
+from mlm_jax import metric_writers
+from mlm_jax import preemption
+from mlm_jax import sharding
+from mlm_jax import steps as steps_lib
+from mlm_jax.errors import UserError
+from mlm_jax.run import Run
+
+
+class Bookkeeping:
+  """The training loop's bookkeeping: logging, evaluation, checkpoints and stop checks."""
+
+  def __init__(self, run: Run, steps: steps_lib.Steps, manager,
+               writer: metric_writers.MetricsWriter):
+    self.run, self.steps, self.manager, self.writer = run, steps, manager, writer
+    self.bar = tqdm.tqdm(total=run.total_steps, disable=jax.process_index() != 0,
+                         desc='train', dynamic_ncols=True)
+    self.tokens_per_step = run.global_batch_size * run.config.block_size
+    self.interval_start, self.interval_steps = time.time(), 0
+
+  def evaluate(self, state: steps_lib.TrainState) -> None:
+    step = int(sharding.to_host(state.step))
+    self.writer.write(step, steps_lib.evaluate(self.steps, state.params, self.run.blocks.test,
+                                               self.run.eval_batch_size))
+
+  def save(self, state: steps_lib.TrainState) -> None:
+    """Starts saving `state`; a failure (disk full, say) of this or the previous save is a
+    `UserError`, and the newest complete checkpoint stays intact."""
+    step = int(sharding.to_host(state.step))
+    cursor = input_pipeline.cursor_at(step, len(self.run.blocks.train),
+                                      self.run.global_batch_size)
+    with checkpoint.save_errors(self.manager, self.run.workdir, step):
+      checkpoint.save(self.manager, step, state, dataclasses.asdict(cursor),
+                      self.run.config_record())
+
+  def check_finite(self, step: int, step_metrics: dict) -> None:
+    """Stops after `max_nonfinite_steps` consecutive skipped updates."""
+    skipped = int(sharding.to_host(step_metrics['nonfinite']))
+    if skipped >= self.run.config.max_nonfinite_steps:
+      raise UserError(
+          f'{skipped} consecutive non-finite losses or gradients, the last at step {step}; '
+          f'lower --config.learning_rate or check the data. The last good checkpoint is kept '
+          f'in {checkpoint.checkpoint_dir(self.run.workdir)}')
+
+  def log(self, step: int, step_metrics: dict) -> None:
+    step_metrics = sharding.to_host(step_metrics)
+    elapsed = time.time() - self.interval_start
+    step_metrics['tokens_per_s'] = self.interval_steps * self.tokens_per_step / max(elapsed,
+                                                                                  1e-9)
+    self.interval_start, self.interval_steps = time.time(), 0
+    self.writer.write(step, step_metrics)
+    self.bar.set_postfix(loss=f'{step_metrics["loss"]:.3f}',
+                         lr=f'{step_metrics["learning_rate"]:.2e}',
+                         tok_s=f'{step_metrics["tokens_per_s"]:,.0f}')
+
+  def after_step(self, step: int, state: steps_lib.TrainState, step_metrics: dict) -> None:
+    """Logs, evaluates and saves as due after `step` (the host's count: reading
+    `state.step` would wait for the device and stall the queue of dispatched steps)."""
+    config = self.run.config
+    last = step == self.run.total_steps
+    self.interval_steps += 1
+    if step % config.log_every_steps == 0 or last:
+      self.log(step, step_metrics)
+    if step % config.eval_every_steps == 0 or last:
+      self.evaluate(state)
+    if step % config.checkpoint_every_steps == 0 or last:
+      self.save(state)
+    self.bar.update(1)
+
+  def stop(self, state: steps_lib.TrainState, stop: preemption.StopRequest) -> None:
+    """Saves the state after the step in flight and raises `Stopped`."""
+    step = int(sharding.to_host(state.step))
+    if self.manager.latest_step() != step:
+      self.save(state)
+    checkpoint.finish_saves(self.manager, self.run.workdir)
+    self.writer.flush()
+    number = stop.signal_number or signal.SIGTERM
+    raise preemption.Stopped(
+        f'stopped by {signal.Signals(number).name} at step {step} of {self.run.total_steps}; '
+        f'checkpoint saved in {checkpoint.checkpoint_dir(self.run.workdir)}. Resume with the '
+        f'same command (same --workdir={self.run.workdir})', 128 + number)
+
+  def close(self) -> None:
+    self.bar.close()
+    self.writer.close()
+    checkpoint.finish_saves(self.manager, self.run.workdir)

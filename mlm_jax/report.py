@@ -1,0 +1,52 @@
+"""What a run tells its user: progress lines, the closing summary, and the hub upload."""
+
+import os
+
+import jax
+
+from mlm_jax import checkpoint
+from mlm_jax.errors import first_line
+
+
+def log(message: str) -> None:
+  """Prints on process 0 only, so a pod's hosts do not repeat each other."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def summary(run, records: list[dict], wall: float, steps_run: int) -> dict:
+  """The run's closing figures, from its metrics records (see `metric_writers.read_metrics`)."""
+  evals = [r for r in records if 'eval_perplexity' in r]
+  tokens = steps_run * run.global_batch_size * run.config.block_size
+  return {
+      'steps': run.total_steps, 'steps_this_run': steps_run, 'wall_time_s': wall,
+      'tokens_per_s': tokens / wall if wall > 0 else 0.0,
+      'eval_loss': evals[-1]['eval_loss'] if evals else float('nan'),
+      'perplexity_before': evals[0]['eval_perplexity'] if evals else float('nan'),
+      'perplexity_after': evals[-1]['eval_perplexity'] if evals else float('nan'),
+      'eval_accuracy': evals[-1]['eval_accuracy'] if evals else float('nan'),
+      'checkpoint_dir': checkpoint.checkpoint_dir(run.workdir),
+      'export_dir': os.path.join(os.path.abspath(run.workdir), 'export'),
+  }
+
+
+def print_summary(figures: dict) -> None:
+  log(f'Done: {figures["steps"]} steps ({figures["steps_this_run"]} in this run) in '
+      f'{figures["wall_time_s"]:.1f} s, {figures["tokens_per_s"]:,.0f} tokens/s.\n'
+      f'  eval loss {figures["eval_loss"]:.4f}, accuracy {figures["eval_accuracy"]:.3f}\n'
+      f'  perplexity {figures["perplexity_before"]:.2f} before -> '
+      f'{figures["perplexity_after"]:.2f} after training\n'
+      f'  checkpoints: {figures["checkpoint_dir"]}\n  export: {figures["export_dir"]}')
+
+
+def push_to_hub(export_dir: str, repo_id: str) -> None:
+  """Uploads the export; a failure is reported, never fatal (everything is saved)."""
+  try:
+    import huggingface_hub  # pylint: disable=import-outside-toplevel
+    huggingface_hub.create_repo(repo_id, exist_ok=True)
+    huggingface_hub.upload_folder(repo_id=repo_id, folder_path=export_dir)
+    log(f'Pushed {export_dir} to https://huggingface.co/{repo_id}')
+  except Exception as e:  # pylint: disable=broad-except
+    log(f'push_to_hub failed ({type(e).__name__}: {first_line(e)}); '
+        f'the export is saved in {export_dir}: upload it later with '
+        f'`huggingface-cli upload {repo_id} {export_dir}`')

@@ -1,0 +1,171 @@
+"""The train state and the compiled train and eval steps.
+
+The train state is one pytree; the train and eval steps are pure functions of it,
+compiled with `jax.jit` over a (`data`, `fsdp`) mesh (see `sharding.py`). Masking runs inside
+the step on the device; every random draw derives from (seed, step), so a resumed
+run continues exactly where the interrupted one was.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from mlm_jax import input_pipeline
+from mlm_jax import masking
+from mlm_jax import metrics as metrics_lib
+from mlm_jax import sharding
+
+EVAL_STREAM = 1  # Eval masking draws from fold_in(PRNGKey(seed), EVAL_STREAM), fixed.
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything that changes during training; checkpointed whole."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # Fixed; per-step keys are fold_in(rng, step).
+  nonfinite: jax.Array  # Consecutive steps skipped for a non-finite loss or gradient.
+
+
+def create_train_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.PRNGKey(seed), nonfinite=jnp.zeros((), jnp.int32))
+
+
+def mask_micro_batches(rng: jax.Array, ids: jax.Array, spec: masking.MaskingSpec):
+  """Masks [micro_batches, rows, length] ids; row r of micro-batch a is global row a*rows+r."""
+  rows = ids.shape[1]
+  special = masking.special_tokens_mask(ids, spec.special_ids)
+  return jax.vmap(lambda a, i, s: masking.mask_tokens(rng, i, s, spec, first_row=a * rows))(
+      jnp.arange(ids.shape[0]), ids, special)
+
+
+def train_step(state: TrainState, ids: jax.Array, *, apply_fn: Callable,
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               spec: masking.MaskingSpec, head_fn: Callable | None = None,
+               max_predictions: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step over a [grad_accum_steps, rows, length] batch of token ids.
+
+  The loss is the mean cross-entropy over all masked tokens of all micro-batches,
+  so k accumulated micro-batches give the gradient of one batch k times larger.
+  With `head_fn` (see `model.masked_head_fn`) the vocabulary head runs only on the
+  `max_predictions` masked tokens of each row. A non-finite loss or gradient
+  skips the update and is counted.
+  """
+  step_rng = jax.random.fold_in(state.rng, state.step)
+  mask_rng, dropout_rng = jax.random.split(step_rng)
+  inputs, labels, weights = mask_micro_batches(mask_rng, ids, spec)
+  if head_fn is None:
+    predict_at = jnp.zeros(ids.shape[:2] + (0,), jnp.int32)  # Unused: every token.
+  else:  # The indices of each row's masked tokens first (weight 1 sorts before 0).
+    predict_at = jax.lax.top_k(weights, max_predictions)[1]
+    labels = jnp.take_along_axis(labels, predict_at, axis=-1)
+    weights = jnp.take_along_axis(weights, predict_at, axis=-1)
+  total = jnp.maximum(weights.sum(), 1.0)
+
+  def logits_of(params, micro_inputs, micro_predict_at, rng):
+    if head_fn is None:
+      return apply_fn(micro_inputs, params=params, train=True, dropout_rng=rng).logits
+    return head_fn(micro_inputs, micro_predict_at, params, True, rng)
+
+  def micro_step(carry, micro):
+    index, micro_inputs, micro_predict_at, micro_labels, micro_weights = micro
+
+    def loss_fn(params):
+      logits = logits_of(params, micro_inputs, micro_predict_at,
+                         jax.random.fold_in(dropout_rng, index))
+      loss_sum, correct = metrics_lib.masked_lm_sums(logits, micro_labels, micro_weights)
+      return loss_sum / total, (loss_sum, correct)
+
+    grads, (loss_sum, correct) = jax.grad(loss_fn, has_aux=True)(state.params)
+    acc_grads, acc_loss, acc_correct = carry
+    return (jax.tree_util.tree_map(jnp.add, acc_grads, grads), acc_loss + loss_sum,
+            acc_correct + correct), None
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+  (grads, loss_sum, correct), _ = jax.lax.scan(
+      micro_step, (zeros, 0.0, 0.0),
+      (jnp.arange(ids.shape[0]), inputs, predict_at, labels, weights))
+  loss, grad_norm = loss_sum / total, optax.tree.norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep_if_finite = lambda new, old: jax.tree_util.tree_map(
+      lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep_if_finite(params, state.params),
+      opt_state=keep_if_finite(opt_state, state.opt_state),
+      nonfinite=jnp.where(finite, 0, state.nonfinite + 1))
+  step_metrics = {'loss': loss, 'accuracy': correct / total, 'grad_norm': grad_norm,
+                  'learning_rate': schedule(state.step), 'masked_tokens': total,
+                  'nonfinite': new_state.nonfinite}
+  return new_state, step_metrics
+
+
+def eval_step(params: Any, ids: jax.Array, row_weights: jax.Array, first_row: jax.Array, *,
+              apply_fn: Callable, spec: masking.MaskingSpec, rng: jax.Array) -> jax.Array:
+  """[loss sum, correct, masked count] of one eval batch under the fixed eval masking."""
+  special = masking.special_tokens_mask(ids, spec.special_ids)
+  inputs, labels, weights = masking.mask_tokens(rng, ids, special, spec, first_row=first_row)
+  weights = weights * row_weights[:, None]
+  logits = apply_fn(inputs, params=params, train=False).logits
+  loss_sum, correct = metrics_lib.masked_lm_sums(logits, labels, weights)
+  return jnp.stack([loss_sum, correct, weights.sum()])
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """The compiled steps of a run, and the layout they expect."""
+  train: Callable[[TrainState, jax.Array], tuple[TrainState, dict]]
+  evaluate_batch: Callable[..., jax.Array]  # See `eval_step`.
+  mesh: jax.sharding.Mesh
+
+
+def compile_steps(apply_fn: Callable, tx: optax.GradientTransformation,
+                  schedule: optax.Schedule, spec: masking.MaskingSpec, seed: int,
+                  mesh: jax.sharding.Mesh, state_shardings: Any = None,
+                  head_fn: Callable | None = None, max_predictions: int = 0) -> Steps:
+  """jit the steps over `mesh`: the state donated, batches sharded over every device.
+
+  `state_shardings` (a TrainState of shardings, see `sharding.state_sharding`)
+  defaults to replicated. `head_fn` and `max_predictions` select the masked-only
+  vocabulary head for training; evaluation always scores every masked token.
+  """
+  replicated = sharding.replicated(mesh)
+  if state_shardings is None:
+    state_shardings = replicated
+    params_shardings = replicated
+  else:
+    params_shardings = state_shardings.params
+  train = jax.jit(
+      functools.partial(train_step, apply_fn=apply_fn, tx=tx, schedule=schedule, spec=spec,
+                        head_fn=head_fn, max_predictions=max_predictions),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh, batch_axis=1)),
+      out_shardings=(state_shardings, replicated), donate_argnums=0)
+  eval_rng = jax.random.fold_in(jax.random.PRNGKey(seed), EVAL_STREAM)
+  evaluate_batch = jax.jit(
+      functools.partial(eval_step, apply_fn=apply_fn, spec=spec, rng=eval_rng),
+      in_shardings=(params_shardings, sharding.batch_sharding(mesh),
+                    sharding.batch_sharding(mesh), replicated),
+      out_shardings=replicated)
+  return Steps(train, evaluate_batch, mesh)
+
+
+def evaluate(steps: Steps, params: Any, blocks: np.ndarray,
+             global_batch_size: int) -> dict[str, float]:
+  """Perplexity and accuracy over every block of the split, each counted once."""
+  totals = np.zeros(3, np.float64)
+  for index, (ids, row_weights) in enumerate(
+      input_pipeline.eval_batches(blocks, global_batch_size)):
+    ids, row_weights = sharding.shard_batch((ids, row_weights), steps.mesh)
+    totals += sharding.to_host(steps.evaluate_batch(params, ids, row_weights,
+                                                    np.int32(index * global_batch_size)))
+  return metrics_lib.summarize_eval(*totals)

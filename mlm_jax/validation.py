@@ -1,0 +1,43 @@
+"""The run's config and workdir, checked in one place before any data or model is touched."""
+
+import os
+
+import ml_collections
+
+from mlm_jax import masking
+from mlm_jax import model as model_lib
+from mlm_jax.errors import UserError
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Rejects values that would fail later, with the key and the fix."""
+  positive = ('block_size', 'per_device_batch_size', 'grad_accum_steps', 'eval_batch_size',
+              'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
+              'keep_checkpoints', 'num_proc', 'max_nonfinite_steps', 'fsdp')
+  for key in positive:
+    if config[key] < 1:
+      raise UserError(f'{key}={config[key]} must be at least 1; set --config.{key}')
+  masking.check_probability(config.mlm_probability)
+  if config.learning_rate <= 0:
+    raise UserError(f'learning_rate={config.learning_rate} must be positive')
+  if config.num_train_steps == 0 or config.num_train_steps < -1:
+    raise UserError(f'num_train_steps={config.num_train_steps} must be positive, or -1 to '
+                    'train for num_epochs')
+  if config.num_train_steps == -1 and config.num_epochs < 1:
+    raise UserError(f'num_epochs={config.num_epochs} must be at least 1')
+  model_lib.compute_dtype(config.dtype)
+  model_lib.check_implementation(config.model_impl)
+  if config.push_to_hub and not config.hub_model_id:
+    raise UserError('push_to_hub=True needs --config.hub_model_id=USER/NAME')
+
+
+def check_workdir_writable(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write-test-{os.getpid()}')
+    with open(probe, 'w', encoding='utf-8') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f'workdir {workdir!r} cannot be written ({e.strerror}); '
+                    'pass a writable --workdir') from None
