@@ -37,7 +37,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.split = 'train'
   config.test_size = 0.2
   config.block_size = 64
-  config.mlm_probability = 0.15
+  config.mlm_probability = 0.15  # MosaicBERT and ModernBERT pretrain with 0.3 (see README).
+  # 'token' (BERT) or 'whole_word': choose words, then mask every token of a chosen word.
+  config.masking = 'token'
+  # Of the chosen tokens: this fraction becomes <mask>, this one a random token; the rest stay.
+  config.mask_replace_prob = 0.8
+  config.random_replace_prob = 0.1
   config.num_proc = 1  # Tokenizer worker processes.
   config.cache_dir = ''  # '' = $MLM_JAX_CACHE or ~/.cache/mlm_jax.
 

@@ -87,14 +87,17 @@ def supports_masked_head(model: transformers.FlaxPreTrainedModel) -> bool:
   return model.config.model_type in ROBERTA_FAMILY
 
 
-def max_predictions(block_size: int, probability: float) -> int:
+def max_predictions(block_size: int, probability: float, dispersion: float = 1.0) -> int:
   """Positions per row the head sees: the mean masked count plus 6 standard deviations.
 
   With Bernoulli masking a row has more masked tokens than this with probability
   below 1e-9; those extra tokens stay masked in the input but are not predicted.
+  `dispersion` widens the deviation for whole-word masking, whose tokens come in
+  groups (`masking.count_dispersion`; 1 for token masking).
   """
   mean = block_size * probability
-  return min(block_size, math.ceil(mean + 6 * math.sqrt(mean * (1 - probability))))
+  return min(block_size,
+             math.ceil(mean + 6 * math.sqrt(mean * (1 - probability) * dispersion)))
 
 
 def _encode_and_predict_at(module, input_ids, predict_at, attention_mask, deterministic: bool):

@@ -9,6 +9,7 @@ import ml_collections
 
 from mlm_jax import data
 from mlm_jax import input_pipeline
+from mlm_jax import masking
 from mlm_jax import model as model_lib
 from mlm_jax import report
 from mlm_jax import sharding
@@ -22,6 +23,7 @@ class Run:
   config: ml_collections.ConfigDict
   workdir: str
   tokenizer: Any
+  spec: masking.MaskingSpec
   model: Any
   blocks: data.Blocks
   global_batch_size: int  # Rows per optimizer step, over all devices and micro-batches.
@@ -40,6 +42,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   validation.validate_config(config)
   texts = data.load_texts(config, report.log)
   tokenizer = tokenizer_lib.get_tokenizer(config, workdir, train_texts=texts['train']['text'])
+  spec = masking.spec_from_config(tokenizer, config)  # Before tokenizing: bad masking fails fast.
   model = model_lib.create_model(config, tokenizer)
   model_lib.check_block_size(config.block_size, model.config)
   tokenizer.model_max_length = min(tokenizer.model_max_length,
@@ -53,4 +56,4 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   per_epoch = input_pipeline.steps_per_epoch(len(blocks.train), global_batch)
   total = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * per_epoch
   eval_batch = math.ceil(config.eval_batch_size / devices) * devices
-  return Run(config, workdir, tokenizer, model, blocks, global_batch, eval_batch, total)
+  return Run(config, workdir, tokenizer, spec, model, blocks, global_batch, eval_batch, total)

@@ -66,13 +66,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx, schedule = optim.make_optimizer(config, run.total_steps)
   state, state_shardings = sharding.place_state(
       steps_lib.create_train_state(run.model.params, tx, config.seed), mesh)
-  spec = masking.masking_spec(run.tokenizer, config.mlm_probability)
   masked_head = config.masked_lm_head and model_lib.supports_masked_head(run.model)
   apply_fn, head_fn = model_lib.forward_fns(run.model, config.model_impl)
   steps = steps_lib.compile_steps(
-      apply_fn, tx, schedule, spec, config.seed, mesh, state_shardings,
+      apply_fn, tx, schedule, run.spec, config.seed, mesh, state_shardings,
       head_fn=head_fn if masked_head else None,
-      max_predictions=model_lib.max_predictions(config.block_size, config.mlm_probability))
+      max_predictions=model_lib.max_predictions(
+          config.block_size, config.mlm_probability,
+          masking.count_dispersion(run.blocks.train, run.spec)))
   manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
   state = checkpoint.restore_newest(manager, workdir, state, run.config_record(), report.log)
   start_step = int(sharding.to_host(state.step))

@@ -17,7 +17,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in positive:
     if config[key] < 1:
       raise UserError(f'{key}={config[key]} must be at least 1; set --config.{key}')
-  masking.check_probability(config.mlm_probability)
+  masking.check_config(config)
   if config.learning_rate <= 0:
     raise UserError(f'learning_rate={config.learning_rate} must be positive')
   if config.num_train_steps == 0 or config.num_train_steps < -1:
