@@ -44,6 +44,7 @@ Usage:
   python benchmarks/train_step.py --dtype=bfloat16 --steps=50 --json=/tmp/step.json
   python benchmarks/train_step.py --compare                     # + anchors.py rows (GPU)
   python benchmarks/train_step.py --preset=cpu-small --layers=4 --batch=64   # flags override a preset
+  python benchmarks/train_step.py --preset=cpu-small --masking=whole_word    # vs token masking
 """
 
 import argparse
@@ -93,12 +94,13 @@ class Shape:
   dtype: str = 'float32'
   masked_head: bool = False  # The vocabulary head on masked positions only (config.masked_lm_head).
   impl: str = 'transformers'  # The model's forward: transformers' module or fast_model's.
+  masking: str = 'token'  # config.masking: 'token' or 'whole_word'.
 
   def describe(self) -> str:
     return (f'{self.layers} layers, hidden {self.hidden}, {self.heads} heads, intermediate '
             f'{self.intermediate}, vocab {self.vocab}, seq {self.seq}, batch {self.batch}/device, '
             f'{self.dtype}, {"masked-only" if self.masked_head else "full"} vocabulary head, '
-            f'{self.impl} forward')
+            f'{self.impl} forward, {self.masking} masking')
 
 
 PRESETS = {
@@ -127,6 +129,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--impl', choices=model_lib.IMPLEMENTATIONS, default=None,
                       help='the forward: transformers\' FlaxRobertaForMaskedLM or '
                            'mlm_jax.fast_model (same parameters); default transformers')
+  parser.add_argument('--masking', choices=masking.SCHEMES, default=None,
+                      help='the masking scheme (config.masking); default token')
   parser.add_argument('--masked_head', action='store_true',
                       help='train the vocabulary head on masked positions only')
   parser.add_argument('--fsdp', type=int, default=1,
@@ -183,11 +187,22 @@ def optimizer_config() -> ml_collections.ConfigDict:
       weight_decay=0.01))
 
 
+# The fraction of ids that start a word in the run's byte-level BPE (4096 ids, the sample).
+WORD_START_FRACTION = 0.66
+
+
 def masking_spec(shape: Shape) -> masking.MaskingSpec:
-  """Masking as for the package's BPE tokenizer: <s> <pad> </s> <unk> <mask> are ids 0-4."""
+  """Masking as for the package's BPE tokenizer: <s> <pad> </s> <unk> <mask> are ids 0-4.
+
+  Whole-word masking gets a random word-start table with the run's BPE's fraction of starts
+  (its cost does not depend on which ids start words: a gather and a cumulative sum)."""
   special = tuple(range(len(tokenizer_lib.SPECIAL_TOKENS)))
-  return masking.MaskingSpec(mask_token_id=tokenizer_lib.SPECIAL_TOKENS.index('<mask>'),
-                             special_ids=special, vocab_size=shape.vocab, probability=0.15)
+  table = np.random.default_rng(SEED).random(shape.vocab) < WORD_START_FRACTION
+  table[list(special)] = True
+  return masking.MaskingSpec(
+      mask_token_id=tokenizer_lib.SPECIAL_TOKENS.index('<mask>'), special_ids=special,
+      vocab_size=shape.vocab, probability=0.15, scheme=shape.masking,
+      word_starts=np.packbits(table).tobytes() if shape.masking == 'whole_word' else b'')
 
 
 def build_step(shape: Shape, mesh: jax.sharding.Mesh,
@@ -201,10 +216,13 @@ def build_step(shape: Shape, mesh: jax.sharding.Mesh,
   state, state_shardings = sharding.place_state(
       steps_lib.create_train_state(model.params, tx, SEED), mesh)
   apply_fn, head_fn = model_lib.forward_fns(model, shape.impl)
+  spec = masking_spec(shape)
+  dispersion = masking.count_dispersion(random_ids(shape, 1024, np.random.default_rng(SEED))[0],
+                                        spec)
   steps = steps_lib.compile_steps(
-      apply_fn, tx, schedule, masking_spec(shape), SEED, mesh, state_shardings,
+      apply_fn, tx, schedule, spec, SEED, mesh, state_shardings,
       head_fn=head_fn if shape.masked_head else None,
-      max_predictions=model_lib.max_predictions(shape.seq, 0.15))
+      max_predictions=model_lib.max_predictions(shape.seq, spec.probability, dispersion))
   return steps, state, model.params
 
 
@@ -282,6 +300,17 @@ def time_steps(steps: steps_lib.Steps, state: steps_lib.TrainState, batch: jax.A
   if not np.isfinite(float(metrics['loss'])):
     print(f'warning: the last step\'s loss is {float(metrics["loss"])}', flush=True)
   return StepTimes(first, synced, back_to_back), state
+
+
+def time_masking(spec: masking.MaskingSpec, batch: jax.Array, count: int) -> float:
+  """Mean ms of the step's masking alone (`steps.mask_micro_batches`), compiled on its own."""
+  mask = jax.jit(lambda rng, ids: steps_lib.mask_micro_batches(rng, ids, spec))
+  rng = jax.random.PRNGKey(SEED)
+  jax.block_until_ready(mask(rng, batch))
+  start = time.perf_counter()
+  for i in range(count):
+    jax.block_until_ready(mask(jax.random.fold_in(rng, i), batch))
+  return (time.perf_counter() - start) * 1e3 / count
 
 
 def host_pipeline_rate(shape: Shape, mesh: jax.sharding.Mesh, num_blocks: int,
@@ -377,7 +406,8 @@ def run_anchors(shape: Shape, steps: int, anchors: pathlib.Path) -> dict[str, di
 
 def results(shape: Shape, device: jax.Device, num_devices: int, times: StepTimes,
             fpt: float, n_flop_params: int, n_params: int, peak_tflops: float | None,
-            pipeline_batches_s: float, peak_bytes: int | None, load_before: list[float]) -> dict:
+            pipeline_batches_s: float, peak_bytes: int | None, load_before: list[float],
+            masking_ms: float) -> dict:
   tokens_per_step = shape.batch * num_devices * shape.seq
   tps_median = tokens_per_step / (times.median_ms / 1e3)
   tps_b2b = tokens_per_step / (times.back_to_back_ms / 1e3)
@@ -393,6 +423,7 @@ def results(shape: Shape, device: jax.Device, num_devices: int, times: StepTimes
       'first_step_s': times.first_step_s,
       'step_ms_median': times.median_ms, 'step_ms_mean': times.mean_ms,
       'step_ms_back_to_back': times.back_to_back_ms, 'step_ms_synced': times.synced_ms,
+      'masking_ms': masking_ms,
       'tokens_per_s_median': tps_median, 'tokens_per_s_back_to_back': tps_b2b,
       'peak_tflops': peak_tflops, 'mfu_median': mfu(tps_median), 'mfu_back_to_back': mfu(tps_b2b),
       'peak_device_bytes': peak_bytes, 'host_peak_rss_bytes': host_peak_rss(),
@@ -416,6 +447,8 @@ def print_report(r: dict, steps: int) -> None:
   print(f'first step (compile + run): {r["first_step_s"]:.2f} s')
   print(f'step time ({steps} synced steps): median {r["step_ms_median"]:.2f} ms, '
         f'mean {r["step_ms_mean"]:.2f} ms; back-to-back mean {r["step_ms_back_to_back"]:.2f} ms')
+  print(f'masking alone ({shape.masking}, compiled on its own): {r["masking_ms"]:.3f} ms, '
+        f'{r["masking_ms"] / r["step_ms_median"]:.1%} of the median step')
   print(f'tokens/s: {r["tokens_per_s_median"]:,.0f} (median step), '
         f'{r["tokens_per_s_back_to_back"]:,.0f} (back-to-back)')
   achieved = r['tokens_per_s_back_to_back'] / r['num_devices'] * r['flops_per_token'] / 1e12
@@ -475,6 +508,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   batch = sharding.shard_batch(random_ids(shape, rows, np.random.default_rng(SEED)), mesh,
                                batch_axis=1)
   times, state = time_steps(steps, state, batch, args.warmup, args.steps)
+  masking_ms = time_masking(masking_spec(shape), batch, args.steps)
   profile = None
   if args.profile:
     profile = profile_steps(steps, state, batch, args.profile, args.profile_steps)
@@ -483,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
   report = results(shape, device, mesh.size, times, fpt, n_flop_params, n_params,
                    default_peak_tflops(device.platform, args.peak_tflops), pipeline, peak_bytes,
-                   load_before)
+                   load_before, masking_ms)
   print_report(report, args.steps)
   if profile is not None:
     profile_summary.print_summary(profile)

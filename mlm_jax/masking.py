@@ -19,7 +19,7 @@ Two schemes (`config.masking`):
     needs a per-row sort and a variable number of words, which a shape-static step
     would pay for with a scan.
     Which tokens start a word is a property of the token id alone (byte-level BPE: a
-    leading `Ġ`; SentencePiece: a leading `▁`; WordPiece: not a `##` continuation), so
+    leading `Ġ`, or another whitespace byte such as the newline's `Ċ`; SentencePiece: a leading `▁`; WordPiece: not a `##` continuation), so
     `word_start_table` reads it once from the vocabulary and the step gathers it. A
     block's first token and the token after a special token (a document's first word
     has no leading `Ġ`) also start a word: a word cut by a block boundary is a word in
@@ -45,10 +45,12 @@ from mlm_jax import tokenizer as tokenizer_lib
 from mlm_jax.errors import UserError
 
 SCHEMES = ('token', 'whole_word')
-# (name, marker, whether the marker starts a word or continues one) of the subword
-# conventions whose word boundaries the vocabulary shows.
-_CONVENTIONS = (('byte-level BPE', 'Ġ', True), ('SentencePiece', '▁', True),
-                ('WordPiece', '##', False))
+# The subword conventions whose word boundaries the vocabulary shows: (the marker that
+# identifies the convention, the prefixes of the tokens it marks, whether those tokens start
+# a word or continue one). Byte-level BPE spells whitespace bytes as Ġ (space), Ċ (newline),
+# ĉ (tab), č (carriage return), ċ and Č: a token that begins with any of them starts a word.
+_CONVENTIONS = (('Ġ', ('Ġ', 'Ċ', 'ĉ', 'č', 'ċ', 'Č'), True), ('▁', ('▁',), True),
+                ('##', ('##',), False))
 
 
 def check_probability(probability: float) -> None:
@@ -125,14 +127,14 @@ def word_start_table(tokenizer) -> np.ndarray:
   """
   tokens = [t or '' for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
   counts = [sum(t.startswith(marker) and len(t) > len(marker) for t in tokens)
-            for _, marker, _ in _CONVENTIONS]
+            for marker, _, _ in _CONVENTIONS]
   if max(counts) == 0:
     raise UserError(
         f'tokenizer {_tokenizer_name(tokenizer)!r} shows no word boundaries in its vocabulary '
         '(no Ġ or ▁ word starts, no ## continuations), so masking=whole_word cannot find '
         'words; use --config.masking=token')
-  _, marker, marks_start = _CONVENTIONS[int(np.argmax(counts))]
-  table = np.array([t.startswith(marker) == marks_start for t in tokens], bool)
+  _, prefixes, marks_start = _CONVENTIONS[int(np.argmax(counts))]
+  table = np.array([t.startswith(prefixes) == marks_start for t in tokens], bool)
   table[list(tokenizer.all_special_ids) + list(tokenizer.get_added_vocab().values())] = True
   return table
 

@@ -190,6 +190,18 @@ def test_every_token_of_a_chosen_word_is_chosen():
   assert abs(differ - 2 * spec.probability * (1 - spec.probability)) < 0.02
 
 
+def test_each_token_of_a_chosen_word_draws_its_own_action():
+  """Two chosen tokens of one word differ in being <mask> as often as independent draws do."""
+  ids = np.concatenate([make_ids(0), make_ids(1)])
+  inputs, _, weights = mask(0, ids, spec=WORD_SPEC)
+  same_word = ~synthetic_word_starts(ids)[:, 1:] & (weights[:, 1:] == 1)
+  masked = inputs == WORD_SPEC.mask_token_id
+  differ = (masked[:, 1:] != masked[:, :-1])[same_word]
+  assert len(differ) > 1000
+  p = WORD_SPEC.mask_replace_prob
+  assert_binomial(differ.sum(), len(differ), 2 * p * (1 - p), 'differing actions')
+
+
 def test_word_starts_at_the_block_start_after_special_tokens_and_at_table_starts():
   ids = np.array([[7, 8, 9, 10, 2, 0, 11, 13, 1, 1]])  # Continuation, word 9, </s><s>, pad.
   special = np.isin(ids, SPEC.special_ids)

@@ -108,6 +108,16 @@ def test_the_first_piece_of_every_word_starts_it_and_the_others_continue(tokeniz
   assert long_words > 50  # Words split into several pieces were checked.
 
 
+def test_byte_level_bpe_words_start_at_whitespace_bytes_too(texts):
+  """A newline or a tab, not only a space, separates words: their byte-level tokens start one."""
+  tokenizer = tokenizer_lib.train_bpe_tokenizer(texts, vocab_size=4096, model_max_length=510)
+  ids = tokenizer('The sky.\n\n\tIt is blue', add_special_tokens=False)['input_ids']
+  assert tokenizer.convert_ids_to_tokens(ids) == [
+      'The', 'Ġsky', '.', 'Ċ', 'Ċ', 'ĉ', 'It', 'Ġis', 'Ġblue']
+  assert masking.word_start_table(tokenizer)[ids].tolist() == [
+      False, True, False, True, True, True, False, True, True]
+
+
 def test_special_tokens_start_words(tokenizer):
   assert masking.word_start_table(tokenizer)[tokenizer.all_special_ids].all()
 
