@@ -28,6 +28,7 @@ from mlm_jax import tokenizer as tokenizer_lib
 from mlm_jax.errors import UserError
 from tests.conftest import load_config
 from tests.test_masking import WORD_SPEC, make_ids
+from tests.test_train import _uniform_logits
 
 BLOCK = 64
 SEEDS = range(8)
@@ -322,14 +323,6 @@ def test_the_steps_micro_batches_mask_like_the_whole_batch():
   whole = masking.mask_tokens(rng, jnp.asarray(ids), special, WORD_SPEC)
   for name, part, full in zip(('inputs', 'labels', 'weights'), micro, whole):
     np.testing.assert_array_equal(np.asarray(part).reshape(full.shape), full, err_msg=name)
-
-
-def _uniform_logits(ids, params, train):  # pylint: disable=redefined-outer-name
-  del train
-
-  class Output:
-    logits = jnp.broadcast_to(params['vocab'], ids.shape + params['vocab'].shape)
-  return Output()
 
 
 @pytest.mark.parametrize('spec', [dataclasses.replace(WORD_SPEC, scheme='token', word_starts=b''),
