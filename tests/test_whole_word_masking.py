@@ -21,9 +21,12 @@ import pytest
 import tokenizers
 import transformers
 
-from mlm_jax import data, masking, metrics
+from mlm_jax import data, masking, metric_writers, optim
 from mlm_jax import model as model_lib
-from mlm_jax import sharding, train
+from mlm_jax import run as run_lib
+from mlm_jax import sharding
+from mlm_jax import steps as steps_lib
+from mlm_jax import train, validation
 from mlm_jax import tokenizer as tokenizer_lib
 from mlm_jax.errors import UserError
 from tests.conftest import load_config
@@ -274,7 +277,7 @@ def test_bad_masking_keys_are_user_errors(key, value, message):
   config = load_config('tiny_test')
   config[key] = value
   with pytest.raises(UserError, match=message):
-    train.validate_config(config)
+    validation.validate_config(config)
 
 
 def word_level_tokenizer(texts: list[str]) -> transformers.PreTrainedTokenizerFast:
@@ -306,7 +309,7 @@ def test_the_run_stops_before_tokenizing_when_the_tokenizer_has_no_word_boundari
   config.update(tokenizer_name=str(directory), masking='whole_word',
                 cache_dir=str(tmp_path / 'cache'))
   with pytest.raises(UserError, match=f"tokenizer '{directory}' shows no word boundaries"):
-    train.prepare(config, str(tmp_path / 'workdir'))
+    run_lib.prepare(config, str(tmp_path / 'workdir'))
   assert not (tmp_path / 'cache' / 'blocks').exists()  # Nothing was tokenized.
 
 
@@ -317,7 +320,7 @@ def test_the_run_stops_before_tokenizing_when_the_tokenizer_has_no_word_boundari
 def test_the_steps_micro_batches_mask_like_the_whole_batch():
   ids = make_ids()
   rng = jax.random.PRNGKey(4)
-  micro = train.mask_micro_batches(rng, jnp.asarray(ids).reshape(4, -1, ids.shape[1]),
+  micro = steps_lib.mask_micro_batches(rng, jnp.asarray(ids).reshape(4, -1, ids.shape[1]),
                                    WORD_SPEC)
   special = masking.special_tokens_mask(jnp.asarray(ids), WORD_SPEC.special_ids)
   whole = masking.mask_tokens(rng, jnp.asarray(ids), special, WORD_SPEC)
@@ -329,12 +332,12 @@ def test_the_steps_micro_batches_mask_like_the_whole_batch():
                                   WORD_SPEC], ids=['token', 'whole_word'])
 def test_evaluation_masks_with_the_runs_scheme_and_a_fixed_key(spec):
   ids = make_ids()[:32]
-  tx, schedule = train.make_optimizer(load_config('tiny_test'), 10)
-  steps = train.compile_steps(_uniform_logits, tx, schedule, spec, seed=0,
+  tx, schedule = optim.make_optimizer(load_config('tiny_test'), 10)
+  steps = steps_lib.compile_steps(_uniform_logits, tx, schedule, spec, seed=0,
                               mesh=sharding.make_mesh())
-  counted = train.evaluate(steps, {'vocab': jnp.zeros(spec.vocab_size)}, ids,
+  counted = steps_lib.evaluate(steps, {'vocab': jnp.zeros(spec.vocab_size)}, ids,
                            len(ids))['eval_masked_tokens']
-  eval_rng = jax.random.fold_in(jax.random.PRNGKey(0), train.EVAL_STREAM)
+  eval_rng = jax.random.fold_in(jax.random.PRNGKey(0), steps_lib.EVAL_STREAM)
   special = masking.special_tokens_mask(jnp.asarray(ids), spec.special_ids)
   weights = masking.mask_tokens(eval_rng, jnp.asarray(ids), special, spec)[2]
   assert counted == float(weights.sum())
@@ -366,12 +369,12 @@ def test_a_run_trains_and_evaluates_with_whole_word_masking(tmp_path):
   workdir = str(tmp_path / 'run')
   summary = train.train_and_evaluate(config, workdir)
   assert math.isfinite(summary['perplexity_after'])
-  run = train.prepare(config, workdir)
+  run = run_lib.prepare(config, workdir)
   assert run.spec.scheme == 'whole_word' and run.spec.probability == 0.3
-  eval_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), train.EVAL_STREAM)
+  eval_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), steps_lib.EVAL_STREAM)
   test = jnp.asarray(run.blocks.test)
   special = masking.special_tokens_mask(test, run.spec.special_ids)
   expected = float(masking.mask_tokens(eval_rng, test, special, run.spec)[2].sum())
-  counted = [r['eval_masked_tokens'] for r in metrics.read_metrics(workdir)
+  counted = [r['eval_masked_tokens'] for r in metric_writers.read_metrics(workdir)
              if 'eval_masked_tokens' in r]
   assert counted == [expected, expected]  # Before training and at the end.
