@@ -15,12 +15,13 @@ Two schemes (`config.masking`):
     semantics of transformers' `DataCollatorForLanguageModeling(whole_word_mask=True)`
     (a Bernoulli draw at each word start, spread over the word); the older
     `DataCollatorForWholeWordMask` instead fills a fixed budget of round(length * p)
-    tokens per sequence with shuffled words, the same rate in expectation, but a budget
-    needs a per-row sort and a variable number of words, which a shape-static step
-    would pay for with a scan.
+    tokens per sequence with shuffled words (counting [CLS] and [SEP] in the length), a
+    rate near p, but a budget needs a per-row shuffle of a variable number of words,
+    which a shape-static step would pay for with a sort per row.
     Which tokens start a word is a property of the token id alone (byte-level BPE: a
-    leading `Ġ`, or another whitespace byte such as the newline's `Ċ`; SentencePiece: a leading `▁`; WordPiece: not a `##` continuation), so
-    `word_start_table` reads it once from the vocabulary and the step gathers it. A
+    leading `Ġ`, or another whitespace byte such as the newline's `Ċ`; SentencePiece: a
+    leading `▁`; WordPiece: not a `##` continuation), so `word_start_table` reads it
+    once from the vocabulary and the step gathers it. A
     block's first token and the token after a special token (a document's first word
     has no leading `Ġ`) also start a word: a word cut by a block boundary is a word in
     each block.
