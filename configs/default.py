@@ -13,6 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model_name_or_path = ''
   config.tokenizer_name = ''  # '' = the model's own tokenizer (or a new one from scratch).
   config.tokenizer_vocab_size = 4096  # For a tokenizer trained from scratch.
+  # A tokenizer trained from scratch sees the first this-many train texts (streamed, bounded).
+  config.tokenizer_train_max_texts = 100_000
   config.model_config = ml_collections.ConfigDict(dict(
       hidden_size=128,
       num_hidden_layers=2,
@@ -35,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset_config = ''
   config.data_files = ''  # Comma-separated paths or globs: .jsonl/.json/.parquet/.csv/.txt.
   config.split = 'train'
-  config.test_size = 0.2
+  config.test_size = 0.2  # Below 1: a fraction of the examples; from 1 on: a count of them.
   config.block_size = 64
   config.mlm_probability = 0.15  # MosaicBERT and ModernBERT pretrain with 0.3 (see README).
   # 'token' (BERT) or 'whole_word': choose words, then mask every token of a chosen word.
@@ -44,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.mask_replace_prob = 0.8
   config.random_replace_prob = 0.1
   config.num_proc = 1  # Tokenizer worker processes.
+  # Tokenized blocks and from-scratch tokenizers, prepared once (see `python -m mlm_jax.prepare`).
   config.cache_dir = ''  # '' = $MLM_JAX_CACHE or ~/.cache/mlm_jax.
 
   # Optimisation.
@@ -64,6 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Bookkeeping.
   config.eval_every_steps = 200
   config.eval_batch_size = 64  # Global.
+  # Evaluate on a fixed seeded subset of this many test blocks (0 = all of them), the same
+  # subset every time, so perplexities compare from one evaluation to the next.
+  config.max_eval_blocks = 4096
   config.log_every_steps = 25
   config.checkpoint_every_steps = 200
   config.keep_checkpoints = 2

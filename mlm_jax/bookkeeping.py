@@ -30,8 +30,10 @@ class Bookkeeping:
 
   def evaluate(self, state: steps_lib.TrainState) -> None:
     step = int(sharding.to_host(state.step))
+    config = self.run.config
     self.writer.write(step, steps_lib.evaluate(self.steps, state.params, self.run.blocks.test,
-                                               self.run.eval_batch_size))
+                                               self.run.eval_batch_size, config.max_eval_blocks,
+                                               config.seed))
 
   def save(self, state: steps_lib.TrainState) -> None:
     """Starts saving `state`; a failure (disk full, say) of this or the previous save is a

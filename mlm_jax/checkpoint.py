@@ -23,7 +23,8 @@ from mlm_jax.errors import UserError, first_line
 RESUMABLE_CHANGES = frozenset({
     'num_train_steps', 'num_epochs', 'eval_every_steps', 'eval_batch_size', 'log_every_steps',
     'checkpoint_every_steps', 'keep_checkpoints', 'push_to_hub', 'hub_model_id', 'num_proc',
-    'cache_dir', 'per_device_batch_size', 'max_nonfinite_steps', 'fsdp'})
+    'cache_dir', 'per_device_batch_size', 'max_nonfinite_steps', 'fsdp', 'max_eval_blocks',
+    'tokenizer_train_max_texts'})
 
 
 def checkpoint_dir(workdir: str) -> str:

@@ -1,45 +1,43 @@
-"""From a dataset source to cached numpy blocks of token ids.
+"""From a dataset source to a stream of train and test texts, never held in memory whole.
 
 One code path for every source: the embedded ELI5 sample, local files
 (jsonl/json/parquet/csv in the ELI5 schema, or .txt with one document per
-line) and hub datasets. The steps follow the Hugging Face masked-language-model
-guide: split train/test with a seed, flatten `answers`, join each example's
-`answers.text` into one string, tokenize, concatenate and cut into
-`block_size` blocks, dropping the remainder.
+line) and hub datasets, all read with `datasets` in streaming mode. The steps follow
+the Hugging Face masked-language-model guide: split train/test with a seed, join
+each example's `answers.text` into one string (tokenizing, concatenating and cutting
+into blocks is `preparation.py`'s). The split is streamed too: example k of the
+selected range is a test example when its seeded pseudo-random position
+(`grain.experimental.index_shuffle`, a bijection computed per index) is below the
+test count, so the split takes no memory and is a function of (seed, k) alone.
 """
 
 import dataclasses
 import glob
-import hashlib
 import importlib.resources
 import json
+import math
 import os
-import shutil
-import tempfile
-from typing import Callable
+import re
+from typing import Callable, Iterator
 
 import datasets
-import numpy as np
+import grain
 
 from mlm_jax.errors import UserError, first_line
 
-CACHE_VERSION = 1
 _BUILDERS = {'.jsonl': 'json', '.json': 'json', '.parquet': 'parquet', '.csv': 'csv',
              '.txt': 'text'}
 _SCRIPTS_UNSUPPORTED = 'Dataset scripts are no longer supported'
 _PARQUET_REVISION = 'refs/convert/parquet'
+_READ_BATCH = 256  # Examples per read from the stream (and per tokenizer call).
+# Bytes per read of a text or JSON file: `datasets`' default, 10 MB, holds ~130 MB of Arrow
+# and Python copies at once (BENCHMARKS.md); 1 MB reads as fast.
+_READ_OPTIONS = {'text': {'chunksize': 1 << 20}, 'json': {'chunksize': 1 << 20}}
 
 
 def sample_data_path() -> str:
   """The ELI5-format sample that ships with the package (the default dataset)."""
   return str(importlib.resources.files('mlm_jax') / 'sample_data' / 'eli5_sample.jsonl')
-
-
-@dataclasses.dataclass(frozen=True)
-class Blocks:
-  """Token-id blocks of the train and test splits, each [num_blocks, block_size] int32."""
-  train: np.ndarray
-  test: np.ndarray
 
 
 # ----------------------------------------------------------------------------
@@ -108,26 +106,35 @@ def _first_bad_json_line(files: list[str]) -> str | None:
   return None
 
 
-def load_local_files(files: list[str], split: str) -> datasets.Dataset:
+def _read_error(files: list[str], builder: str) -> Callable[[Exception], UserError]:
+  """Turns an error raised while reading `files` into a one-line UserError naming the place."""
+  def describe(e: Exception) -> UserError:
+    where = _first_bad_json_line(files) if builder == 'json' else None
+    if where:
+      return UserError(f'{where}; fix or remove that line')
+    return UserError(f'could not read {", ".join(files)} as {builder} '
+                     f'({type(e).__name__}: {first_line(e)}); '
+                     'check the file format and --config.split')
+  return describe
+
+
+def load_local_files(files: list[str], split: str) -> datasets.IterableDataset:
+  """Streams the files' examples of split `split` (a split name, no slice)."""
   builder = _builder_for(files)
   if builder != 'parquet':
     where = _first_non_utf8_line(files)
     if where:
       raise UserError(f'{where} is not UTF-8 text; re-encode the file as UTF-8')
   try:
-    return datasets.load_dataset(builder, data_files=files, split=split)
+    return datasets.load_dataset(builder, data_files=files, split=split, streaming=True,
+                                 **_READ_OPTIONS.get(builder, {}))
   except Exception as e:  # pylint: disable=broad-except
-    where = _first_bad_json_line(files) if builder == 'json' else None
-    if where:
-      raise UserError(f'{where}; fix or remove that line') from None
-    raise UserError(f'could not read {", ".join(files)} as {builder} '
-                    f'({type(e).__name__}: {first_line(e)}); '
-                    'check the file format and --config.split') from None
+    raise _read_error(files, builder)(e) from None
 
 
 def load_hub_dataset(name: str, config_name: str, split: str,
-                     log: Callable[[str], None] = print) -> datasets.Dataset:
-  """Loads a hub dataset (or a local dataset directory) by id.
+                     log: Callable[[str], None] = print) -> datasets.IterableDataset:
+  """Streams a hub dataset (or a local dataset directory) by id.
 
   Script-based hub datasets (the guide's `eli5_category` was one) are refused by
   `datasets` 4 and later; for those, the hub's parquet conversion is loaded.
@@ -135,7 +142,7 @@ def load_hub_dataset(name: str, config_name: str, split: str,
   how_to_fix = ('pass local files instead with --config.data_files=PATH '
                 '(jsonl/json/parquet/csv in the ELI5 schema, or .txt)')
   try:
-    return datasets.load_dataset(name, config_name or None, split=split)
+    return datasets.load_dataset(name, config_name or None, split=split, streaming=True)
   except Exception as e:  # pylint: disable=broad-except
     if _SCRIPTS_UNSUPPORTED not in str(e):
       raise UserError(f'could not load dataset {name!r} split {split!r} '
@@ -145,7 +152,7 @@ def load_hub_dataset(name: str, config_name: str, split: str,
       f'loading the hub\'s parquet conversion (revision {_PARQUET_REVISION}) instead.')
   try:
     return datasets.load_dataset(name, config_name or None, split=split,
-                                 revision=_PARQUET_REVISION)
+                                 revision=_PARQUET_REVISION, streaming=True)
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f'could not load the parquet conversion of dataset {name!r} '
                     f'({first_line(e)}); '
@@ -161,25 +168,8 @@ def source_of(config) -> dict:
   return {'kind': 'files', 'files': [sample_data_path()]}
 
 
-def load_raw(config, log: Callable[[str], None] = print) -> datasets.Dataset:
-  source = source_of(config)
-  if source['kind'] == 'files':
-    return load_local_files(source['files'], config.split)
-  return load_hub_dataset(source['name'], source['config'], config.split, log)
-
-
 # ----------------------------------------------------------------------------
-# Examples to texts to blocks.
-
-
-def split_train_test(dataset: datasets.Dataset, test_size: float,
-                     seed: int) -> datasets.DatasetDict:
-  if not 0 < test_size < 1:
-    raise UserError(f'test_size={test_size} must be in (0, 1); set --config.test_size')
-  if len(dataset) < 2:
-    raise UserError(f'the dataset has {len(dataset)} example(s); '
-                    'a train/test split needs at least 2')
-  return dataset.train_test_split(test_size=test_size, seed=seed)
+# Examples to texts.
 
 
 def _join(value) -> str:
@@ -188,108 +178,146 @@ def _join(value) -> str:
   return value or ''
 
 
-def to_texts(dataset: datasets.Dataset) -> datasets.Dataset:
-  """One `text` column: ELI5's `answers.text` lists joined, or a plain `text` column."""
-  flat = dataset.flatten()
-  if 'answers.text' in flat.column_names:
-    column = 'answers.text'
-  elif 'text' in flat.column_names:
-    column = 'text'
-  else:
-    raise UserError(
-        f'the dataset has no text: columns are {", ".join(flat.column_names)}, expected '
-        'the ELI5 schema (answers.text) or a `text` column; check the data source')
-  texts = flat.map(lambda batch: {'text': [_join(v) for v in batch[column]]},
-                   batched=True, remove_columns=flat.column_names)
-  return texts
-
-
-def texts_to_blocks(texts: datasets.Dataset, tokenizer, block_size: int,
-                    num_proc: int = 1) -> np.ndarray:
-  """Tokenizes in batches, concatenates and cuts into [n, block_size], dropping the rest."""
-  tokenized = texts.map(
-      lambda batch: {'input_ids': tokenizer(batch['text'], return_attention_mask=False,
-                                            verbose=False)['input_ids']},
-      batched=True, num_proc=num_proc if num_proc > 1 else None,
-      remove_columns=texts.column_names)
-  column = tokenized.data.column('input_ids')
-  ids = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
-  num_blocks = len(ids) // block_size
-  return np.asarray(ids[:num_blocks * block_size], np.int32).reshape(num_blocks, block_size)
+def texts_of(batch: dict[str, list]) -> list[str]:
+  """One string per example: ELI5's `answers.text` joined, or a plain `text` column."""
+  if 'answers' in batch and all(isinstance(a, dict) and 'text' in a for a in batch['answers']):
+    return [_join(a['text']) for a in batch['answers']]
+  for column in ('answers.text', 'text'):
+    if column in batch:
+      return [_join(v) for v in batch[column]]
+  raise UserError(
+      f'the dataset has no text: columns are {", ".join(sorted(batch))}, expected '
+      'the ELI5 schema (answers.text) or a `text` column; check the data source')
 
 
 # ----------------------------------------------------------------------------
-# The cache.
+# The split: a streamed, seeded train/test assignment.
 
 
-def _file_fingerprint(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
+def _split_name(spec: str) -> str:
+  match = re.fullmatch(r'\s*([\w.-]+)\s*(\[.*\])?\s*', spec)
+  if not match:
+    raise UserError(f'split={spec!r} is not a split name or slice like train[:1000] or '
+                    'train[10%:]; set --config.split')
+  return match.group(1)
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-  return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
-
-
-def cache_key(config, tokenizer) -> str:
-  """Keyed by source (file contents, not names), split, tokenizer and block size."""
-  source = source_of(config)
-  if source['kind'] == 'files':
-    source = {'kind': 'files', 'sha256': [_file_fingerprint(f) for f in source['files']]}
-  elif os.path.isdir(source['name']):  # A local dataset directory: key on its contents.
-    files = sorted(glob.glob(os.path.join(source['name'], '**', '*'), recursive=True))
-    source = {**source, 'sha256': [_file_fingerprint(f) for f in files if os.path.isfile(f)]}
-  key = {'version': CACHE_VERSION, 'source': source, 'split': config.split,
-         'test_size': config.test_size, 'seed': config.seed,
-         'tokenizer': tokenizer_fingerprint(tokenizer), 'block_size': config.block_size}
-  return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def cache_root(config) -> str:
-  return os.path.expanduser(config.cache_dir or os.environ.get('MLM_JAX_CACHE')
-                            or os.path.join('~', '.cache', 'mlm_jax'))
-
-
-def _save_blocks(directory: str, blocks: Blocks) -> None:
-  """Writes to a temporary folder and renames, so a reader never sees half a cache."""
-  os.makedirs(os.path.dirname(directory), exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=os.path.dirname(directory), prefix='.tmp-')
-  np.save(os.path.join(tmp, 'train.npy'), blocks.train)
-  np.save(os.path.join(tmp, 'test.npy'), blocks.test)
+def selected_ranges(spec: str, num_examples: int) -> list[tuple[int, int]]:
+  """The [start, stop) example ranges that a split spec like `train[:100]` selects."""
+  name = _split_name(spec)
   try:
-    os.rename(tmp, directory)
-  except OSError:  # Another process wrote the same key first.
-    shutil.rmtree(tmp, ignore_errors=True)
+    instructions = datasets.ReadInstruction.from_spec(spec).to_absolute({name: num_examples})
+  except (ValueError, AssertionError) as e:
+    raise UserError(f'split={spec!r}: {first_line(e)}; set --config.split') from None
+  return [(i.from_, i.to) for i in instructions]
 
 
-def _check_blocks(blocks: Blocks, block_size: int) -> None:
-  for name, split in (('train', blocks.train), ('test', blocks.test)):
-    if len(split) == 0:
-      raise UserError(f'the {name} split makes zero blocks of block_size={block_size} tokens; '
-                      'use more data or a smaller --config.block_size')
+def test_count(test_size: float, num_examples: int) -> int:
+  """`test_size` below 1 is a fraction of the examples (rounded up, as `datasets`' own
+  `train_test_split` does), from 1 on a count."""
+  if test_size <= 0 or (test_size >= 1 and test_size != int(test_size)):
+    raise UserError(f'test_size={test_size:g} must be a fraction in (0, 1) or a whole count '
+                    'of examples; set --config.test_size')
+  count = math.ceil(test_size * num_examples) if test_size < 1 else int(test_size)
+  if not 1 <= count < num_examples:
+    raise UserError(f'test_size={test_size:g} makes {count} test example(s) of the '
+                    f'{num_examples} selected; train and test each need at least one: '
+                    'set --config.test_size (a fraction, or a count below the number of '
+                    'examples) or use more data')
+  return count
 
 
-def make_blocks(config, tokenizer, splits: datasets.DatasetDict,
-                log: Callable[[str], None] = print) -> Blocks:
-  """Blocks for both splits, from the cache when this source was seen before."""
-  directory = os.path.join(cache_root(config), 'blocks', cache_key(config, tokenizer))
-  if os.path.exists(os.path.join(directory, 'test.npy')):
-    blocks = Blocks(np.load(os.path.join(directory, 'train.npy')),
-                    np.load(os.path.join(directory, 'test.npy')))
-    log(f'Loaded tokenized blocks from the cache {directory}')
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  """The selected examples of a source, split into train and test as they stream by."""
+  raw: datasets.IterableDataset  # Every example of the named split.
+  ranges: tuple[tuple[int, int], ...]  # Which of them are selected.
+  num_test: int
+  seed: int
+  on_error: Callable[[Exception], UserError]
+
+  @property
+  def num_examples(self) -> int:
+    return sum(stop - start for start, stop in self.ranges)
+
+  def is_test(self, k: int) -> bool:
+    """Whether selected example k is a test example: exactly `num_test` of them are."""
+    position = grain.experimental.index_shuffle(k, max_index=self.num_examples - 1,
+                                                seed=self.seed, rounds=4)
+    return position < self.num_test
+
+  def batches(self) -> Iterator[tuple[list[str], list[str]]]:
+    """(train texts, test texts) of each read, in source order."""
+    k = 0
+    for batch in _read(self.raw, self.on_error, self.ranges):
+      texts = texts_of(batch)
+      test = [self.is_test(k + i) for i in range(len(texts))]
+      k += len(texts)
+      yield ([t for t, is_test in zip(texts, test) if not is_test],
+             [t for t, is_test in zip(texts, test) if is_test])
+
+  def train_texts(self, limit: int) -> Iterator[str]:
+    """The first `limit` train texts, in source order."""
+    count = 0
+    for train, _ in self.batches():
+      for text in train[:limit - count]:
+        yield text
+      count += min(len(train), limit - count)
+      if count >= limit:
+        return
+
+
+def _read(raw: datasets.IterableDataset, on_error: Callable[[Exception], UserError],
+          ranges=None) -> Iterator[dict[str, list]]:
+  """Batches of the stream (restricted to `ranges`), read errors as one-line UserErrors."""
+  position = 0
+  try:
+    for batch in raw.iter(batch_size=_READ_BATCH):
+      size = len(next(iter(batch.values())))
+      if ranges is None:
+        yield batch
+      else:
+        keep = [i for i in range(size)
+                if any(start <= position + i < stop for start, stop in ranges)]
+        if keep:
+          yield {column: [values[i] for i in keep] for column, values in batch.items()}
+        if position + size >= max(stop for _, stop in ranges):
+          return
+      position += size
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise on_error(e) from None
+
+
+def count_examples(raw: datasets.IterableDataset,
+                   on_error: Callable[[Exception], UserError]) -> int:
+  """The number of examples; checks that the first ones have text, to fail before preparing."""
+  count = 0
+  for batch in _read(raw, on_error):
+    count += len(texts_of(batch) if count == 0 else next(iter(batch.values())))
+  return count
+
+
+def load_corpus(config, log: Callable[[str], None] = print) -> Corpus:
+  """The source's selected examples (`config.split`) with their seeded train/test split.
+
+  Counts the examples first (one streamed pass) when the split is a fraction or a slice
+  needs the split's length.
+  """
+  source = source_of(config)
+  name = _split_name(config.split)
+  if source['kind'] == 'files':
+    raw = load_local_files(source['files'], name)
+    on_error = _read_error(source['files'], _builder_for(source['files']))
   else:
-    blocks = Blocks(*(texts_to_blocks(splits[s], tokenizer, config.block_size,
-                                      config.num_proc) for s in ('train', 'test')))
-    _save_blocks(directory, blocks)
-  _check_blocks(blocks, config.block_size)
-  return blocks
-
-
-def load_texts(config, log: Callable[[str], None] = print) -> datasets.DatasetDict:
-  """The raw source, split into train/test, as one `text` column each."""
-  raw = load_raw(config, log)
-  splits = split_train_test(raw, config.test_size, config.seed)
-  return datasets.DatasetDict({name: to_texts(split) for name, split in splits.items()})
+    raw = load_hub_dataset(source['name'], source['config'], name, log)
+    on_error = lambda e: UserError(f'could not read dataset {source["name"]!r} '
+                                   f'({type(e).__name__}: {first_line(e)})')
+  ranges = selected_ranges(config.split, count_examples(raw, on_error))
+  num_examples = sum(stop - start for start, stop in ranges)
+  if num_examples < 2:
+    raise UserError(f'the dataset has {num_examples} example(s) in split {config.split!r}; '
+                    'a train/test split needs at least 2')
+  return Corpus(raw, tuple(ranges), test_count(config.test_size, num_examples),
+                config.seed % 2**32, on_error)

@@ -1,20 +1,27 @@
-"""Batches of token-id blocks as numpy arrays, deterministic from the seed.
+"""Batches of token-id blocks read from disk with Grain, deterministic from the seed.
 
 A training step consumes one global batch laid out [grad_accum_steps, rows, block_size];
-its rows are a seeded per-epoch permutation of the blocks, so the batch at step `s`
-is a function of (seed, s) alone, which is what makes exact resume possible. Each
-host takes its own slice of the rows (see `sharding.process_slice`).
+its rows are the next `global_batch_size` entries of a seeded permutation of the blocks,
+a new one each epoch (`BlockOrderMapDataset`), the last partial batch of an epoch dropped. Each host reads only its own rows: the contiguous slice
+`sharding.process_slice` of every micro-batch, the layout `shard_batch` puts on the mesh,
+so the global batch does not depend on the number of hosts or devices. Batch `s` is
+element `s` of a random-access Grain dataset, a function of (seed, s) alone: resuming
+at step `s` starts reading there, and the loader needs no state of its own in a checkpoint.
 """
 
 import dataclasses
-from typing import Iterator
+import math
+from typing import Iterator, Sequence
 
-import jax
-
+import grain
 import numpy as np
 
 from mlm_jax import sharding
 from mlm_jax.errors import UserError
+
+TRAIN_STREAM, EVAL_STREAM = 0, 1  # Independent shuffles of the train and eval orders.
+PADDING = -1  # The block index of an eval row that only pads the last batch.
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,53 +44,161 @@ def cursor_at(step: int, num_blocks: int, global_batch_size: int) -> DataCursor:
   return DataCursor(epoch, batch)
 
 
-def epoch_permutation(num_blocks: int, seed: int, epoch: int) -> np.ndarray:
-  return np.random.default_rng([seed, epoch]).permutation(num_blocks)
+def _shuffle_seed(seed: int, stream: int) -> int:
+  """A 32-bit seed for (seed, stream); the shuffle adds the epoch to it."""
+  return int(np.random.SeedSequence([seed % 2**32, stream]).generate_state(1)[0])
+
+
+def _mix(values: np.ndarray) -> np.ndarray:
+  """splitmix64's finalizer: a fast, well-mixing hash of uint64 values (wrapping arithmetic)."""
+  values = (values ^ (values >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  values = (values ^ (values >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return values ^ (values >> np.uint64(31))
+
+
+def permute(indices: np.ndarray, size: int, seed: int, rounds: int = 4) -> np.ndarray:
+  """Position of each of `indices` in a seeded permutation of [0, size), in O(1) memory.
+
+  A `rounds`-round Feistel network on the smallest even-bit domain holding `size`, walked
+  until the value falls below `size` (a bijection of [0, size)), as Grain's
+  `index_shuffle` does, but over a whole array at once: Grain's is one Python call per
+  index, too slow for 128-row batches at the rate a GPU consumes them (BENCHMARKS.md).
+  """
+  half = max(1, ((size - 1).bit_length() + 1) // 2)
+  mask = np.uint64((1 << half) - 1)
+  keys = np.random.SeedSequence([seed]).generate_state(rounds, np.uint64)
+  values = np.asarray(indices, np.uint64)
+  pending = np.ones(values.shape, bool)
+  while pending.any():
+    left, right = values[pending] >> np.uint64(half), values[pending] & mask
+    for key in keys:
+      left, right = right, left ^ (_mix(right ^ key) & mask)
+    values[pending] = (left << np.uint64(half)) | right
+    pending = values >= size
+  return values.astype(np.int64)
+
+
+class BlockOrderMapDataset(grain.MapDataset):
+  """Block indices, epoch after epoch: each epoch a fresh seeded permutation of [0, size).
+
+  Grain's `shuffle` with its per-epoch seeds (seed + epoch), read a batch of indices at
+  a time (`_getitems`); `seed=None` keeps every epoch in order.
+  """
+
+  def __init__(self, size: int, seed: int | None):
+    super().__init__()
+    self._size, self._seed = size, seed
+
+  def __len__(self) -> int:
+    return self._size
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return int(self._getitems([index])[0])
+
+  def _getitems(self, indices: Sequence[int]) -> np.ndarray:
+    epochs, positions = np.divmod(np.asarray(indices, np.int64), self._size)
+    if self._seed is None:
+      return positions
+    shuffled = np.empty_like(positions)
+    for epoch in np.unique(epochs):
+      chosen = epochs == epoch
+      shuffled[chosen] = permute(positions[chosen], self._size, self._seed + int(epoch))
+    return shuffled
+
+
+class BlockSource:
+  """Grain's random-access source protocol over a [num_blocks, block_size] (memory-mapped) array."""
+
+  def __init__(self, blocks: np.ndarray):
+    self._blocks = blocks
+
+  def __len__(self) -> int:
+    return len(self._blocks)
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    return np.asarray(self._blocks[index], np.int32)
+
+  def read(self, indices: Sequence[int]) -> np.ndarray:
+    """Many blocks in one gather."""
+    return np.asarray(self._blocks[np.asarray(indices)], np.int32)
+
+  _getitems = read  # The batched read of Grain's protocol.
+
+
+class HostBatchesMapDataset(grain.MapDataset):
+  """Element b: the parent entries of this host's rows of global batch b, as one array.
+
+  Global batch b is parent entries [b * global_batch_size, (b + 1) * global_batch_size),
+  laid out [grad_accum_steps, micro]; this host's rows are `process_slice(micro)` of each
+  micro-batch, read with one batched `_getitems`. Entries from `size` on (the eval's last
+  batch) are `PADDING`. An index past one epoch (`len(self)`) reads the parent's next epoch.
+  """
+
+  def __init__(self, parent: grain.MapDataset, global_batch_size: int, grad_accum_steps: int,
+               num_batches: int, size: int | None = None):
+    super().__init__(parent)
+    self._size = len(parent) if size is None else size
+    micro = global_batch_size // grad_accum_steps
+    rows = sharding.process_slice(micro)
+    self._offsets = (np.arange(grad_accum_steps)[:, None] * micro
+                     + np.arange(rows.start, rows.stop)[None, :]).ravel()
+    self._global_batch_size, self._num_batches = global_batch_size, num_batches
+
+  def __len__(self) -> int:
+    return self._num_batches
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    epoch, batch = divmod(index, len(self))
+    entries = batch * self._global_batch_size + self._offsets
+    inside = entries < self._size
+    result = np.full(len(entries), PADDING, np.int64)
+    result[inside] = self._parent._getitems(  # pylint: disable=protected-access
+        (epoch * len(self._parent) + entries[inside]).tolist())
+    return result
+
+
+def train_dataset(blocks: np.ndarray, global_batch_size: int, grad_accum_steps: int,
+                  seed: int) -> grain.MapDataset:
+  """Element s: this host's [grad_accum_steps, rows, block_size] int32 slice of step s's batch.
+
+  Infinite: epoch e is elements [e * steps_per_epoch, (e + 1) * steps_per_epoch).
+  """
+  per_epoch = steps_per_epoch(len(blocks), global_batch_size)
+  order = BlockOrderMapDataset(len(blocks), _shuffle_seed(seed, TRAIN_STREAM))
+  batches = HostBatchesMapDataset(order, global_batch_size, grad_accum_steps, per_epoch)
+  source, shape = BlockSource(blocks), (grad_accum_steps, -1, blocks.shape[1])
+  return batches.map(lambda indices: source.read(indices).reshape(shape)).repeat()
 
 
 def train_batches(blocks: np.ndarray, global_batch_size: int, grad_accum_steps: int,
                   seed: int, start_step: int = 0) -> Iterator[np.ndarray]:
-  """Yields this host's slice of each step's batch, from `start_step` on, forever.
+  """The batches of `train_dataset` from `start_step` on, read ahead by background threads."""
+  dataset = train_dataset(blocks, global_batch_size, grad_accum_steps, seed)
+  return iter(dataset[start_step:].to_iter_dataset(_READ_OPTIONS))
 
-  Each batch is [grad_accum_steps, global_batch_size // grad_accum_steps // hosts,
-  block_size]; the last partial batch of an epoch is dropped to keep shapes static.
+
+def eval_batches(blocks: np.ndarray, global_batch_size: int, max_blocks: int = 0,
+                 seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Yields (this host's ids, row weights) covering the evaluated blocks once.
+
+  The evaluated blocks are all of them, in order, or with `max_blocks` a fixed seeded draw
+  of that many, the same at every evaluation. The last batch is padded with zero rows of
+  weight 0, so shapes stay static and padding never counts.
   """
-  per_step = steps_per_epoch(len(blocks), global_batch_size)
-  micro = global_batch_size // grad_accum_steps
-  rows = sharding.process_slice(micro)
-  cursor = cursor_at(start_step, len(blocks), global_batch_size)
-  epoch, first = cursor.epoch, cursor.batch
-  while True:
-    order = epoch_permutation(len(blocks), seed, epoch)
-    for batch in range(first, per_step):
-      chosen = order[batch * global_batch_size:(batch + 1) * global_batch_size]
-      yield blocks[chosen.reshape(grad_accum_steps, micro)[:, rows]]
-    epoch, first = epoch + 1, 0
+  subset = 0 < max_blocks < len(blocks)
+  size = max_blocks if subset else len(blocks)
+  order = BlockOrderMapDataset(len(blocks), _shuffle_seed(seed, EVAL_STREAM) if subset else None)
+  batches = HostBatchesMapDataset(order, global_batch_size, 1,
+                                  math.ceil(size / global_batch_size), size)
+  source = BlockSource(blocks)
 
+  def read(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    weights = (indices != PADDING).astype(np.float32)
+    ids = source.read(np.where(weights > 0, indices, 0))
+    return ids * (weights[:, None] > 0), weights
 
-def eval_batches(blocks: np.ndarray,
-                 global_batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Yields (this host's ids, row weights) covering every block exactly once, in order.
-
-  The last batch is padded with zero rows of weight 0, so shapes stay static and
-  padding never counts.
-  """
-  rows = sharding.process_slice(global_batch_size)
-  for start in range(0, len(blocks), global_batch_size):
-    chunk = blocks[start:start + global_batch_size]
-    weights = np.zeros(global_batch_size, np.float32)
-    weights[:len(chunk)] = 1.0
-    padded = np.zeros((global_batch_size,) + blocks.shape[1:], blocks.dtype)
-    padded[:len(chunk)] = chunk
-    yield padded[rows], weights[rows]
-
-
-def prefetch(batches: Iterator[np.ndarray], mesh: jax.sharding.Mesh,
-             size: int = 2) -> Iterator[jax.Array]:
-  """Keeps `size` train batches in flight to the devices while the current step runs."""
-  queue = []
-  for batch in batches:
-    queue.append(sharding.shard_batch(batch, mesh, batch_axis=1))
-    if len(queue) > size:
-      yield queue.pop(0)
-  yield from queue
+  return iter(batches.map(read).to_iter_dataset(_READ_OPTIONS))

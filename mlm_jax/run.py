@@ -7,14 +7,16 @@ from typing import Any
 import jax
 import ml_collections
 
-from mlm_jax import data
+from mlm_jax import block_store
 from mlm_jax import input_pipeline
 from mlm_jax import masking
 from mlm_jax import model as model_lib
+from mlm_jax import preparation
 from mlm_jax import report
 from mlm_jax import sharding
 from mlm_jax import tokenizer as tokenizer_lib
 from mlm_jax import validation
+from mlm_jax.errors import UserError
 
 
 @dataclasses.dataclass
@@ -25,7 +27,7 @@ class Run:
   tokenizer: Any
   spec: masking.MaskingSpec
   model: Any
-  blocks: data.Blocks
+  blocks: block_store.Prepared
   global_batch_size: int  # Rows per optimizer step, over all devices and micro-batches.
   eval_batch_size: int
   total_steps: int
@@ -37,12 +39,33 @@ class Run:
     return record
 
 
+def prepare_data(config: ml_collections.ConfigDict, workdir: str):
+  """(tokenizer, blocks): process 0 prepares them (or finds them in the cache); the other
+  hosts wait, then open what it wrote. A run's saved tokenizer wins over the config's."""
+  failed = False
+  if jax.process_index() == 0:
+    try:
+      prepared = preparation.prepare(
+          config, tokenizer_lib.saved_tokenizer(workdir), report.log,
+          # Before tokenizing: a masking the tokenizer cannot serve fails fast.
+          check_tokenizer=lambda tokenizer: masking.spec_from_config(tokenizer, config))
+    except BaseException:
+      failed = True
+      raise
+    finally:  # Every host takes part, so none waits forever for a failed process 0.
+      sharding.host_flag(failed)
+    return prepared.tokenizer, prepared.blocks
+  if sharding.host_flag(False):
+    raise UserError('process 0 could not prepare the data (see its error); fix it and rerun')
+  tokenizer = preparation.tokenizer_of(config, workdir)
+  return tokenizer, preparation.open_prepared(config, tokenizer)
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Loads and tokenizes the data and builds the tokenizer and model."""
+  """Prepares the data and tokenizer (see `prepare_data`) and builds the model."""
   validation.validate_config(config)
-  texts = data.load_texts(config, report.log)
-  tokenizer = tokenizer_lib.get_tokenizer(config, workdir, train_texts=texts['train']['text'])
-  spec = masking.spec_from_config(tokenizer, config)  # Before tokenizing: bad masking fails fast.
+  tokenizer, blocks = prepare_data(config, workdir)
+  spec = masking.spec_from_config(tokenizer, config)
   model = model_lib.create_model(config, tokenizer)
   model_lib.check_block_size(config.block_size, model.config)
   tokenizer.model_max_length = min(tokenizer.model_max_length,
@@ -50,7 +73,6 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   sharding.sync_hosts('mlm_jax_tokenizer')  # No host reads the saved tokenizer while it is written.
   if jax.process_index() == 0:
     tokenizer_lib.save_tokenizer(tokenizer, workdir)
-  blocks = data.make_blocks(config, tokenizer, texts, report.log)
   devices = jax.device_count()
   global_batch = config.per_device_batch_size * devices * config.grad_accum_steps
   per_epoch = input_pipeline.steps_per_epoch(len(blocks.train), global_batch)

@@ -86,6 +86,13 @@ def sync_hosts(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def host_flag(flag: bool) -> bool:
+  """Process 0's `flag`, on every host (collective: every process must call it)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
 def process_slice(global_rows: int) -> slice:
   """This host's rows of a global batch of `global_rows` rows.
 

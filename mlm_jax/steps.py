@@ -159,12 +159,13 @@ def compile_steps(apply_fn: Callable, tx: optax.GradientTransformation,
   return Steps(train, evaluate_batch, mesh)
 
 
-def evaluate(steps: Steps, params: Any, blocks: np.ndarray,
-             global_batch_size: int) -> dict[str, float]:
-  """Perplexity and accuracy over every block of the split, each counted once."""
+def evaluate(steps: Steps, params: Any, blocks: np.ndarray, global_batch_size: int,
+             max_blocks: int = 0, seed: int = 0) -> dict[str, float]:
+  """Perplexity and accuracy over the evaluated blocks (all, or a fixed seeded
+  `max_blocks` of them; see `input_pipeline.eval_batches`), each counted once."""
   totals = np.zeros(3, np.float64)
   for index, (ids, row_weights) in enumerate(
-      input_pipeline.eval_batches(blocks, global_batch_size)):
+      input_pipeline.eval_batches(blocks, global_batch_size, max_blocks, seed)):
     ids, row_weights = sharding.shard_batch((ids, row_weights), steps.mesh)
     totals += sharding.to_host(steps.evaluate_batch(params, ids, row_weights,
                                                     np.int32(index * global_batch_size)))

@@ -1,7 +1,9 @@
 """The run's tokenizer: the model's own, or a byte-level BPE trained from scratch.
 
 Whatever its origin, the tokenizer is saved in `WORKDIR/tokenizer` and reloaded
-from there, so a resumed run, its export and inference all see the same ids.
+from there, so a resumed run, its export and inference all see the same ids. A
+tokenizer trained from scratch sees a bounded, streamed sample of the train texts
+(`tokenizer_train_max_texts`) and is cached with the prepared blocks (`preparation.py`).
 """
 
 import os
@@ -11,7 +13,6 @@ import tokenizers
 import transformers
 from tokenizers import processors
 
-from mlm_jax import model as model_lib
 from mlm_jax.errors import UserError, first_line
 
 SPECIAL_TOKENS = ('<s>', '<pad>', '</s>', '<unk>', '<mask>')  # RoBERTa's, in its id order.
@@ -64,22 +65,17 @@ def save_tokenizer(tokenizer: transformers.PreTrainedTokenizerBase, workdir: str
     tokenizer.save_pretrained(tokenizer_dir(workdir))
 
 
-def get_tokenizer(config, workdir: str,
-                  train_texts: Iterable[str] | None = None) -> transformers.PreTrainedTokenizerBase:
-  """Returns the run's tokenizer, reloading the one saved in `workdir` if any.
-
-  `train_texts` is only read when a new tokenizer has to be trained from scratch.
-  """
+def saved_tokenizer(workdir: str) -> transformers.PreTrainedTokenizerBase | None:
+  """The tokenizer a run saved in `workdir` (what a resumed run must use), if any."""
   if _is_saved(workdir):
     return transformers.AutoTokenizer.from_pretrained(tokenizer_dir(workdir))
+  return None
+
+
+def pretrained_tokenizer(config) -> transformers.PreTrainedTokenizerBase | None:
+  """The tokenizer `config` names (tokenizer_name or the model's), or None: train one."""
   name = config.tokenizer_name or config.model_name_or_path
-  if name:
-    return load_pretrained_tokenizer(name)
-  if train_texts is None:
-    raise ValueError('a tokenizer trained from scratch needs the training texts')
-  # The model's positions may allow fewer: `run.prepare` lowers the limit to them.
-  return train_bpe_tokenizer(train_texts, config.tokenizer_vocab_size,
-                             model_max_length=model_lib.SCRATCH_MAX_LENGTH)
+  return load_pretrained_tokenizer(name) if name else None
 
 
 def special_token_ids(tokenizer: transformers.PreTrainedTokenizerBase) -> tuple[int, ...]:

@@ -35,9 +35,10 @@ def _train(run: Run, steps: steps_lib.Steps, state: steps_lib.TrainState,
   books.bar.update(start_step)
   if start_step == 0:
     books.evaluate(state)
-  batches = input_pipeline.prefetch(input_pipeline.train_batches(
-      run.blocks.train, run.global_batch_size, run.config.grad_accum_steps, run.config.seed,
-      start_step), steps.mesh)
+  batches = (sharding.shard_batch(batch, steps.mesh, batch_axis=1)
+             for batch in input_pipeline.train_batches(
+                 run.blocks.train, run.global_batch_size, run.config.grad_accum_steps,
+                 run.config.seed, start_step))
   previous = None
   with preemption.StopRequest() as stop:
     for step in range(start_step + 1, run.total_steps + 1):

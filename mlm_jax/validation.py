@@ -13,7 +13,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Rejects values that would fail later, with the key and the fix."""
   positive = ('block_size', 'per_device_batch_size', 'grad_accum_steps', 'eval_batch_size',
               'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
-              'keep_checkpoints', 'num_proc', 'max_nonfinite_steps', 'fsdp')
+              'keep_checkpoints', 'num_proc', 'max_nonfinite_steps', 'fsdp',
+              'tokenizer_train_max_texts')
   for key in positive:
     if config[key] < 1:
       raise UserError(f'{key}={config[key]} must be at least 1; set --config.{key}')
@@ -27,6 +28,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'num_epochs={config.num_epochs} must be at least 1')
   model_lib.compute_dtype(config.dtype)
   model_lib.check_implementation(config.model_impl)
+  if config.max_eval_blocks < 0:
+    raise UserError(f'max_eval_blocks={config.max_eval_blocks} must be 0 (all) or positive')
   if config.push_to_hub and not config.hub_model_id:
     raise UserError('push_to_hub=True needs --config.hub_model_id=USER/NAME')
 

@@ -1,10 +1,12 @@
-"""Runs a snippet of Python in a subprocess that sees N CPU devices.
+"""Runs Python in subprocesses that see N CPU devices, alone or as the hosts of a cluster.
 
 XLA reads the device count once, before jax is first imported, so tests that need
-several devices run their code in a fresh interpreter.
+several devices run their code in a fresh interpreter; several hosts are several
+processes on 127.0.0.1 joined by `jax.distributed` with gloo collectives.
 """
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -21,3 +23,37 @@ def run_with_devices(code: str, devices: int = 8, timeout: float = 240) -> str:
                           capture_output=True, text=True, timeout=timeout, check=False)
   assert result.returncode == 0, result.stderr[-4000:]
   return result.stdout
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def cluster_env(devices: int) -> dict:
+  """The environment of one host of a CPU cluster with `devices` devices per host."""
+  env = dict(os.environ, PYTHONUNBUFFERED='1', JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  env['PYTHONPATH'] = os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')])
+  return env
+
+
+def run_hosts(commands: list[list[str]], devices: int,
+              timeout: float = 300) -> list[tuple[str, str]]:
+  """Runs one command per host at once; returns each (stdout, stderr), failing on a non-zero exit.
+
+  The processes are killed on the way out, whatever happens.
+  """
+  processes = [subprocess.Popen(command, cwd=ROOT, env=cluster_env(devices),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for command in commands]
+  try:
+    outputs = [p.communicate(timeout=timeout) for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+      p.wait()
+  for p, (_, stderr) in zip(processes, outputs):
+    assert p.returncode == 0, stderr[-3000:]
+  return outputs

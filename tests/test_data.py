@@ -1,11 +1,10 @@
-"""From raw ELI5-style sources to cached token blocks: data.py, tokenizer.py, input checks."""
+"""From raw ELI5-style sources to streamed train/test texts: data.py, tokenizer.py, input checks."""
 
 import csv
 import json
 import re
 
 import datasets
-import numpy as np
 import pytest
 import transformers
 
@@ -52,8 +51,22 @@ def write_jsonl(path, records) -> str:
   return str(path)
 
 
-def all_texts(splits: datasets.DatasetDict) -> list[str]:
-  return sorted(list(splits['train']['text']) + list(splits['test']['text']))
+def split_texts(corpus: data.Corpus) -> tuple[list[str], list[str]]:
+  """(train texts, test texts) of a corpus, in source order."""
+  train, test = [], []
+  for train_batch, test_batch in corpus.batches():
+    train += train_batch
+    test += test_batch
+  return train, test
+
+
+def all_texts(corpus: data.Corpus) -> list[str]:
+  train, test = split_texts(corpus)
+  return sorted(train + test)
+
+
+def load(config) -> data.Corpus:
+  return data.load_corpus(config, log=lambda _: None)
 
 
 @pytest.fixture(scope='module')
@@ -74,120 +87,31 @@ def eli5_jsonl(tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# to_texts
+# texts_of
 
 
-def test_to_texts_joins_each_examples_answers_with_a_space():
-  texts = data.to_texts(datasets.Dataset.from_list(ELI5_RECORDS))
-  assert texts.column_names == ['text']
-  assert list(texts['text']) == ELI5_TEXTS
+def _columns(records: list[dict]) -> dict[str, list]:
+  """Records as the column batch a `datasets` stream yields."""
+  return {key: [r[key] for r in records] for key in records[0]}
 
 
-def test_to_texts_skips_empty_answers_when_joining():
+def test_texts_of_joins_each_examples_answers_with_a_space():
+  assert data.texts_of(_columns(ELI5_RECORDS)) == ELI5_TEXTS
+
+
+def test_texts_of_skips_empty_answers_when_joining():
   record = {'q_id': 'q', 'answers': {'a_id': ['1', '2', '3'], 'text': ['x y', '', 'z'],
                                      'score': [1, 2, 3]}}
-  assert list(data.to_texts(datasets.Dataset.from_list([record]))['text']) == ['x y z']
+  assert data.texts_of(_columns([record])) == ['x y z']
 
 
-def test_to_texts_passes_a_plain_text_column_through():
-  plain = datasets.Dataset.from_dict({'text': ['first document', 'second one'],
-                                      'id': [1, 2]})
-  texts = data.to_texts(plain)
-  assert texts.column_names == ['text']
-  assert list(texts['text']) == ['first document', 'second one']
+def test_texts_of_passes_a_plain_text_column_through():
+  assert data.texts_of({'text': ['first document', 'second one'], 'id': [1, 2]}) == [
+      'first document', 'second one']
 
 
 # ----------------------------------------------------------------------------
-# texts_to_blocks and make_blocks
-
-
-def test_texts_to_blocks_concatenates_and_cuts_dropping_the_remainder(tokenizer):
-  texts = datasets.Dataset.from_dict({'text': ELI5_TEXTS})
-  block_size = 7
-  ids = [i for text in ELI5_TEXTS for i in tokenizer(text)['input_ids']]
-  assert len(ids) % block_size, 'the data must leave a remainder for this test'
-
-  blocks = data.texts_to_blocks(texts, tokenizer, block_size)
-
-  assert blocks.dtype == np.int32
-  assert blocks.shape == (len(ids) // block_size, block_size)
-  np.testing.assert_array_equal(blocks.ravel(), ids[:blocks.size])
-
-
-def test_texts_to_blocks_keeps_each_documents_own_s_and_end_tokens(tokenizer):
-  texts = datasets.Dataset.from_dict({'text': ['one', 'two']})
-  one, two = (tokenizer(t)['input_ids'] for t in ('one', 'two'))
-  blocks = data.texts_to_blocks(texts, tokenizer, len(one) + len(two))
-  assert blocks.tolist() == [one + two]
-  assert one[0] == two[0] == 0 and one[-1] == two[-1] == 2
-
-
-def test_make_blocks_second_call_is_a_cache_hit(tiny_config, tokenizer, eli5_jsonl):
-  tiny_config.data_files = eli5_jsonl
-  tiny_config.block_size = 16
-  splits = data.load_texts(tiny_config, log=lambda _: None)
-  messages = []
-
-  first = data.make_blocks(tiny_config, tokenizer, splits, log=messages.append)
-  assert not messages  # Tokenized afresh.
-  second = data.make_blocks(tiny_config, tokenizer, splits, log=messages.append)
-
-  np.testing.assert_array_equal(first.train, second.train)
-  np.testing.assert_array_equal(first.test, second.test)
-  np.testing.assert_array_equal(first.train, data.texts_to_blocks(splits['train'], tokenizer, 16))
-  np.testing.assert_array_equal(first.test, data.texts_to_blocks(splits['test'], tokenizer, 16))
-  assert len(messages) == 1 and 'cache' in messages[0]
-
-
-def test_make_blocks_with_another_block_size_is_a_cache_miss(tiny_config, tokenizer, eli5_jsonl):
-  tiny_config.data_files = eli5_jsonl
-  tiny_config.block_size = 16
-  splits = data.load_texts(tiny_config, log=lambda _: None)
-  data.make_blocks(tiny_config, tokenizer, splits, log=lambda _: None)
-
-  tiny_config.block_size = 8
-  messages = []
-  blocks = data.make_blocks(tiny_config, tokenizer, splits, log=messages.append)
-
-  assert not messages  # Not 'Loaded tokenized blocks from the cache'.
-  assert blocks.train.shape[1] == 8
-
-
-def test_make_blocks_cache_is_keyed_by_file_contents(tiny_config, tokenizer, tmp_path):
-  path = tmp_path / 'eli5.jsonl'
-  tiny_config.data_files = write_jsonl(path, read_sample()[:20])
-  tiny_config.block_size = 16
-  data.make_blocks(tiny_config, tokenizer, data.load_texts(tiny_config, log=lambda _: None),
-                   log=lambda _: None)
-
-  write_jsonl(path, read_sample()[20:40])
-  splits = data.load_texts(tiny_config, log=lambda _: None)
-  messages = []
-  blocks = data.make_blocks(tiny_config, tokenizer, splits, log=messages.append)
-
-  assert not messages  # Not 'Loaded tokenized blocks from the cache'.
-  np.testing.assert_array_equal(blocks.train, data.texts_to_blocks(splits['train'], tokenizer, 16))
-
-
-def test_make_blocks_cache_notices_changed_files_in_a_dataset_directory(
-    tiny_config, tokenizer, tmp_path):
-  directory = tmp_path / 'eli5_dir'
-  directory.mkdir()
-  tiny_config.dataset = str(directory)
-  tiny_config.block_size = 16
-  write_jsonl(directory / 'train.jsonl', read_sample()[:20])
-  data.make_blocks(tiny_config, tokenizer, data.load_texts(tiny_config, log=lambda _: None),
-                   log=lambda _: None)
-
-  write_jsonl(directory / 'train.jsonl', read_sample()[20:40])
-  splits = data.load_texts(tiny_config, log=lambda _: None)
-  blocks = data.make_blocks(tiny_config, tokenizer, splits, log=lambda _: None)
-
-  np.testing.assert_array_equal(blocks.train, data.texts_to_blocks(splits['train'], tokenizer, 16))
-
-
-# ----------------------------------------------------------------------------
-# load_texts: one code path for every local format
+# load_corpus: one code path for every local format
 
 
 def _write_jsonl(path):
@@ -219,31 +143,27 @@ def _write_txt(path):
 @pytest.mark.parametrize('extension, write', [
     ('jsonl', _write_jsonl), ('json', _write_json), ('parquet', _write_parquet),
     ('csv', _write_csv), ('txt', _write_txt)])
-def test_load_texts_reads_the_same_eli5_data_from_every_format(
+def test_load_corpus_reads_the_same_eli5_data_from_every_format(
     tiny_config, tmp_path, extension, write):
   path = tmp_path / f'eli5.{extension}'
   write(path)
   tiny_config.data_files = str(path)
-
-  splits = data.load_texts(tiny_config, log=lambda _: None)
-
-  assert splits['train'].column_names == splits['test'].column_names == ['text']
-  assert all_texts(splits) == sorted(ELI5_TEXTS)
+  assert all_texts(load(tiny_config)) == sorted(ELI5_TEXTS)
 
 
-def test_load_texts_accepts_a_plain_text_column_in_csv(tiny_config, tmp_path):
+def test_load_corpus_accepts_a_plain_text_column_in_csv(tiny_config, tmp_path):
   path = tmp_path / 'plain.csv'
   path.write_text('text,source\n' + ''.join(f'"{t}",web\n' for t in ELI5_TEXTS),
                   encoding='utf-8')
   tiny_config.data_files = str(path)
-  assert all_texts(data.load_texts(tiny_config, log=lambda _: None)) == sorted(ELI5_TEXTS)
+  assert all_texts(load(tiny_config)) == sorted(ELI5_TEXTS)
 
 
-def test_load_texts_expands_comma_separated_globs(tiny_config, tmp_path):
+def test_load_corpus_expands_comma_separated_globs(tiny_config, tmp_path):
   write_jsonl(tmp_path / 'part-1.jsonl', ELI5_RECORDS[:2])
   write_jsonl(tmp_path / 'part-2.jsonl', ELI5_RECORDS[2:])
   tiny_config.data_files = f'{tmp_path}/part-1.jsonl, {tmp_path}/part-2*.jsonl'
-  assert all_texts(data.load_texts(tiny_config, log=lambda _: None)) == sorted(ELI5_TEXTS)
+  assert all_texts(load(tiny_config)) == sorted(ELI5_TEXTS)
 
 
 # ----------------------------------------------------------------------------
@@ -275,11 +195,11 @@ def test_empty_data_files_and_dataset_load_the_sample(tiny_config):
   tiny_config.split = 'train'
   records = read_sample()
 
-  splits = data.load_texts(tiny_config, log=lambda _: None)
+  corpus = load(tiny_config)
 
   assert data.source_of(tiny_config) == {'kind': 'files', 'files': [data.sample_data_path()]}
-  assert len(splits['test']) == round(len(records) * tiny_config.test_size)
-  assert all_texts(splits) == sorted(' '.join(r['answers']['text']) for r in records)
+  assert len(split_texts(corpus)[1]) == round(len(records) * tiny_config.test_size)
+  assert all_texts(corpus) == sorted(' '.join(r['answers']['text']) for r in records)
 
 
 # ----------------------------------------------------------------------------
@@ -292,8 +212,7 @@ def test_load_hub_dataset_loads_a_local_dataset_directory(tmp_path):
 
   dataset = data.load_hub_dataset(str(tmp_path), '', 'train', log=messages.append)
 
-  assert len(dataset) == len(ELI5_RECORDS)
-  assert list(data.to_texts(dataset)['text']) == ELI5_TEXTS
+  assert [t for batch in dataset.iter(batch_size=2) for t in data.texts_of(batch)] == ELI5_TEXTS
   assert not messages
 
 
@@ -304,7 +223,7 @@ def test_config_dataset_goes_through_the_hub_path(tiny_config, tmp_path):
   tiny_config.dataset = str(directory)
 
   assert data.source_of(tiny_config)['kind'] == 'hub'
-  assert all_texts(data.load_texts(tiny_config, log=lambda _: None)) == sorted(ELI5_TEXTS)
+  assert all_texts(load(tiny_config)) == sorted(ELI5_TEXTS)
 
 
 def test_load_hub_dataset_that_cannot_be_loaded_says_to_pass_local_files(tmp_path):
@@ -347,29 +266,58 @@ def test_load_hub_dataset_falls_back_to_parquet_for_script_datasets(script_datas
 
 
 # ----------------------------------------------------------------------------
-# split_train_test
+# The train/test split
 
 
-def test_split_train_test_uses_test_size():
-  splits = data.split_train_test(datasets.Dataset.from_dict({'i': list(range(20))}), 0.25, 0)
-  assert len(splits['test']) == 5 and len(splits['train']) == 15
-  assert sorted(list(splits['train']['i']) + list(splits['test']['i'])) == list(range(20))
+def _numbered_jsonl(tmp_path, count: int) -> str:
+  return write_jsonl(tmp_path / 'numbered.jsonl', [{'text': str(i)} for i in range(count)])
 
 
-def test_split_train_test_is_deterministic_for_a_seed():
-  dataset = datasets.Dataset.from_dict({'i': list(range(50))})
-  first = data.split_train_test(dataset, 0.2, seed=3)
-  again = data.split_train_test(dataset, 0.2, seed=3)
-  other = data.split_train_test(dataset, 0.2, seed=4)
-  assert list(first['test']['i']) == list(again['test']['i'])
-  assert list(first['train']['i']) == list(again['train']['i'])
-  assert list(first['test']['i']) != list(other['test']['i'])
+def test_a_fractional_test_size_takes_that_share_of_the_examples(tiny_config, tmp_path):
+  tiny_config.data_files = _numbered_jsonl(tmp_path, 20)
+  tiny_config.split, tiny_config.test_size = 'train', 0.25
+  train, test = split_texts(load(tiny_config))
+  assert len(test) == 5 and len(train) == 15
+  assert sorted(train + test, key=int) == [str(i) for i in range(20)]
 
 
-@pytest.mark.parametrize('test_size', [0, 1, 1.5])
-def test_split_train_test_rejects_a_test_size_outside_0_1(test_size):
-  with pytest.raises(UserError, match=r'test_size'):
-    data.split_train_test(datasets.Dataset.from_dict({'i': [1, 2, 3]}), test_size, 0)
+def test_a_whole_test_size_is_a_count_of_examples(tiny_config, tmp_path):
+  tiny_config.data_files = _numbered_jsonl(tmp_path, 20)
+  tiny_config.split, tiny_config.test_size = 'train', 3
+  train, test = split_texts(load(tiny_config))
+  assert len(test) == 3 and len(train) == 17
+
+
+def test_the_split_is_seeded_and_keeps_source_order(tiny_config, tmp_path):
+  tiny_config.data_files = _numbered_jsonl(tmp_path, 50)
+  tiny_config.split, tiny_config.test_size = 'train', 0.2
+  first, again = split_texts(load(tiny_config)), split_texts(load(tiny_config))
+  tiny_config.seed = 4
+  other = split_texts(load(tiny_config))
+  assert first == again
+  assert first[1] != other[1]
+  assert first[0] == sorted(first[0], key=int)
+
+
+def test_a_split_slice_selects_those_examples(tiny_config, tmp_path):
+  tiny_config.data_files = _numbered_jsonl(tmp_path, 50)
+  tiny_config.split, tiny_config.test_size = 'train[10:30]', 0.5
+  assert all_texts(load(tiny_config)) == sorted(str(i) for i in range(10, 30))
+  tiny_config.split = 'train[90%:]'
+  assert all_texts(load(tiny_config)) == sorted(str(i) for i in range(45, 50))
+
+
+@pytest.mark.parametrize('test_size', [0, -0.5, 2.5])
+def test_a_test_size_neither_fraction_nor_count_is_a_user_error(test_size):
+  with pytest.raises(UserError, match=r'test_size=.* must be a fraction in \(0, 1\) or a whole'):
+    data.test_count(test_size, 100)
+
+
+def test_a_test_size_count_not_below_the_examples_is_a_user_error(tiny_config, tmp_path):
+  tiny_config.data_files = _numbered_jsonl(tmp_path, 20)
+  tiny_config.split, tiny_config.test_size = 'train', 20
+  with pytest.raises(UserError, match=r'test_size=20 makes 20 test example\(s\) of the 20 '):
+    load(tiny_config)
 
 
 # ----------------------------------------------------------------------------
@@ -392,15 +340,16 @@ def test_trained_tokenizer_wraps_each_sequence_in_s_and_end_tokens(tokenizer):
   assert tokenizer.decode(ids[1:-1]) == 'The sky is blue.'
 
 
-def test_get_tokenizer_saves_to_workdir_and_reloads_it(tiny_config, tmp_path):
+def test_a_saved_tokenizer_reloads_from_the_workdir(tiny_config, tmp_path):
   tiny_config.tokenizer_vocab_size = 300
   workdir = str(tmp_path / 'run')
   texts = ELI5_TEXTS * 20
   probe = ['The sky is blue.', 'a <mask> b', 'Purring is calm.']
 
-  trained = tokenizer_lib.get_tokenizer(tiny_config, workdir, texts)
+  assert tokenizer_lib.saved_tokenizer(workdir) is None
+  trained = tokenizer_lib.train_bpe_tokenizer(texts, 300, model_max_length=512)
   tokenizer_lib.save_tokenizer(trained, workdir)
-  reloaded = tokenizer_lib.get_tokenizer(tiny_config, workdir, train_texts=None)
+  reloaded = tokenizer_lib.saved_tokenizer(workdir)
 
   assert (tmp_path / 'run' / 'tokenizer' / 'tokenizer_config.json').exists()
   assert isinstance(reloaded, transformers.PreTrainedTokenizerFast)
@@ -416,14 +365,14 @@ def test_get_tokenizer_saves_to_workdir_and_reloads_it(tiny_config, tmp_path):
 def test_missing_data_file_is_a_user_error(tiny_config, tmp_path):
   tiny_config.data_files = str(tmp_path / 'nope.jsonl')
   with pytest.raises(UserError, match=r"'.*nope\.jsonl' does not exist"):
-    data.load_texts(tiny_config, log=lambda _: None)
+    load(tiny_config)
 
 
 def test_columns_without_text_are_a_user_error(tiny_config, tmp_path):
   tiny_config.data_files = write_jsonl(tmp_path / 'qa.jsonl', [
       {'question': 'Why?', 'body': 'Because.'}, {'question': 'How?', 'body': 'Like so.'}])
   with pytest.raises(UserError, match=r'no text: columns are (body, question|question, body)'):
-    data.load_texts(tiny_config, log=lambda _: None)
+    load(tiny_config)
 
 
 def test_malformed_jsonl_line_is_a_user_error_naming_the_line(tiny_config, tmp_path):
@@ -432,7 +381,7 @@ def test_malformed_jsonl_line_is_a_user_error_naming_the_line(tiny_config, tmp_p
                   + '{"q_id": "q3", "answers": oops}\n', encoding='utf-8')
   tiny_config.data_files = str(path)
   with pytest.raises(UserError, match=r'broken\.jsonl, line 3'):
-    data.load_texts(tiny_config, log=lambda _: None)
+    load(tiny_config)
 
 
 def test_jsonl_line_that_is_not_an_object_is_a_user_error(tiny_config, tmp_path):
@@ -440,7 +389,7 @@ def test_jsonl_line_that_is_not_an_object_is_a_user_error(tiny_config, tmp_path)
   path.write_text('{"text": "fine"}\n[1, 2]\n', encoding='utf-8')
   tiny_config.data_files = str(path)
   with pytest.raises(UserError, match=r'arrays\.jsonl, line 2: not a JSON object'):
-    data.load_texts(tiny_config, log=lambda _: None)
+    load(tiny_config)
 
 
 def test_malformed_json_array_is_a_user_error_naming_the_bad_line(tiny_config, tmp_path):
@@ -450,7 +399,7 @@ def test_malformed_json_array_is_a_user_error_naming_the_bad_line(tiny_config, t
   path.write_text('\n'.join(lines) + '\n', encoding='utf-8')
   tiny_config.data_files = str(path)
   with pytest.raises(UserError, match=r'broken\.json, line 7'):
-    data.load_texts(tiny_config, log=lambda _: None)
+    load(tiny_config)
 
 
 def test_non_utf8_text_file_is_a_user_error_naming_the_line(tiny_config, tmp_path):
@@ -458,7 +407,7 @@ def test_non_utf8_text_file_is_a_user_error_naming_the_line(tiny_config, tmp_pat
   path.write_bytes('first line\n'.encode() + 'caf\u00e9 au lait\n'.encode('latin-1'))
   tiny_config.data_files = str(path)
   with pytest.raises(UserError, match=r'latin1\.txt, line 2 is not UTF-8'):
-    data.load_texts(tiny_config, log=lambda _: None)
+    load(tiny_config)
 
 
 def test_non_utf8_jsonl_file_is_a_user_error_naming_the_line(tiny_config, tmp_path):
@@ -467,15 +416,7 @@ def test_non_utf8_jsonl_file_is_a_user_error_naming_the_line(tiny_config, tmp_pa
                    + '{"text": "caf\u00e9"}\n'.encode('latin-1'))
   tiny_config.data_files = str(path)
   with pytest.raises(UserError, match=r'latin1\.jsonl, line 4'):
-    data.load_texts(tiny_config, log=lambda _: None)
-
-
-def test_data_too_small_for_one_block_is_a_user_error(tiny_config, tokenizer, tmp_path):
-  tiny_config.data_files = write_jsonl(tmp_path / 'small.jsonl', ELI5_RECORDS)
-  tiny_config.block_size = 512
-  splits = data.load_texts(tiny_config, log=lambda _: None)
-  with pytest.raises(UserError, match=r'zero blocks of block_size=512'):
-    data.make_blocks(tiny_config, tokenizer, splits, log=lambda _: None)
+    load(tiny_config)
 
 
 @pytest.mark.parametrize('name', ['eli5.xml', 'eli5'])
@@ -485,7 +426,7 @@ def test_unsupported_extension_is_a_user_error(tiny_config, tmp_path, name):
   tiny_config.data_files = str(path)
   extension = name[len('eli5'):]
   with pytest.raises(UserError, match=rf"extension '{re.escape(extension)}' are not supported"):
-    data.load_texts(tiny_config, log=lambda _: None)
+    load(tiny_config)
 
 
 def test_mixed_formats_are_a_user_error(tiny_config, tmp_path):
@@ -493,7 +434,7 @@ def test_mixed_formats_are_a_user_error(tiny_config, tmp_path):
   _write_csv(tmp_path / 'b.csv')
   tiny_config.data_files = f'{tmp_path}/a.jsonl,{tmp_path}/b.csv'
   with pytest.raises(UserError, match=r'mix formats \(\.csv, \.jsonl\)'):
-    data.load_texts(tiny_config, log=lambda _: None)
+    load(tiny_config)
 
 
 @pytest.mark.parametrize('probability', [0, 1.5])

@@ -5,9 +5,6 @@ hosts are processes on 127.0.0.1 joined by `jax.distributed` with gloo collectiv
 """
 
 import json
-import os
-import socket
-import subprocess
 import sys
 
 import jax
@@ -16,8 +13,7 @@ import pytest
 
 from mlm_jax import infer
 from mlm_jax import metric_writers
-from tests.conftest import ROOT
-from tests.multidevice import run_with_devices
+from tests.multidevice import free_port, run_hosts, run_with_devices
 
 # Dropout on, so its random draws are part of what must not depend on the layout.
 _TRAIN = '''
@@ -92,12 +88,6 @@ def test_fsdp_shards_large_arrays_and_replicates_small_ones():
   assert json.loads(out) == [['fsdp', None], []]
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 # The same run as `_TRAIN` with 2 rows per device: 2 hosts x 2 devices x 2 = 8 rows, as one_device_run.
 _CLI_FLAGS = ['--config=configs/tiny_test.py', '--config.split=train[:40]',
               '--config.num_train_steps=6',
@@ -106,31 +96,14 @@ _CLI_FLAGS = ['--config=configs/tiny_test.py', '--config.split=train[:40]',
               '--config.model_config.hidden_dropout_prob=0.1']
 
 
-def _cli_env(devices: int) -> dict:
-  env = dict(os.environ, PYTHONUNBUFFERED='1', JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  env['PYTHONPATH'] = os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')])
-  return env
-
-
 def test_two_hosts_reach_the_same_loss_as_one_host(one_device_run, tmp_path):
   """2 processes x 2 devices on 127.0.0.1 train as one process does (here: 1 device x 8 rows;
   the 8-device test above shows the device count of one process does not matter)."""
   multi = tmp_path / 'multi'
-  address = f'127.0.0.1:{_free_port()}'
-  processes = [subprocess.Popen(
-      [sys.executable, 'run_train.py', *_CLI_FLAGS, f'--workdir={multi}',
-       f'--coordinator_address={address}', '--num_processes=2', f'--process_id={index}'],
-      cwd=ROOT, env=_cli_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for index in range(2)]
-  try:
-    outputs = [p.communicate(timeout=300) for p in processes]
-  finally:
-    for p in processes:
-      p.kill()
-      p.wait()
-  for p, (_, stderr) in zip(processes, outputs):
-    assert p.returncode == 0, stderr[-3000:]
+  address = f'127.0.0.1:{free_port()}'
+  outputs = run_hosts([[sys.executable, 'run_train.py', *_CLI_FLAGS, f'--workdir={multi}',
+                        f'--coordinator_address={address}', '--num_processes=2',
+                        f'--process_id={index}'] for index in range(2)], devices=2)
   assert '4 device(s)' in outputs[0][0]
   own_lines = [line for line in outputs[1][0].splitlines() if not line.startswith('[Gloo]')]
   assert not own_lines  # Only process 0 prints (gloo's own connection lines aside).

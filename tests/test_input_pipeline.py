@@ -1,4 +1,4 @@
-"""Batches of blocks: seeded epochs, exact resume, padded evaluation, and their placement."""
+"""Batches of blocks read with Grain: seeded epochs, exact resume, padded evaluation subsets, placement."""
 
 import itertools
 import json
@@ -142,6 +142,41 @@ def test_eval_weights_sum_to_the_number_of_blocks():
   for num_blocks in (8, 16, 21):
     batches = input_pipeline.eval_batches(make_blocks(num_blocks), GLOBAL_BATCH)
     assert sum(w.sum() for _, w in batches) == num_blocks
+
+
+def _evaluated_blocks(num_blocks: int, max_blocks: int, seed: int = 0) -> list[int]:
+  batches = input_pipeline.eval_batches(make_blocks(num_blocks), GLOBAL_BATCH, max_blocks, seed)
+  return [i for ids, weights in batches for i in block_indices(ids[weights == 1])]
+
+
+def test_max_eval_blocks_evaluates_a_fixed_seeded_subset_of_that_size():
+  subset = _evaluated_blocks(21, max_blocks=5)
+  assert len(subset) == len(set(subset)) == 5 and set(subset) <= set(range(21))
+  assert _evaluated_blocks(21, max_blocks=5) == subset
+  assert _evaluated_blocks(21, max_blocks=5, seed=1) != subset
+
+
+@pytest.mark.parametrize('max_blocks', [0, 21, 100])
+def test_max_eval_blocks_0_or_at_least_the_split_evaluates_every_block_in_order(max_blocks):
+  assert _evaluated_blocks(21, max_blocks) == list(range(21))
+
+
+# ----------------------------------------------------------------------------
+# permute
+
+
+@pytest.mark.parametrize('size', [1, 2, 3, 17, 1000, 4099])
+def test_permute_is_a_permutation_of_the_range(size):
+  positions = input_pipeline.permute(np.arange(size), size, seed=5)
+  assert sorted(positions.tolist()) == list(range(size))
+
+
+def test_permute_depends_on_the_seed_and_reads_any_subset_alike():
+  whole = input_pipeline.permute(np.arange(1000), 1000, seed=5)
+  assert (whole != np.arange(1000)).mean() > 0.9
+  assert (input_pipeline.permute(np.arange(1000), 1000, seed=6) != whole).mean() > 0.9
+  np.testing.assert_array_equal(input_pipeline.permute(np.array([7, 3, 999]), 1000, seed=5),
+                                whole[[7, 3, 999]])
 
 
 # ----------------------------------------------------------------------------

@@ -146,7 +146,7 @@ def _fresh_state_and_steps(config, run):
 def test_gradient_accumulation_equals_one_batch_k_times_larger():
   config = load_config('tiny_test')
   run = _tiny_run(config)
-  blocks = jnp.asarray(run.blocks.train[:8])
+  blocks = jnp.asarray(run.blocks.train[:8], jnp.int32)
   state, steps = _fresh_state_and_steps(config, run)
   big, big_metrics = steps.train(state, blocks.reshape(1, 8, -1))
   state, steps = _fresh_state_and_steps(config, run)
@@ -163,7 +163,8 @@ def test_non_finite_loss_skips_the_update_and_is_counted():
   state, steps = _fresh_state_and_steps(config, run)
   nan_params = jax.tree_util.tree_map(lambda x: x * jnp.nan, state.params)
   state = state.replace(params=nan_params)
-  new_state, step_metrics = steps.train(state, jnp.asarray(run.blocks.train[:8])[None])
+  ids = jnp.asarray(run.blocks.train[:8], jnp.int32)[None]
+  new_state, step_metrics = steps.train(state, ids)
   assert int(step_metrics['nonfinite']) == 1 and int(new_state.step) == 1
   assert int(new_state.opt_state[1][0].count) == 0  # Adam's moments were not updated.
 
@@ -327,7 +328,7 @@ def _one_step(config, run, impl: str, masked_head: bool):
       apply_fn, tx, schedule, masking.masking_spec(run.tokenizer, 0.15), config.seed,
       sharding.make_mesh(), head_fn=head_fn if masked_head else None,
       max_predictions=model_lib.max_predictions(config.block_size, 0.15))
-  return steps.train(state, jnp.asarray(run.blocks.train[:8])[None])
+  return steps.train(state, jnp.asarray(run.blocks.train[:8], jnp.int32)[None])
 
 
 def _assert_same_step(result, expected):
