@@ -297,8 +297,8 @@ def time_steps(steps: steps_lib.Steps, state: steps_lib.TrainState, batch: jax.A
     state, metrics = steps.train(state, batch)
   jax.block_until_ready((state, metrics))
   back_to_back = (time.perf_counter() - start) * 1e3 / count
-  if not np.isfinite(float(metrics['loss'])):
-    print(f'warning: the last step\'s loss is {float(metrics["loss"])}', flush=True)
+  if int(metrics['nonfinite']):
+    print(f'warning: the last {int(metrics["nonfinite"])} step(s) were non-finite', flush=True)
   return StepTimes(first, synced, back_to_back), state
 
 

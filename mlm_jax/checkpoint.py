@@ -1,7 +1,8 @@
 """Orbax checkpoints of the whole train state, and which one a run resumes from.
 
 A checkpoint in `WORKDIR/checkpoints/STEP` holds three items: `state` (the train
-state pytree), `data` (the epoch and batch of the next batch) and `config` (the run's
+state pytree), `data` (the epoch and batch of the next batch, and the steps the
+learning-rate schedule spans) and `config` (the run's
 config, to refuse a resume whose config changes what the state means). Orbax
 writes each checkpoint into a temporary folder and renames it when complete, so a
 reader never sees half a checkpoint.
@@ -23,7 +24,7 @@ from mlm_jax.errors import UserError, first_line
 RESUMABLE_CHANGES = frozenset({
     'num_train_steps', 'num_epochs', 'eval_every_steps', 'eval_batch_size', 'log_every_steps',
     'checkpoint_every_steps', 'keep_checkpoints', 'push_to_hub', 'hub_model_id', 'num_proc',
-    'cache_dir', 'per_device_batch_size', 'max_nonfinite_steps', 'fsdp'})
+    'cache_dir', 'per_device_batch_size', 'max_nonfinite_steps', 'fsdp', 'replan_schedule'})
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -68,6 +69,18 @@ def read_metadata(manager: ocp.CheckpointManager, step: int) -> tuple[dict, dict
   restored = manager.restore(step, args=ocp.args.Composite(
       data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
   return restored.data, restored.config
+
+
+def saved_schedule_steps(manager: ocp.CheckpointManager) -> int | None:
+  """The steps the newest readable checkpoint's learning-rate schedule spans (None: no
+  checkpoint, or one from before this was recorded)."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      cursor, _ = read_metadata(manager, step)
+    except Exception:  # pylint: disable=broad-except
+      continue  # `restore_newest` reports it.
+    return cursor.get('schedule_steps')
+  return None
 
 
 def set_aside(workdir: str, step: int) -> str:

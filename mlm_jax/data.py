@@ -174,8 +174,6 @@ def load_raw(config, log: Callable[[str], None] = print) -> datasets.Dataset:
 
 def split_train_test(dataset: datasets.Dataset, test_size: float,
                      seed: int) -> datasets.DatasetDict:
-  if not 0 < test_size < 1:
-    raise UserError(f'test_size={test_size} must be in (0, 1); set --config.test_size')
   if len(dataset) < 2:
     raise UserError(f'the dataset has {len(dataset)} example(s); '
                     'a train/test split needs at least 2')

@@ -7,17 +7,17 @@ import jax.numpy as jnp
 import transformers
 from transformers.models.roberta import modeling_flax_roberta
 
+from mlm_jax import validation
 from mlm_jax.errors import UserError, first_line
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = {name: getattr(jnp, name) for name in validation.DTYPE_NAMES}
 # Models whose module has .roberta and .lm_head, and whose positions start after the padding id.
 ROBERTA_FAMILY = ('roberta', 'xlm-roberta', 'camembert')
 SCRATCH_MAX_LENGTH = 512  # Tokens per text of a model trained from scratch, as RoBERTa's.
 
 
 def compute_dtype(name: str):
-  if name not in DTYPES:
-    raise UserError(f'dtype={name!r} is not supported; use one of {", ".join(DTYPES)}')
+  validation.check_choice('dtype', name, validation.DTYPE_NAMES)
   return DTYPES[name]
 
 
@@ -129,13 +129,7 @@ def masked_head_fn(model: transformers.FlaxPreTrainedModel):
   return fn
 
 
-IMPLEMENTATIONS = ('transformers', 'fast')
-
-
-def check_implementation(impl: str) -> None:
-  if impl not in IMPLEMENTATIONS:
-    raise UserError(f'model_impl={impl!r} is not supported; set --config.model_impl to one of '
-                    f'{", ".join(IMPLEMENTATIONS)}')
+IMPLEMENTATIONS = validation.MODEL_IMPLS
 
 
 def forward_fns(model: transformers.FlaxPreTrainedModel,
@@ -145,7 +139,7 @@ def forward_fns(model: transformers.FlaxPreTrainedModel,
   impl='fast' runs RoBERTa-family models through `mlm_jax.fast_model` (same parameters and
   numbers); other models, and impl='transformers', through transformers' own module.
   """
-  check_implementation(impl)
+  validation.check_choice('model_impl', impl, IMPLEMENTATIONS)
   if impl == 'fast' and supports_masked_head(model):
     from mlm_jax import fast_model  # pylint: disable=import-outside-toplevel
     module = fast_model.FastRobertaForMaskedLM(model.config, model.dtype)

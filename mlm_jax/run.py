@@ -14,7 +14,6 @@ from mlm_jax import model as model_lib
 from mlm_jax import report
 from mlm_jax import sharding
 from mlm_jax import tokenizer as tokenizer_lib
-from mlm_jax import validation
 
 
 @dataclasses.dataclass
@@ -39,7 +38,6 @@ class Run:
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Loads and tokenizes the data and builds the tokenizer and model."""
-  validation.validate_config(config)
   texts = data.load_texts(config, report.log)
   tokenizer = tokenizer_lib.get_tokenizer(config, workdir, train_texts=texts['train']['text'])
   spec = masking.spec_from_config(tokenizer, config)  # Before tokenizing: bad masking fails fast.

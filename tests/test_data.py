@@ -366,12 +366,6 @@ def test_split_train_test_is_deterministic_for_a_seed():
   assert list(first['test']['i']) != list(other['test']['i'])
 
 
-@pytest.mark.parametrize('test_size', [0, 1, 1.5])
-def test_split_train_test_rejects_a_test_size_outside_0_1(test_size):
-  with pytest.raises(UserError, match=r'test_size'):
-    data.split_train_test(datasets.Dataset.from_dict({'i': [1, 2, 3]}), test_size, 0)
-
-
 # ----------------------------------------------------------------------------
 # The tokenizer
 
