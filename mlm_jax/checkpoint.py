@@ -64,6 +64,29 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any
   return restored.state, restored.data, restored.config
 
 
+def restore_params(workdir: str, step: int | None, sharding: jax.sharding.Sharding) -> Any:
+  """The parameters alone of the checkpoint at `step` (default: the latest), placed with
+  `sharding`: the optimizer state (twice the parameters with Adam) is never read."""
+  manager = ocp.CheckpointManager(
+      checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers={'state': ocp.PyTreeCheckpointHandler()})
+  steps = manager.all_steps()
+  if not steps:
+    raise UserError(f'{workdir} has no checkpoint; train first or pass an export directory')
+  if step is None:
+    step = max(steps)
+  elif step not in steps:
+    raise UserError(f'{workdir} has no checkpoint at step {step}; '
+                    f'available steps: {", ".join(map(str, sorted(steps)))}')
+  saved = manager.item_metadata(step)['state']['params']
+  item = {'params': jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), dict(saved))}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True)))
+  return restored.state['params']
+
+
 def read_metadata(manager: ocp.CheckpointManager, step: int) -> tuple[dict, dict]:
   """(data cursor, config) of the checkpoint at `step`, without reading the state."""
   restored = manager.restore(step, args=ocp.args.Composite(

@@ -166,9 +166,9 @@ def read_texts(texts: list[str], input_file: str | None) -> list[str]:
 
 
 def fill_mask(model: str, texts: list[str], input_file: str | None, top_k: int,
-              targets: list[str] | None, step: int | None):
-  """(texts, fills) for the run_infer.py entry point."""
+              targets: list[str] | None, step: int | None, batch_size: int):
+  """(texts, an iterator of their fills) for the run_infer.py entry point."""
   from mlm_jax import infer  # pylint: disable=import-outside-toplevel
   texts = read_texts(texts, input_file)
   predictor = infer.load_predictor(model, step)
-  return texts, infer.fill_mask(predictor, texts, top_k, targets)
+  return texts, infer.iter_fill_mask(predictor, texts, top_k, targets, batch_size)

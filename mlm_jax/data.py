@@ -23,7 +23,7 @@ import numpy as np
 
 from mlm_jax.errors import UserError, first_line
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: special-token strings in the text are tokenized as text.
 _BUILDERS = {'.jsonl': 'json', '.json': 'json', '.parquet': 'parquet', '.csv': 'csv',
              '.txt': 'text'}
 _SCRIPTS_UNSUPPORTED = 'Dataset scripts are no longer supported'
@@ -204,9 +204,15 @@ def to_texts(dataset: datasets.Dataset) -> datasets.Dataset:
 
 def texts_to_blocks(texts: datasets.Dataset, tokenizer, block_size: int,
                     num_proc: int = 1) -> np.ndarray:
-  """Tokenizes in batches, concatenates and cuts into [n, block_size], dropping the rest."""
+  """Tokenizes in batches, concatenates and cuts into [n, block_size], dropping the rest.
+
+  A literal `<mask>`, `<pad>` or `</s>` in the text is text, not the special token: those
+  ids come from the tokenizer's own wrapping only (masking never trains on special ids, and
+  a pad id inside a block would shift RoBERTa's position ids).
+  """
   tokenized = texts.map(
       lambda batch: {'input_ids': tokenizer(batch['text'], return_attention_mask=False,
+                                            split_special_tokens=True,
                                             verbose=False)['input_ids']},
       batched=True, num_proc=num_proc if num_proc > 1 else None,
       remove_columns=texts.column_names)

@@ -87,17 +87,29 @@ def supports_masked_head(model: transformers.FlaxPreTrainedModel) -> bool:
   return model.config.model_type in ROBERTA_FAMILY
 
 
-def max_predictions(block_size: int, probability: float, dispersion: float = 1.0) -> int:
-  """Positions per row the head sees: the mean masked count plus 6 standard deviations.
+def max_predictions(block_size: int, probability: float, dispersion: float = 1.0,
+                    overflow: float = 1e-9) -> int:
+  """Tokens per row the masked head predicts: for token masking the smallest k such that a
+  row of `block_size` tokens, each masked with `probability`, has more than k masked tokens
+  with probability below `overflow` (the binomial tail, summed exactly).
 
-  With Bernoulli masking a row has more masked tokens than this with probability
-  below 1e-9; those extra tokens stay masked in the input but are not predicted.
-  `dispersion` widens the deviation for whole-word masking, whose tokens come in
-  groups (`masking.count_dispersion`; 1 for token masking).
+  Whole-word masking chooses tokens in groups: `dispersion` (`masking.count_dispersion`, 1
+  for token masking) widens k's distance above the mean by its square root, as it widens
+  the count's standard deviation. Masked tokens beyond k stay masked in the input but are
+  not predicted; the train step counts them (`dropped_masked_tokens`).
   """
-  mean = block_size * probability
-  return min(block_size,
-             math.ceil(mean + 6 * math.sqrt(mean * (1 - probability) * dispersion)))
+  log_p, log_q = math.log(probability), math.log1p(-probability)
+  def pmf(k: int) -> float:
+    return math.exp(math.lgamma(block_size + 1) - math.lgamma(k + 1)
+                    - math.lgamma(block_size - k + 1) + k * log_p + (block_size - k) * log_q)
+  k, tail = block_size, 0.0  # tail = P(more than k masked).
+  while k > 0 and tail + pmf(k) < overflow:
+    tail += pmf(k)
+    k -= 1
+  if dispersion != 1.0:
+    mean = block_size * probability
+    k = math.ceil(mean + (k - mean) * math.sqrt(dispersion))
+  return min(block_size, k)
 
 
 def _encode_and_predict_at(module, input_ids, predict_at, attention_mask, deterministic: bool):
