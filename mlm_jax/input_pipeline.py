@@ -65,17 +65,14 @@ def eval_batches(blocks: np.ndarray,
                  global_batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Yields (this host's ids, row weights) covering every block exactly once, in order.
 
-  The last batch is padded with zero rows of weight 0, so shapes stay static and
-  padding never counts.
+  The last batch is padded with copies of the first blocks at weight 0, so shapes stay
+  static and padding never counts: real text, so that only its weight keeps it out.
   """
   rows = sharding.process_slice(global_batch_size)
   for start in range(0, len(blocks), global_batch_size):
-    chunk = blocks[start:start + global_batch_size]
-    weights = np.zeros(global_batch_size, np.float32)
-    weights[:len(chunk)] = 1.0
-    padded = np.zeros((global_batch_size,) + blocks.shape[1:], blocks.dtype)
-    padded[:len(chunk)] = chunk
-    yield padded[rows], weights[rows]
+    chunk = np.arange(start, start + global_batch_size)
+    weights = (chunk < len(blocks)).astype(np.float32)
+    yield blocks[chunk % len(blocks)][rows], weights[rows]
 
 
 def prefetch(batches: Iterator[np.ndarray], mesh: jax.sharding.Mesh,

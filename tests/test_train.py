@@ -6,23 +6,16 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from flax import traverse_util
 
 from mlm_jax import checkpoint
 from mlm_jax import infer
-from mlm_jax import masking
 from mlm_jax import metric_writers
 from mlm_jax import model as model_lib
-from mlm_jax import optim
 from mlm_jax import plot
 from mlm_jax import report
-from mlm_jax import run as run_lib
-from mlm_jax import sharding
-from mlm_jax import steps as steps_lib
 from mlm_jax import train
 from mlm_jax.errors import UserError
 from mlm_jax.tokenizer import train_bpe_tokenizer
@@ -33,12 +26,6 @@ from tests.conftest import ROOT, load_config
 def trained(tiny_run):
   """The shared finished tiny run: (config, workdir, summary)."""
   return tiny_run
-
-
-def _tiny_run(config):
-  """The prepared data, tokenizer and model of `config`, in a fresh workdir."""
-  import tempfile  # pylint: disable=import-outside-toplevel
-  return run_lib.prepare(config, tempfile.mkdtemp())
 
 
 def test_training_lowers_train_loss_and_perplexity(trained):
@@ -119,98 +106,6 @@ def test_export_loads_in_pytorch_with_the_same_logits(trained):
     torch_logits = torch_model(torch.tensor(ids)).logits.numpy()
   np.testing.assert_allclose(torch_logits, flax_model(np.asarray(ids)).logits,
                              rtol=1e-4, atol=1e-4)
-
-
-def test_weight_decay_mask_excludes_exactly_biases_and_layernorm_scales():
-  model = transformers.FlaxAutoModelForMaskedLM.from_config(
-      transformers.RobertaConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1,
-                                 num_attention_heads=2, intermediate_size=16))
-  mask = traverse_util.flatten_dict(optim.decay_mask(model.params))
-  for path, decayed in mask.items():
-    no_decay = path[-1] == 'bias' or path[-2:] == ('LayerNorm', 'scale')
-    assert decayed == (not no_decay), path
-  assert any(mask.values()) and not all(mask.values())
-
-
-def _fresh_state_and_steps(config, run):
-  """A fresh train state and the compiled steps for `run`."""
-  mesh = sharding.make_mesh()
-  tx, schedule = optim.make_optimizer(config, total_steps=10)
-  params = jax.tree_util.tree_map(jnp.copy, run.model.params)  # The step donates its state.
-  state = steps_lib.create_train_state(params, tx, config.seed)
-  spec = masking.masking_spec(run.tokenizer, config.mlm_probability)
-  steps = steps_lib.compile_steps(run.model.__call__, tx, schedule, spec, config.seed, mesh)
-  return state, steps
-
-
-def test_gradient_accumulation_equals_one_batch_k_times_larger():
-  config = load_config('tiny_test')
-  run = _tiny_run(config)
-  blocks = jnp.asarray(run.blocks.train[:8])
-  state, steps = _fresh_state_and_steps(config, run)
-  big, big_metrics = steps.train(state, blocks.reshape(1, 8, -1))
-  state, steps = _fresh_state_and_steps(config, run)
-  accumulated, acc_metrics = steps.train(state, blocks.reshape(4, 2, -1))
-  np.testing.assert_allclose(acc_metrics['loss'], big_metrics['loss'], rtol=1e-5)
-  for a, b in zip(jax.tree_util.tree_leaves(accumulated.params),
-                  jax.tree_util.tree_leaves(big.params)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-
-
-def test_non_finite_loss_skips_the_update_and_is_counted():
-  config = load_config('tiny_test')
-  run = _tiny_run(config)
-  state, steps = _fresh_state_and_steps(config, run)
-  nan_params = jax.tree_util.tree_map(lambda x: x * jnp.nan, state.params)
-  state = state.replace(params=nan_params)
-  new_state, step_metrics = steps.train(state, jnp.asarray(run.blocks.train[:8])[None])
-  assert int(step_metrics['nonfinite']) == 1 and int(new_state.step) == 1
-  assert int(new_state.opt_state[1][0].count) == 0  # Adam's moments were not updated.
-
-
-def _uniform_logits(ids, params, train):  # pylint: disable=redefined-outer-name
-  """A 'model' whose logits are `params['vocab']` everywhere: all zero, a uniform prediction."""
-  del train
-
-  class Output:
-    logits = jnp.broadcast_to(params['vocab'], ids.shape + params['vocab'].shape)
-  return Output()
-
-
-def _evaluate_uniform_model(batch_size: int, vocab: int = 37) -> dict:
-  """Eval metrics of the uniform model on 10 fixed random blocks."""
-  spec = masking.MaskingSpec(mask_token_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=vocab)
-  blocks = np.random.default_rng(0).integers(5, vocab, (10, 16)).astype(np.int32)
-  tx, schedule = optim.make_optimizer(load_config('tiny_test'), 10)
-  steps = steps_lib.compile_steps(_uniform_logits, tx, schedule, spec, seed=0,
-                              mesh=sharding.make_mesh())
-  return steps_lib.evaluate(steps, {'vocab': jnp.zeros(vocab)}, blocks, batch_size)
-
-
-@pytest.mark.parametrize('batch_size', [4, 7])
-def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(batch_size):
-  np.testing.assert_allclose(_evaluate_uniform_model(batch_size, vocab=37)['eval_perplexity'],
-                             37, rtol=1e-5)
-
-
-def test_eval_counts_every_block_once_whatever_the_batch_size():
-  counts = {b: _evaluate_uniform_model(b)['eval_masked_tokens'] for b in (3, 4, 10, 16)}
-  assert len(set(counts.values())) == 1
-  assert 0 < counts[4] < 10 * 16
-
-
-def test_eval_is_deterministic(trained):
-  config, workdir, _ = trained
-  predictor = infer.load_predictor(workdir)
-  spec = masking.masking_spec(predictor.tokenizer, config.mlm_probability)
-  tx, schedule = optim.make_optimizer(config, 10)
-  steps = steps_lib.compile_steps(predictor.model.__call__, tx, schedule, spec, config.seed,
-                              sharding.make_mesh())
-  blocks = np.asarray(predictor.tokenizer(['Why is the sky blue? ' * 20])['input_ids'][0][:64],
-                      np.int32).reshape(2, 32)
-  first = steps_lib.evaluate(steps, predictor.params, blocks, 2)
-  second = steps_lib.evaluate(steps, predictor.params, blocks, 2)
-  assert first == second
 
 
 def _run_train_cli(*args, timeout=240):
@@ -316,45 +211,3 @@ def test_plot_writes_curves_png(trained):
   assert path == os.path.join(workdir, 'curves.png')
   with open(path, 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
-
-
-def _one_step(config, run, impl: str, masked_head: bool):
-  """(new state, metrics) of one train step from a fresh state with the given forward."""
-  state, _ = _fresh_state_and_steps(config, run)
-  tx, schedule = optim.make_optimizer(config, total_steps=10)
-  apply_fn, head_fn = model_lib.forward_fns(run.model, impl)
-  steps = steps_lib.compile_steps(
-      apply_fn, tx, schedule, masking.masking_spec(run.tokenizer, 0.15), config.seed,
-      sharding.make_mesh(), head_fn=head_fn if masked_head else None,
-      max_predictions=model_lib.max_predictions(config.block_size, 0.15))
-  return steps.train(state, jnp.asarray(run.blocks.train[:8])[None])
-
-
-def _assert_same_step(result, expected):
-  (state, step_metrics), (expected_state, expected_metrics) = result, expected
-  np.testing.assert_allclose(step_metrics['loss'], expected_metrics['loss'], rtol=1e-5)
-  assert step_metrics['masked_tokens'] == expected_metrics['masked_tokens']
-  for a, b in zip(jax.tree_util.tree_leaves(state.params),
-                  jax.tree_util.tree_leaves(expected_state.params)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-
-
-@pytest.fixture(scope='module')
-def dropout_run():
-  config = load_config('tiny_test')
-  config.model_config.hidden_dropout_prob = 0.1  # The same dropout draws on every path.
-  config.model_config.attention_probs_dropout_prob = 0.1
-  return config, _tiny_run(config)
-
-
-def test_masked_only_head_gives_the_full_heads_loss_and_update(dropout_run):
-  config, run = dropout_run
-  _assert_same_step(_one_step(config, run, 'transformers', masked_head=True),
-                    _one_step(config, run, 'transformers', masked_head=False))
-
-
-@pytest.mark.parametrize('masked_head', [False, True])
-def test_fast_forward_gives_transformers_loss_and_update(dropout_run, masked_head):
-  config, run = dropout_run
-  _assert_same_step(_one_step(config, run, 'fast', masked_head),
-                    _one_step(config, run, 'transformers', masked_head))
