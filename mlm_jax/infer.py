@@ -118,7 +118,7 @@ def target_ids(tokenizer, targets: Sequence[str]) -> np.ndarray:
   return np.asarray(sorted(set(ids)), np.int32)
 
 
-def _encode(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+def encode(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
   """Every text's ids, checked before any is run: a bad text 900 fails before text 1 prints."""
   encoded = []
   for number, text in enumerate(texts, start=1):
@@ -151,12 +151,17 @@ def iter_fill_mask(predictor: Predictor, texts: Sequence[str], top_k: int = 5,
   if targets is not None and not targets:
     raise UserError('targets is empty; pass at least one word, or None to score every token')
   tokenizer = predictor.tokenizer
-  encoded = _encode(tokenizer, texts, model_lib.max_block_size(predictor.model.config))
+  encoded = encode(tokenizer, texts, model_lib.max_block_size(predictor.model.config))
   candidates = None if targets is None else target_ids(tokenizer, targets)
   k = min(top_k, predictor.model.config.vocab_size if candidates is None else len(candidates))
-  for start in range(0, len(encoded), batch_size):
-    yield from _fill_batch(predictor, encoded[start:start + batch_size], candidates, k,
-                           batch_size)
+  for batch in padded_batches(tokenizer, encoded, batch_size):
+    scores, indices = jax.device_get(_top_k_at(
+        predictor.params, batch.ids, batch.attention_mask, batch.predict_at, candidates,
+        logits_fn=predictor.logits_fn, top_k=k))
+    if candidates is not None:
+      indices = candidates[indices]
+    for row, (seq, where) in enumerate(zip(batch.encoded, batch.mask_at)):
+      yield _fills(tokenizer, seq, where, scores[row], indices[row])
 
 
 def fill_mask(predictor: Predictor, texts: Sequence[str], top_k: int = 5,
@@ -169,27 +174,32 @@ def fill_mask(predictor: Predictor, texts: Sequence[str], top_k: int = 5,
   return list(iter_fill_mask(predictor, texts, top_k, targets, batch_size))
 
 
-def _fill_batch(predictor: Predictor, encoded: list[list[int]], candidates: np.ndarray | None,
-                k: int, batch_size: int) -> list[list[list[dict]]]:
-  """The fills of at most `batch_size` encoded texts, run as one padded batch."""
-  tokenizer = predictor.tokenizer
-  mask_at = [np.flatnonzero(np.asarray(seq) == tokenizer.mask_token_id) for seq in encoded]
-  length = _bucket(max(map(len, encoded)))
-  rows = min(_bucket(len(encoded), minimum=1), batch_size)
-  masks = _bucket(max(map(len, mask_at)), minimum=1)
-  ids = np.full((rows, length), tokenizer.pad_token_id, np.int32)
-  attention_mask = np.zeros((rows, length), np.int32)
-  predict_at = np.zeros((rows, masks), np.int32)
-  for row, (seq, where) in enumerate(zip(encoded, mask_at)):
-    ids[row, :len(seq)], attention_mask[row, :len(seq)] = seq, 1
-    predict_at[row, :len(where)] = where
-  scores, indices = jax.device_get(_top_k_at(
-      predictor.params, ids, attention_mask, predict_at, candidates,
-      logits_fn=predictor.logits_fn, top_k=k))
-  if candidates is not None:
-    indices = candidates[indices]
-  return [_fills(tokenizer, seq, where, scores[row], indices[row])
-          for row, (seq, where) in enumerate(zip(encoded, mask_at))]
+@dataclasses.dataclass
+class PaddedBatch:
+  """At most `batch_size` encoded texts, padded to bucketed [rows, length] arrays."""
+  encoded: list[list[int]]
+  mask_at: list[np.ndarray]  # Each text's mask-token indices.
+  ids: np.ndarray
+  attention_mask: np.ndarray
+  predict_at: np.ndarray  # [rows, masks]: mask_at, padded.
+
+
+def padded_batches(tokenizer, encoded: list[list[int]],
+                   batch_size: int) -> Iterator[PaddedBatch]:
+  """The texts in order, `batch_size` at a time; rows and length bucketed to powers of two
+  (rows at most `batch_size`) so few shapes are compiled."""
+  for start in range(0, len(encoded), batch_size):
+    chunk = encoded[start:start + batch_size]
+    mask_at = [np.flatnonzero(np.asarray(seq) == tokenizer.mask_token_id) for seq in chunk]
+    rows = min(_bucket(len(chunk), minimum=1), batch_size)
+    length, masks = _bucket(max(map(len, chunk))), _bucket(max(map(len, mask_at)), minimum=1)
+    ids = np.full((rows, length), tokenizer.pad_token_id, np.int32)
+    attention_mask = np.zeros((rows, length), np.int32)
+    predict_at = np.zeros((rows, masks), np.int32)
+    for row, (seq, where) in enumerate(zip(chunk, mask_at)):
+      ids[row, :len(seq)], attention_mask[row, :len(seq)] = seq, 1
+      predict_at[row, :len(where)] = where
+    yield PaddedBatch(chunk, mask_at, ids, attention_mask, predict_at)
 
 
 def _fills(tokenizer, seq: list[int], mask_at: np.ndarray, scores: np.ndarray,

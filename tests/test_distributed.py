@@ -124,7 +124,7 @@ def test_two_hosts_reach_the_same_loss_as_one_host(one_device_run, tmp_path):
       cwd=ROOT, env=_cli_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for index in range(2)]
   try:
-    outputs = [p.communicate(timeout=300) for p in processes]
+    outputs = [p.communicate(timeout=900) for p in processes]  # A hang guard.
   finally:
     for p in processes:
       p.kill()

@@ -108,17 +108,10 @@ def test_export_loads_in_pytorch_with_the_same_logits(trained):
                              rtol=1e-4, atol=1e-4)
 
 
-def _run_train_cli(*args, timeout=240):
+def _run_train_cli(*args, timeout=900):
   env = dict(os.environ, PYTHONUNBUFFERED='1')
   return subprocess.run([sys.executable, str(ROOT / 'run_train.py'), *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def test_cli_rejects_an_unknown_config_key(tmp_path):
-  result = _run_train_cli('--config=configs/tiny_test.py', f'--workdir={tmp_path}',
-                          '--config.no_such_key=1')
-  assert result.returncode != 0
-  assert 'no_such_key' in result.stderr
 
 
 def test_cli_reports_a_missing_data_file_in_one_line(tmp_path):
@@ -146,9 +139,9 @@ def test_run_killed_mid_training_resumes_to_the_same_parameters(trained, tmp_pat
                              f'--workdir={tmp_path}'], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
-    deadline = time.time() + 180
+    deadline = time.time() + 900  # A hang guard: a loaded machine may take minutes.
     while not (tmp_path / 'checkpoints' / '2').exists() and killed.poll() is None:
-      assert time.time() < deadline
+      assert time.time() < deadline, 'the run wrote no checkpoint (hung?)'
       time.sleep(0.02)
     killed.kill()
   finally:
