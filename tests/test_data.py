@@ -122,6 +122,16 @@ def test_texts_to_blocks_keeps_each_documents_own_s_and_end_tokens(tokenizer):
   assert one[0] == two[0] == 0 and one[-1] == two[-1] == 2
 
 
+def test_special_token_strings_in_the_text_are_tokenized_as_text(tokenizer):
+  """A literal <mask>, <pad> or </s> in the data would be an id masking never trains on (and
+  a pad id shifts RoBERTa's position ids): only the tokenizer's own wrapping is special."""
+  texts = datasets.Dataset.from_dict({'text': ['Write <mask> or <pad> or </s> or <s> here.']})
+  [block] = data.texts_to_blocks(texts, tokenizer, block_size=1)[None].reshape(1, -1)
+  special = set(tokenizer.all_special_ids)
+  assert [i for i, token in enumerate(block) if token in special] == [0, len(block) - 1]
+  assert tokenizer.decode(block[1:-1]) == 'Write <mask> or <pad> or </s> or <s> here.'
+
+
 def test_make_blocks_second_call_is_a_cache_hit(tiny_config, tokenizer, eli5_jsonl):
   tiny_config.data_files = eli5_jsonl
   tiny_config.block_size = 16

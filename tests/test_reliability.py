@@ -155,12 +155,32 @@ def test_no_restorable_checkpoint_is_a_clear_error(finished_run):
     train.train_and_evaluate(config, str(workdir))
 
 
-def test_more_steps_may_be_added_on_resume(finished_run):
+def _rates(workdir) -> dict[int, float]:
+  return {r['step']: r['learning_rate'] for r in metric_writers.read_metrics(str(workdir))
+          if 'loss' in r}
+
+
+def test_more_steps_on_resume_keep_the_saved_schedule_and_say_so(finished_run, capsys):
   config, workdir = finished_run
   config.num_train_steps = 30
   summary = train.train_and_evaluate(config, str(workdir))
-  assert summary['steps_this_run'] == 10
-  assert _latest_step(workdir) == 30
+  assert summary['steps_this_run'] == 10 and _latest_step(workdir) == 30
+  assert ('Continuing the checkpoint\'s learning-rate schedule over 20 steps although this '
+          'run trains 30') in capsys.readouterr().out
+  # The 20-step schedule ended at 0: no jump back up (a 30-step one has 3.6e-3 at step 20).
+  assert _rates(workdir)[25] == 0.0 and _rates(workdir)[30] == 0.0
+  manager = checkpoint.make_manager(str(workdir), keep=None, create=False)
+  assert checkpoint.read_metadata(manager, 30)[0]['schedule_steps'] == 20
+
+
+def test_replan_schedule_plans_the_rate_over_the_new_length(finished_run, capsys):
+  config, workdir = finished_run
+  config.num_train_steps = 30
+  config.replan_schedule = True
+  train.train_and_evaluate(config, str(workdir))
+  assert 'Re-planning the learning-rate schedule over 30 steps' in capsys.readouterr().out
+  # Update 25 applies the 30-step schedule at 24: 1e-2 * (1 - 22 / 28).
+  assert _rates(workdir)[25] == pytest.approx(1e-2 * 6 / 28, rel=1e-5)
 
 
 def test_resume_lists_every_difference_that_changes_the_checkpoints_meaning(finished_run):

@@ -42,12 +42,13 @@ def test_evaluates_at_step_zero_every_eval_steps_and_at_the_end(trained):
   assert eval_steps == [0, config.eval_every_steps, config.num_train_steps]
 
 
-def test_logs_learning_rate_following_warmup(trained):
-  config, workdir, _ = trained
-  rates = {r['step']: r['learning_rate'] for r in metric_writers.read_metrics(workdir) if 'loss' in r}
-  # The rate logged at step s is the one used by update s (schedule(s - 1)).
-  assert rates[config.num_train_steps] < rates[config.log_every_steps]
-  assert max(rates.values()) <= config.learning_rate
+def test_logs_the_rate_each_interval_ends_with_warmup_then_linear_decay(trained):
+  _, workdir, _ = trained
+  rates = {r['step']: r['learning_rate'] for r in metric_writers.read_metrics(workdir)
+           if 'loss' in r}
+  # Update s applies schedule(s - 1): 1e-2 after 2 warmup steps, then down to 0 at step 20.
+  expected = {5: 1e-2 * 16 / 18, 10: 1e-2 * 11 / 18, 15: 1e-2 * 6 / 18, 20: 1e-2 / 18}
+  assert rates == pytest.approx(expected, rel=1e-5)
 
 
 def test_run_writes_checkpoints_export_tensorboard_and_metrics(trained):
@@ -60,13 +61,13 @@ def test_run_writes_checkpoints_export_tensorboard_and_metrics(trained):
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
 
 
-def test_checkpoint_holds_data_position_and_config(trained):
+def test_checkpoint_holds_data_cursor_schedule_and_config(trained):
   config, workdir, _ = trained
   manager = checkpoint.make_manager(workdir, keep=None, create=False)
-  step = manager.latest_step()
-  position, saved_config = checkpoint.read_metadata(manager, step)
-  assert saved_config['block_size'] == config.block_size
-  assert set(position) == {'epoch', 'batch'}
+  for step in (10, 20):  # 1,099 train blocks make 137 batches of 8 an epoch.
+    cursor, saved_config = checkpoint.read_metadata(manager, step)
+    assert cursor == {'epoch': 0, 'batch': step, 'schedule_steps': 20}
+    assert saved_config == {**config.to_dict(), 'global_batch_size': 8}
 
 
 def test_second_run_in_a_finished_workdir_does_not_train(trained):
@@ -127,37 +128,62 @@ def _final_params(workdir):
   return jax.tree_util.tree_leaves(infer.load_predictor(workdir).params)
 
 
-def test_run_killed_mid_training_resumes_to_the_same_parameters(trained, tmp_path):
-  """SIGKILL after the first checkpoint, restart: same result as the uninterrupted tiny run.
+@pytest.fixture(scope='module')
+def killed_and_resumed(tmp_path_factory):
+  """The tiny run logging every step, SIGKILLed after its first checkpoint and run again
+  with the same command: (workdir, the step it resumed from, the second run's stdout).
 
-  Saving every 2 steps changes when the state is written, not what is trained.
+  Saving every 2 steps and logging every step change when state is written and metrics
+  logged, not what is trained.
   """
-  _, straight, _ = trained
-  common = ['--config=configs/tiny_test.py', '--config.checkpoint_every_steps=2']
+  workdir = tmp_path_factory.mktemp('killed')
+  common = ['--config=configs/tiny_test.py', '--config.checkpoint_every_steps=2',
+            '--config.log_every_steps=1', f'--workdir={workdir}']
   env = dict(os.environ, PYTHONUNBUFFERED='1')
-  killed = subprocess.Popen([sys.executable, str(ROOT / 'run_train.py'), *common,
-                             f'--workdir={tmp_path}'], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  killed = subprocess.Popen([sys.executable, str(ROOT / 'run_train.py'), *common], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 900  # A hang guard: a loaded machine may take minutes.
-    while not (tmp_path / 'checkpoints' / '2').exists() and killed.poll() is None:
+    while not (workdir / 'checkpoints' / '2').exists() and killed.poll() is None:
       assert time.time() < deadline, 'the run wrote no checkpoint (hung?)'
       time.sleep(0.02)
     killed.kill()
   finally:
     killed.wait(timeout=60)
-  killed_at = checkpoint.make_manager(str(tmp_path), keep=None, create=False).latest_step()
+  killed_at = checkpoint.make_manager(str(workdir), keep=None, create=False).latest_step()
   assert killed_at is not None and killed_at < 20
-
-  result = _run_train_cli(*common, f'--workdir={tmp_path}')
+  result = _run_train_cli(*common)
   assert result.returncode == 0, result.stderr[-2000:]
-  assert f'Resuming from the checkpoint at step {killed_at}' in result.stdout
-  for a, b in zip(_final_params(str(tmp_path)), _final_params(straight)):
+  return str(workdir), killed_at, result.stdout
+
+
+def test_run_killed_mid_training_resumes_to_the_same_parameters(trained, killed_and_resumed):
+  _, straight, _ = trained
+  resumed, killed_at, stdout = killed_and_resumed
+  assert f'Resuming from the checkpoint at step {killed_at}' in stdout
+  for a, b in zip(_final_params(resumed), _final_params(straight)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   straight_evals = [r for r in metric_writers.read_metrics(straight) if 'eval_loss' in r]
-  resumed_evals = [r for r in metric_writers.read_metrics(str(tmp_path)) if 'eval_loss' in r]
+  resumed_evals = [r for r in metric_writers.read_metrics(resumed) if 'eval_loss' in r]
   np.testing.assert_allclose(resumed_evals[-1]['eval_loss'], straight_evals[-1]['eval_loss'],
                              rtol=1e-5)
+
+
+def test_train_metrics_are_the_intervals_means_over_its_tokens(trained, killed_and_resumed):
+  """The run logging every 5 steps logs the token-weighted mean of the 5 steps' losses that
+  the run logging every step logged one by one (the same steps: exact resume)."""
+  _, straight, _ = trained
+  per_step = {r['step']: r for r in metric_writers.read_metrics(killed_and_resumed[0])
+              if 'loss' in r}  # The resumed run's records replace the killed run's.
+  for record in (r for r in metric_writers.read_metrics(straight) if 'loss' in r):
+    steps = [per_step[s] for s in range(record['step'] - 4, record['step'] + 1)]
+    tokens = [s['masked_tokens'] - s['dropped_masked_tokens'] for s in steps]
+    assert record['masked_tokens'] == sum(s['masked_tokens'] for s in steps)
+    assert record['loss'] == pytest.approx(
+        sum(s['loss'] * n for s, n in zip(steps, tokens)) / sum(tokens), rel=1e-5)
+    assert record['accuracy'] == pytest.approx(
+        sum(s['accuracy'] * n for s, n in zip(steps, tokens)) / sum(tokens), rel=1e-5)
+    assert record['learning_rate'] == pytest.approx(steps[-1]['learning_rate'], rel=1e-6)
 
 
 def test_fine_tunes_a_pretrained_model_from_a_local_directory(trained, tmp_path):
