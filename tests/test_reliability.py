@@ -168,7 +168,8 @@ def test_more_steps_on_resume_keep_the_saved_schedule_and_say_so(finished_run, c
   assert ('Continuing the checkpoint\'s learning-rate schedule over 20 steps although this '
           'run trains 30') in capsys.readouterr().out
   # The 20-step schedule ended at 0: no jump back up (a 30-step one has 3.6e-3 at step 20).
-  assert _rates(workdir)[25] == 0.0 and _rates(workdir)[30] == 0.0
+  assert _rates(workdir)[25] == pytest.approx(0.0, abs=1e-9)
+  assert _rates(workdir)[30] == pytest.approx(0.0, abs=1e-9)
   manager = checkpoint.make_manager(str(workdir), keep=None, create=False)
   assert checkpoint.read_metadata(manager, 30)[0]['schedule_steps'] == 20
 
