@@ -1,4 +1,10 @@
-"""From raw ELI5-style sources to cached token blocks: data.py, tokenizer.py, input checks."""
+"""From raw ELI5-style sources to cached token blocks: data.py, tokenizer.py, input checks.
+
+Guards the guide's preprocessing (answers joined, documents concatenated and cut, each
+document's own <s>/</s>), special-token strings in the text staying text, the block
+cache (hit only for the same contents, tokenizer and block size), the tokenizer trained
+from scratch or loaded, and a one-line error for each bad source.
+"""
 
 import csv
 import json

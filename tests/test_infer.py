@@ -1,4 +1,10 @@
-"""Fill-mask inference on a tiny trained model, with real transformers, tokenizers, jax and orbax."""
+"""Fill-mask inference on a tiny trained model, with real transformers, tokenizers, jax and orbax.
+
+Guards the predictions (the softmax of the model called directly, the PyTorch pipeline's
+tokens, scores and sequences), the sources (a workdir's checkpoints, parameters only, an
+export), bounded batches whose size never changes a text's fills, the model's length
+limit, and one-line errors for bad texts, targets, steps and paths.
+"""
 
 import copy
 import dataclasses

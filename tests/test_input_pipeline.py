@@ -1,4 +1,9 @@
-"""Batches of blocks: seeded epochs, exact resume, padded evaluation, and their placement."""
+"""Batches of blocks: seeded epochs, exact resume, padded evaluation, and their placement.
+
+Guards that the batch at step s depends on (seed, s) alone (what exact resume rests on),
+that evaluation covers every block once with weight-0 padding made of real text, and how
+batches are split over hosts and devices.
+"""
 
 import itertools
 import json

@@ -1,4 +1,10 @@
-"""Preemption, crashes and bad state: nothing saved is lost, and the run says what happened."""
+"""Preemption, crashes and bad state: nothing saved is lost, and the run says what happened.
+
+Guards SIGTERM/Ctrl-C (a checkpoint, then exit 128 + signal), a second signal, half-written
+and corrupted checkpoints (skipped, named, set aside), resumes with another length (the
+saved schedule kept unless re-planned, and said), refused config changes, non-finite
+runs, an unwritable workdir, a bad config file and a full disk.
+"""
 
 import os
 import pathlib

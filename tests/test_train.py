@@ -1,4 +1,11 @@
-"""Training, evaluation, checkpoints and export, on the tiny config with real libraries."""
+"""Whole training runs of the tiny config through `train_and_evaluate` and `run_train.py`.
+
+Guards what a run writes (checkpoints with their data cursor, schedule length and config;
+the export; metrics with the interval's token-weighted means and the rate applied), that
+training lowers the loss, exact resume after SIGKILL, the PyTorch export, fine-tuning
+from a local model (Flax or PyTorch weights), and the closing hub upload's failure path.
+Step-level numbers are in test_steps.py, the optimizer in test_optim.py.
+"""
 
 import os
 import subprocess
