@@ -5,6 +5,7 @@
 
 import json
 import sys
+import textwrap
 
 from absl import app, flags
 
@@ -18,20 +19,34 @@ flags.DEFINE_integer('top_k', 5, 'How many fills to give per mask.')
 flags.DEFINE_list('targets', None, 'Score only these words (comma-separated).')
 flags.DEFINE_integer('step', None, 'Checkpoint step of a workdir (default: the latest).')
 flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
+flags.DEFINE_integer('batch_size', 64, 'Texts per forward pass; results print as each batch '
+                     'is done, so memory stays bounded for a long --input_file.')
 FLAGS = flags.FLAGS
+
+
+def _print_fills(texts, fills, as_json: bool) -> None:
+  """Prints each text's fills as its batch is done (the first batch runs before any output,
+  so a bad text fails with nothing printed)."""
+  from mlm_jax import infer  # pylint: disable=import-outside-toplevel
+  for number, (text, masks) in enumerate(zip(texts, fills)):
+    if as_json:  # One JSON array, written item by item.
+      item = textwrap.indent(json.dumps({'text': text, 'masks': masks}, indent=2), '  ')
+      sys.stdout.write(('[\n' if number == 0 else ',\n') + item)
+    else:
+      sys.stdout.write(('' if number == 0 else '\n') + infer.format_table([text], [masks]))
+    sys.stdout.flush()
+  if as_json:
+    sys.stdout.write('\n]\n')
 
 
 def main(argv):
   del argv
   cli.quiet_libraries()
-  results = cli.run_user_facing(lambda: cli.fill_mask(
-      FLAGS.model, FLAGS.text, FLAGS.input_file, FLAGS.top_k, FLAGS.targets, FLAGS.step))
-  texts, fills = results
-  if FLAGS.json:
-    print(json.dumps([{'text': t, 'masks': f} for t, f in zip(texts, fills)], indent=2))
-  else:
-    from mlm_jax import infer  # pylint: disable=import-outside-toplevel
-    sys.stdout.write(infer.format_table(texts, fills))
+  def fill_and_print():
+    texts, fills = cli.fill_mask(FLAGS.model, FLAGS.text, FLAGS.input_file, FLAGS.top_k,
+                                 FLAGS.targets, FLAGS.step, FLAGS.batch_size)
+    _print_fills(texts, fills, FLAGS.json)
+  cli.run_user_facing(fill_and_print)
 
 
 if __name__ == '__main__':

@@ -7,10 +7,16 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mlm_jax import cli
+from mlm_jax import validation
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+_DEFAULT_CONFIG = os.path.join(_HERE, 'configs', 'default.py')
+if __name__ == '__main__':  # Before DEFINE_config_file, which applies the overrides at once.
+  sys.path.insert(0, _HERE)  # So config files can import each other as `configs.*`.
+  cli.check_config_file(sys.argv)
+  cli.check_config_overrides(sys.argv, _DEFAULT_CONFIG)
 config_flags.DEFINE_config_file(
-    'config', os.path.join(_HERE, 'configs', 'default.py'),
+    'config', _DEFAULT_CONFIG,
     'Config file (a Python file with get_config()); override keys with --config.KEY=VALUE.',
     lock_config=True)
 flags.DEFINE_string('workdir', None,
@@ -25,6 +31,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  cli.run_user_facing(lambda: validation.validate_config(FLAGS.config))  # In the first second.
   cli.quiet_libraries()
   cli.run_user_facing(
       lambda: cli.train(FLAGS.config, FLAGS.workdir, FLAGS.coordinator_address,
@@ -32,6 +39,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  sys.path.insert(0, _HERE)  # So config files can import each other as `configs.*`.
-  cli.check_config_file(sys.argv)
   app.run(main)

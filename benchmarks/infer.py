@@ -124,11 +124,11 @@ def fresh_predictor(shape: ModelShape, answers: Sequence[str]) -> infer.Predicto
 
 
 def padded_shape(predictor: infer.Predictor, texts: Sequence[str]) -> tuple[int, int]:
-  """(rows, length) of the batch `fill_mask` builds, with its own bucketing."""
-  tokenizer = predictor.tokenizer
-  lengths = [len(tokenizer(t.replace(infer.USER_MASK, tokenizer.mask_token))['input_ids'])
-             for t in texts]
-  return infer._bucket(len(texts), minimum=1), infer._bucket(max(lengths))  # pylint: disable=protected-access
+  """(rows, length) of the batch `fill_mask` builds for `texts` (one batch of them)."""
+  encoded = infer.encode(predictor.tokenizer, texts,
+                         model_lib.max_block_size(predictor.model.config))
+  batch, = infer.padded_batches(predictor.tokenizer, encoded, batch_size=len(texts))
+  return batch.ids.shape
 
 
 def load_average() -> list[float]:
@@ -146,7 +146,7 @@ def count_params(params) -> int:
 
 def time_call(predictor: infer.Predictor, texts: Sequence[str], top_k: int) -> float:
   start = time.perf_counter()
-  results = infer.fill_mask(predictor, texts, top_k=top_k)
+  results = infer.fill_mask(predictor, texts, top_k=top_k, batch_size=len(texts))
   elapsed = time.perf_counter() - start
   assert len(results) == len(texts) and all(len(r) == 1 for r in results)
   return elapsed

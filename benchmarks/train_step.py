@@ -14,15 +14,18 @@ Timing, after `--warmup` steps (the first of which compiles):
   * back-to-back: `--steps` steps dispatched in a row, one `block_until_ready` at the
     end (the way the training loop and the reference rows of anchors.py run).
 
-FLOPs (the standard full-model accounting, as in ../shared/bench/anchors.py):
-  flops_per_token = 6 * N + 12 * layers * seq * hidden
-  N = every parameter outside the embedding tables (encoder layers with their biases and
-      LayerNorms, the LM head's dense + LayerNorm + output bias) + the vocabulary
-      projection (vocab * hidden: the head's decoder, tied to the word embeddings).
+FLOPs the step executes (the standard full-model accounting, as in ../shared/bench/anchors.py,
+with the head counted where it runs):
+  flops_per_token = 6 * (N_body + N_head * head_share) + 12 * layers * seq * hidden
+  N_body = every parameter outside the embedding tables and the LM head (encoder layers with
+      their biases and LayerNorms); N_head = the LM head's dense + LayerNorm + output bias +
+      the vocabulary projection (vocab * hidden: the decoder, tied to the word embeddings).
   6 * N is the forward (2) + backward (4) matmul FLOPs per token; the second term is the
   attention scores (Q K^T) and context (A V): 2 * 2 * seq * hidden per token per layer
-  forward, times 3 for forward + backward. Every position goes through the vocabulary
-  head (the step computes full logits), so nothing is discounted for the 15% masked.
+  forward, times 3 for forward + backward. head_share is 1 for the full head (the step
+  computes every position's logits) and max_predictions(seq, 0.15) / seq with
+  --masked_head (the head runs on that many gathered tokens per row, masked or not): MFU
+  counts what the step computes, not the full head it no longer runs.
   MFU = tokens/s per device * flops_per_token / (peak_tflops * 1e12), with the peak
   from --peak_tflops (default 790 bf16 TFLOP/s on GPU, the anchors' figure; on other
   platforms MFU is only printed when --peak_tflops is given).
@@ -236,17 +239,25 @@ def random_ids(shape: Shape, rows: int, rng: np.random.Generator) -> np.ndarray:
 # FLOPs.
 
 
-def flop_params(params: Any, vocab: int, hidden: int) -> int:
-  """N of the docstring: parameters outside the embeddings + the vocabulary projection."""
+def flop_params(params: Any, vocab: int, hidden: int) -> tuple[int, int]:
+  """(N_body, N_head) of the docstring."""
   flat = traverse_util.flatten_dict(params)
-  outside = sum(int(np.prod(v.shape)) for path, v in flat.items() if 'embeddings' not in path)
-  untied = any('decoder' in path for path in flat)  # An untied head counts itself above.
-  return outside + (0 if untied else vocab * hidden)
+  size = lambda keep: sum(int(np.prod(v.shape)) for path, v in flat.items() if keep(path))
+  body = size(lambda path: 'embeddings' not in path and 'lm_head' not in path)
+  untied = any('decoder' in path for path in flat)  # An untied head counts itself below.
+  return body, size(lambda path: 'lm_head' in path) + (0 if untied else vocab * hidden)
+
+
+def head_share(shape: Shape) -> float:
+  """The share of a row's tokens the vocabulary head runs on."""
+  return model_lib.max_predictions(shape.seq, 0.15) / shape.seq if shape.masked_head else 1.0
 
 
 def flops_per_token(params: Any, shape: Shape) -> float:
+  """The FLOPs per token the step executes (see the module docstring)."""
+  body, head = flop_params(params, shape.vocab, shape.hidden)
   attention = 12 * shape.layers * shape.seq * shape.hidden
-  return 6 * flop_params(params, shape.vocab, shape.hidden) + attention
+  return 6 * (body + head * head_share(shape)) + attention
 
 
 def default_peak_tflops(platform: str, given: float | None) -> float | None:
@@ -297,8 +308,8 @@ def time_steps(steps: steps_lib.Steps, state: steps_lib.TrainState, batch: jax.A
     state, metrics = steps.train(state, batch)
   jax.block_until_ready((state, metrics))
   back_to_back = (time.perf_counter() - start) * 1e3 / count
-  if not np.isfinite(float(metrics['loss'])):
-    print(f'warning: the last step\'s loss is {float(metrics["loss"])}', flush=True)
+  if int(metrics['nonfinite']):
+    print(f'warning: the last {int(metrics["nonfinite"])} step(s) were non-finite', flush=True)
   return StepTimes(first, synced, back_to_back), state
 
 
@@ -442,8 +453,9 @@ def print_report(r: dict, steps: int) -> None:
   print(f'device: {r["device_kind"]} ({r["platform"]}) x {r["num_devices"]}; host load average '
         f'(1/5/15 min) {r["load_average_before"]} before, {r["load_average_after"]} after')
   print(f'shape: {shape.describe()}')
-  print(f'params: {r["params"] / 1e6:.2f}M total, N = {r["flop_params"] / 1e6:.2f}M for FLOPs; '
-        f'{r["flops_per_token"] / 1e6:,.1f} MFLOP/token (6N + 12*L*s*h)')
+  print(f'params: {r["params"] / 1e6:.2f}M total, N = {r["flop_params"] / 1e6:.2f}M for FLOPs '
+        f'(the head\'s counted on {head_share(shape):.0%} of the tokens, where it runs); '
+        f'{r["flops_per_token"] / 1e6:,.1f} MFLOP/token executed (6N + 12*L*s*h)')
   print(f'first step (compile + run): {r["first_step_s"]:.2f} s')
   print(f'step time ({steps} synced steps): median {r["step_ms_median"]:.2f} ms, '
         f'mean {r["step_ms_mean"]:.2f} ms; back-to-back mean {r["step_ms_back_to_back"]:.2f} ms')
@@ -503,7 +515,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   steps, state, params = build_step(shape, mesh, total_steps)
   # Counted now: the first step donates the state, which may share the params' buffers.
   n_params = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(params))
-  n_flop_params, fpt = flop_params(params, shape.vocab, shape.hidden), flops_per_token(params, shape)
+  body, head = flop_params(params, shape.vocab, shape.hidden)
+  n_flop_params, fpt = body + head * head_share(shape), flops_per_token(params, shape)
   rows = shape.batch * jax.local_device_count()
   batch = sharding.shard_batch(random_ids(shape, rows, np.random.default_rng(SEED)), mesh,
                                batch_axis=1)

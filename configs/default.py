@@ -59,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_grad_norm = 1.0
   config.num_epochs = 24
   config.num_train_steps = -1  # -1: from num_epochs.
+  # A resume with another num_train_steps/num_epochs keeps the checkpoint's learning-rate
+  # schedule (no jump in the rate); True re-plans it over the new length.
+  config.replan_schedule = False
   config.seed = 0
   # Devices per `fsdp` group that shard parameters and optimizer state (1: plain data parallel).
   config.fsdp = 1

@@ -10,6 +10,7 @@ import tqdm
 from mlm_jax import checkpoint
 from mlm_jax import input_pipeline
 from mlm_jax import metric_writers
+from mlm_jax import metrics as metrics_lib
 from mlm_jax import preemption
 from mlm_jax import sharding
 from mlm_jax import steps as steps_lib
@@ -17,16 +18,24 @@ from mlm_jax.errors import UserError
 from mlm_jax.run import Run
 
 
+_add = jax.jit(lambda total, new: jax.tree_util.tree_map(jax.numpy.add, total, new))
+
+
 class Bookkeeping:
   """The training loop's bookkeeping: logging, evaluation, checkpoints and stop checks."""
 
   def __init__(self, run: Run, steps: steps_lib.Steps, manager,
-               writer: metric_writers.MetricsWriter):
+               writer: metric_writers.MetricsWriter, schedule_steps: int):
     self.run, self.steps, self.manager, self.writer = run, steps, manager, writer
+    self.schedule_steps = schedule_steps  # Saved with each checkpoint (see optim.plan_schedule).
     self.bar = tqdm.tqdm(total=run.total_steps, disable=jax.process_index() != 0,
                          desc='train', dynamic_ncols=True)
     self.tokens_per_step = run.global_batch_size * run.config.block_size
+    self._start_interval()
+
+  def _start_interval(self) -> None:
     self.interval_start, self.interval_steps = time.time(), 0
+    self.interval_sums = None  # The first step's sums: they are laid out as every step's.
 
   def evaluate(self, state: steps_lib.TrainState) -> None:
     step = int(sharding.to_host(state.step))
@@ -42,7 +51,8 @@ class Bookkeeping:
     cursor = input_pipeline.cursor_at(step, len(self.run.blocks.train),
                                       self.run.global_batch_size)
     with checkpoint.save_errors(self.manager, self.run.workdir, step):
-      checkpoint.save(self.manager, step, state, dataclasses.asdict(cursor),
+      checkpoint.save(self.manager, step, state,
+                      {**dataclasses.asdict(cursor), 'schedule_steps': self.schedule_steps},
                       self.run.config_record())
 
   def check_finite(self, step: int, step_metrics: dict) -> None:
@@ -55,15 +65,16 @@ class Bookkeeping:
           f'in {checkpoint.checkpoint_dir(self.run.workdir)}')
 
   def log(self, step: int, step_metrics: dict) -> None:
-    step_metrics = sharding.to_host(step_metrics)
+    """Writes the interval's means (and the last step's learning rate) as of `step`."""
+    record = metrics_lib.summarize_train(sharding.to_host(self.interval_sums),
+                                         self.interval_steps)
+    record['learning_rate'] = float(sharding.to_host(step_metrics['learning_rate']))
     elapsed = time.time() - self.interval_start
-    step_metrics['tokens_per_s'] = self.interval_steps * self.tokens_per_step / max(elapsed,
-                                                                                  1e-9)
-    self.interval_start, self.interval_steps = time.time(), 0
-    self.writer.write(step, step_metrics)
-    self.bar.set_postfix(loss=f'{step_metrics["loss"]:.3f}',
-                         lr=f'{step_metrics["learning_rate"]:.2e}',
-                         tok_s=f'{step_metrics["tokens_per_s"]:,.0f}')
+    record['tokens_per_s'] = self.interval_steps * self.tokens_per_step / max(elapsed, 1e-9)
+    self._start_interval()
+    self.writer.write(step, record)
+    self.bar.set_postfix(loss=f'{record["loss"]:.3f}', lr=f'{record["learning_rate"]:.2e}',
+                         tok_s=f'{record["tokens_per_s"]:,.0f}')
 
   def after_step(self, step: int, state: steps_lib.TrainState, step_metrics: dict) -> None:
     """Logs, evaluates and saves as due after `step` (the host's count: reading
@@ -71,6 +82,8 @@ class Bookkeeping:
     config = self.run.config
     last = step == self.run.total_steps
     self.interval_steps += 1
+    self.interval_sums = (step_metrics['sums'] if self.interval_sums is None
+                          else _add(self.interval_sums, step_metrics['sums']))  # On the device.
     if step % config.log_every_steps == 0 or last:
       self.log(step, step_metrics)
     if step % config.eval_every_steps == 0 or last:

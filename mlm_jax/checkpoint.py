@@ -1,7 +1,8 @@
 """Orbax checkpoints of the whole train state, and which one a run resumes from.
 
 A checkpoint in `WORKDIR/checkpoints/STEP` holds three items: `state` (the train
-state pytree), `data` (the epoch and batch of the next batch) and `config` (the run's
+state pytree), `data` (the epoch and batch of the next batch, and the steps the
+learning-rate schedule spans) and `config` (the run's
 config, to refuse a resume whose config changes what the state means). Orbax
 writes each checkpoint into a temporary folder and renames it when complete, so a
 reader never sees half a checkpoint.
@@ -24,7 +25,7 @@ RESUMABLE_CHANGES = frozenset({
     'num_train_steps', 'num_epochs', 'eval_every_steps', 'eval_batch_size', 'log_every_steps',
     'checkpoint_every_steps', 'keep_checkpoints', 'push_to_hub', 'hub_model_id', 'num_proc',
     'cache_dir', 'per_device_batch_size', 'max_nonfinite_steps', 'fsdp', 'max_eval_blocks',
-    'tokenizer_train_max_texts'})
+    'tokenizer_train_max_texts', 'replan_schedule'})
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -64,11 +65,46 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any
   return restored.state, restored.data, restored.config
 
 
+def restore_params(workdir: str, step: int | None, sharding: jax.sharding.Sharding) -> Any:
+  """The parameters alone of the checkpoint at `step` (default: the latest), placed with
+  `sharding`: the optimizer state (twice the parameters with Adam) is never read."""
+  manager = ocp.CheckpointManager(
+      checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers={'state': ocp.PyTreeCheckpointHandler()})
+  steps = manager.all_steps()
+  if not steps:
+    raise UserError(f'{workdir} has no checkpoint; train first or pass an export directory')
+  if step is None:
+    step = max(steps)
+  elif step not in steps:
+    raise UserError(f'{workdir} has no checkpoint at step {step}; '
+                    f'available steps: {", ".join(map(str, sorted(steps)))}')
+  saved = manager.item_metadata(step)['state']['params']
+  item = {'params': jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), dict(saved))}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True)))
+  return restored.state['params']
+
+
 def read_metadata(manager: ocp.CheckpointManager, step: int) -> tuple[dict, dict]:
   """(data cursor, config) of the checkpoint at `step`, without reading the state."""
   restored = manager.restore(step, args=ocp.args.Composite(
       data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
   return restored.data, restored.config
+
+
+def saved_schedule_steps(manager: ocp.CheckpointManager) -> int | None:
+  """The steps the newest readable checkpoint's learning-rate schedule spans (None: no
+  checkpoint, or one from before this was recorded)."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      cursor, _ = read_metadata(manager, step)
+    except Exception:  # pylint: disable=broad-except
+      continue  # `restore_newest` reports it.
+    return cursor.get('schedule_steps')
+  return None
 
 
 def set_aside(workdir: str, step: int) -> str:

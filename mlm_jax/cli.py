@@ -1,6 +1,8 @@
 """What the entry points share: multi-host start-up and one-line errors for user mistakes."""
 
 import ast
+import difflib
+import importlib.util
 import os
 import sys
 import time
@@ -9,6 +11,7 @@ from typing import Callable, NoReturn, TypeVar
 import jax
 
 from mlm_jax import preemption
+from mlm_jax import validation
 from mlm_jax.errors import UserError
 
 T = TypeVar('T')
@@ -71,6 +74,43 @@ def check_config_file(argv: list[str]) -> None:
          'ml_collections.ConfigDict (see configs/default.py)')
 
 
+def _config_keys(config, prefix: str = '') -> list[str]:
+  """Every dotted key of a ConfigDict, nested ones included."""
+  keys = []
+  for name, value in config.items():
+    keys.append(prefix + name)
+    if hasattr(value, 'items'):
+      keys += _config_keys(value, f'{prefix}{name}.')
+  return keys
+
+
+def load_config_file(spec: str):
+  """`get_config()` of `path[:arg]`, as --config loads it."""
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('mlm_jax_config_file', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def check_config_overrides(argv: list[str], default_config: str) -> None:
+  """Exits with one line naming a misspelled --config.KEY and the closest valid keys.
+
+  absl would print a 49-line traceback for it. Run after `check_config_file`.
+  """
+  overrides = [arg[len('--config.'):].split('=', 1)[0] for arg in argv
+               if arg.startswith('--config.')]
+  if not overrides:
+    return
+  valid = _config_keys(load_config_file(_flag_value(argv, 'config') or default_config))
+  for key in overrides:
+    if key not in valid:
+      closest = (difflib.get_close_matches(key, valid, n=3)
+                 or difflib.get_close_matches(key, valid, n=3, cutoff=0.0))
+      fail(f'--config.{key} is not a config key; the closest are '
+           f'{", ".join(closest)} (all keys: configs/default.py)')
+
+
 def fail(message: str) -> NoReturn:
   print(f'error: {message}', file=sys.stderr, flush=True)
   sys.exit(2)
@@ -94,6 +134,7 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
 def train(config, workdir: str | None, coordinator_address: str | None = None,
           num_processes: int | None = None, process_id: int | None = None) -> dict:
   """Joins the cluster if any, then trains; `workdir=None` makes a new one under ./runs."""
+  validation.validate_config(config)  # Before the heavy imports, let alone data or model.
   from mlm_jax import train as train_lib  # pylint: disable=import-outside-toplevel
   initialize_distributed(coordinator_address, num_processes, process_id)
   if workdir is None:
@@ -125,9 +166,9 @@ def read_texts(texts: list[str], input_file: str | None) -> list[str]:
 
 
 def fill_mask(model: str, texts: list[str], input_file: str | None, top_k: int,
-              targets: list[str] | None, step: int | None):
-  """(texts, fills) for the run_infer.py entry point."""
+              targets: list[str] | None, step: int | None, batch_size: int):
+  """(texts, an iterator of their fills) for the run_infer.py entry point."""
   from mlm_jax import infer  # pylint: disable=import-outside-toplevel
   texts = read_texts(texts, input_file)
   predictor = infer.load_predictor(model, step)
-  return texts, infer.fill_mask(predictor, texts, top_k, targets)
+  return texts, infer.iter_fill_mask(predictor, texts, top_k, targets, batch_size)

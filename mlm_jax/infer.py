@@ -1,20 +1,21 @@
 """Fill-mask inference: top-k predictions for every mask token, as the transformers pipeline gives them.
 
 A model comes from a training workdir (its orbax checkpoint: the latest or a given
-step), an HF-format directory (such as a workdir's export) or a hub id. All texts
-run as one padded batch through one jit-compiled forward pass; batch size and
-length are bucketed to powers of two so the compiled function is reused.
+step; its parameters only), an HF-format directory (such as a workdir's export) or a
+hub id. Texts run `batch_size` at a time through one jit-compiled forward pass, results
+streamed out batch by batch; rows and length are bucketed to powers of two so the
+compiled function is reused. A text longer than the model's position embeddings is
+refused by its number.
 """
 
 import dataclasses
 import functools
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import transformers
 
 from mlm_jax import checkpoint
@@ -23,6 +24,7 @@ from mlm_jax import tokenizer as tokenizer_lib
 from mlm_jax.errors import UserError, first_line
 
 USER_MASK = '<mask>'
+DEFAULT_BATCH_SIZE = 64  # Texts per forward pass: memory stays bounded whatever the input.
 
 
 @dataclasses.dataclass
@@ -34,43 +36,23 @@ class Predictor:
 
   def __post_init__(self):
     # One function object per predictor, so the jit cache keyed on it is reused.
-    self.logits_fn = _logits_at_positions_fn(self.model)
+    self.logits_fn = _logits_at_fn(self.model)
 
 
-def _logits_at_positions_fn(model) -> Callable:
-  """`fn(params, ids, attention_mask, positions)` -> logits at `positions` only.
+def _logits_at_fn(model) -> Callable:
+  """`fn(params, ids, attention_mask, predict_at)` -> logits at the token indices `predict_at`.
 
-  RoBERTa-family models run the vocabulary head on those positions alone; others
+  RoBERTa-family models run the vocabulary head on those tokens alone; others
   compute every position's logits and gather.
   """
   if model_lib.supports_masked_head(model):
     head = model_lib.masked_head_fn(model)
-    return lambda params, ids, mask, positions: head(ids, positions, params, False, None, mask)
+    return lambda params, ids, mask, predict_at: head(ids, predict_at, params, False, None, mask)
 
-  def gather(params, ids, mask, positions):
+  def gather(params, ids, mask, predict_at):
     logits = model(ids, attention_mask=mask, params=params, train=False).logits
-    return jnp.take_along_axis(logits, positions[:, :, None], axis=1)
+    return jnp.take_along_axis(logits, predict_at[:, :, None], axis=1)
   return gather
-
-
-def _restore_params(workdir: str, step: int | None) -> Any:
-  manager = checkpoint.make_manager(workdir, keep=None, create=False)
-  steps = manager.all_steps()
-  if not steps:
-    raise UserError(f'{workdir} has no checkpoint; train first or pass an export directory')
-  if step is None:
-    step = max(steps)
-  elif step not in steps:
-    raise UserError(f'{workdir} has no checkpoint at step {step}; '
-                    f'available steps: {", ".join(map(str, sorted(steps)))}')
-  # Onto this host's first device, whatever the topology the checkpoint was saved from.
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  metadata = manager.item_metadata(step)['state']
-  target = jax.tree_util.tree_map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target)))
-  return restored.state['params']
 
 
 def load_predictor(model: str, step: int | None = None) -> Predictor:
@@ -81,7 +63,10 @@ def load_predictor(model: str, step: int | None = None) -> Predictor:
                       'not a complete training workdir; pass its export/ or a finished run')
     config = transformers.AutoConfig.from_pretrained(checkpoint.model_config_dir(model))
     flax_model = transformers.FlaxAutoModelForMaskedLM.from_config(config, _do_init=False)
-    return Predictor(flax_model, _restore_params(model, step),
+    # Onto this host's first device, whatever the topology the checkpoint was saved from.
+    params = checkpoint.restore_params(
+        model, step, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    return Predictor(flax_model, params,
                      transformers.AutoTokenizer.from_pretrained(
                          tokenizer_lib.tokenizer_dir(model)))
   if step is not None:
@@ -105,9 +90,10 @@ def _bucket(n: int, minimum: int = 8) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=('logits_fn', 'top_k'))
-def _top_k_at(params, ids, attention_mask, positions, candidate_ids, *, logits_fn, top_k):
-  """Top-k (probability, index into candidate_ids) at `positions` [batch, masks]."""
-  logits = logits_fn(params, ids, attention_mask, positions)
+def _top_k_at(params, ids, attention_mask, predict_at, candidate_ids, *, logits_fn, top_k):
+  """Top-k (probability, index into candidate_ids) at the token indices `predict_at`
+  [batch, masks]."""
+  logits = logits_fn(params, ids, attention_mask, predict_at)
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   if candidate_ids is not None:
     probs = probs[..., candidate_ids]
@@ -132,8 +118,8 @@ def target_ids(tokenizer, targets: Sequence[str]) -> np.ndarray:
   return np.asarray(sorted(set(ids)), np.int32)
 
 
-def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-  max_length = tokenizer.model_max_length if tokenizer.model_max_length < 1e6 else 512
+def encode(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+  """Every text's ids, checked before any is run: a bad text 900 fails before text 1 prints."""
   encoded = []
   for number, text in enumerate(texts, start=1):
     if not text.strip():
@@ -143,20 +129,21 @@ def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
       raise UserError(f'text {number} ({text!r}) has no mask token; write {USER_MASK} '
                       'where the model should fill in a word')
     if len(ids) > max_length:
-      raise UserError(f'text {number} has {len(ids)} tokens; the model takes at most '
-                      f'{max_length}: shorten it')
+      raise UserError(f'text {number} has {len(ids)} tokens; the model\'s position embeddings '
+                      f'take at most {max_length}: shorten it')
     encoded.append(ids)
   return encoded
 
 
-def fill_mask(predictor: Predictor, texts: Sequence[str], top_k: int = 5,
-              targets: Sequence[str] | str | None = None) -> list[list[list[dict]]]:
-  """For each text, for each mask in it: the top-k fills, best first.
-
-  Each fill is a dict with the pipeline's keys: score, token, token_str, sequence.
-  """
+def iter_fill_mask(predictor: Predictor, texts: Sequence[str], top_k: int = 5,
+                   targets: Sequence[str] | str | None = None,
+                   batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[list[list[dict]]]:
+  """`fill_mask`'s results one text at a time, as each batch of `batch_size` texts is done:
+  memory stays bounded by the batch, whatever the number of texts."""
   if top_k < 1:
     raise UserError(f'top_k={top_k} must be at least 1')
+  if batch_size < 1:
+    raise UserError(f'batch_size={batch_size} must be at least 1')
   if not texts:
     raise UserError('no text given; pass at least one text with <mask> in it')
   if isinstance(targets, str):
@@ -164,34 +151,64 @@ def fill_mask(predictor: Predictor, texts: Sequence[str], top_k: int = 5,
   if targets is not None and not targets:
     raise UserError('targets is empty; pass at least one word, or None to score every token')
   tokenizer = predictor.tokenizer
-  encoded = _encode(tokenizer, texts)
+  encoded = encode(tokenizer, texts, model_lib.max_block_size(predictor.model.config))
   candidates = None if targets is None else target_ids(tokenizer, targets)
   k = min(top_k, predictor.model.config.vocab_size if candidates is None else len(candidates))
-  mask_positions = [np.flatnonzero(np.asarray(seq) == tokenizer.mask_token_id) for seq in encoded]
-  length, batch = _bucket(max(map(len, encoded))), _bucket(len(encoded), minimum=1)
-  masks = _bucket(max(map(len, mask_positions)), minimum=1)
-  ids = np.full((batch, length), tokenizer.pad_token_id, np.int32)
-  attention_mask = np.zeros((batch, length), np.int32)
-  positions = np.zeros((batch, masks), np.int32)
-  for row, (seq, where) in enumerate(zip(encoded, mask_positions)):
-    ids[row, :len(seq)], attention_mask[row, :len(seq)] = seq, 1
-    positions[row, :len(where)] = where
-  scores, indices = jax.device_get(_top_k_at(
-      predictor.params, ids, attention_mask, positions, candidates,
-      logits_fn=predictor.logits_fn, top_k=k))
-  if candidates is not None:
-    indices = candidates[indices]
-  return [_fills(tokenizer, seq, where, scores[row], indices[row])
-          for row, (seq, where) in enumerate(zip(encoded, mask_positions))]
+  for batch in padded_batches(tokenizer, encoded, batch_size):
+    scores, indices = jax.device_get(_top_k_at(
+        predictor.params, batch.ids, batch.attention_mask, batch.predict_at, candidates,
+        logits_fn=predictor.logits_fn, top_k=k))
+    if candidates is not None:
+      indices = candidates[indices]
+    for row, (seq, where) in enumerate(zip(batch.encoded, batch.mask_at)):
+      yield _fills(tokenizer, seq, where, scores[row], indices[row])
 
 
-def _fills(tokenizer, seq: list[int], positions: np.ndarray, scores: np.ndarray,
+def fill_mask(predictor: Predictor, texts: Sequence[str], top_k: int = 5,
+              targets: Sequence[str] | str | None = None,
+              batch_size: int = DEFAULT_BATCH_SIZE) -> list[list[list[dict]]]:
+  """For each text, for each mask in it: the top-k fills, best first.
+
+  Each fill is a dict with the pipeline's keys: score, token, token_str, sequence.
+  """
+  return list(iter_fill_mask(predictor, texts, top_k, targets, batch_size))
+
+
+@dataclasses.dataclass
+class PaddedBatch:
+  """At most `batch_size` encoded texts, padded to bucketed [rows, length] arrays."""
+  encoded: list[list[int]]
+  mask_at: list[np.ndarray]  # Each text's mask-token indices.
+  ids: np.ndarray
+  attention_mask: np.ndarray
+  predict_at: np.ndarray  # [rows, masks]: mask_at, padded.
+
+
+def padded_batches(tokenizer, encoded: list[list[int]],
+                   batch_size: int) -> Iterator[PaddedBatch]:
+  """The texts in order, `batch_size` at a time; rows and length bucketed to powers of two
+  (rows at most `batch_size`) so few shapes are compiled."""
+  for start in range(0, len(encoded), batch_size):
+    chunk = encoded[start:start + batch_size]
+    mask_at = [np.flatnonzero(np.asarray(seq) == tokenizer.mask_token_id) for seq in chunk]
+    rows = min(_bucket(len(chunk), minimum=1), batch_size)
+    length, masks = _bucket(max(map(len, chunk))), _bucket(max(map(len, mask_at)), minimum=1)
+    ids = np.full((rows, length), tokenizer.pad_token_id, np.int32)
+    attention_mask = np.zeros((rows, length), np.int32)
+    predict_at = np.zeros((rows, masks), np.int32)
+    for row, (seq, where) in enumerate(zip(chunk, mask_at)):
+      ids[row, :len(seq)], attention_mask[row, :len(seq)] = seq, 1
+      predict_at[row, :len(where)] = where
+    yield PaddedBatch(chunk, mask_at, ids, attention_mask, predict_at)
+
+
+def _fills(tokenizer, seq: list[int], mask_at: np.ndarray, scores: np.ndarray,
            tokens: np.ndarray) -> list[list[dict]]:
   """The pipeline's output for one text: its sequences decode the way the pipeline's do."""
   seq = np.asarray(seq)
-  single_mask = len(positions) == 1
+  single_mask = len(mask_at) == 1
   result = []
-  for mask, position in enumerate(positions):
+  for mask, position in enumerate(mask_at):
     row = []
     for score, token in zip(scores[mask], tokens[mask]):
       filled = seq.copy()

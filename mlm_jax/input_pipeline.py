@@ -186,8 +186,9 @@ def eval_batches(blocks: np.ndarray, global_batch_size: int, max_blocks: int = 0
   """Yields (this host's ids, row weights) covering the evaluated blocks once.
 
   The evaluated blocks are all of them, in order, or with `max_blocks` a fixed seeded draw
-  of that many, the same at every evaluation. The last batch is padded with zero rows of
-  weight 0, so shapes stay static and padding never counts.
+  of that many, the same at every evaluation. The last batch is padded with copies of the
+  first block at weight 0, so shapes stay static and padding never counts: real text, so that
+  only its weight keeps it out.
   """
   subset = 0 < max_blocks < len(blocks)
   size = max_blocks if subset else len(blocks)
@@ -198,7 +199,6 @@ def eval_batches(blocks: np.ndarray, global_batch_size: int, max_blocks: int = 0
 
   def read(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     weights = (indices != PADDING).astype(np.float32)
-    ids = source.read(np.where(weights > 0, indices, 0))
-    return ids * (weights[:, None] > 0), weights
+    return source.read(np.where(weights > 0, indices, 0)), weights
 
   return iter(batches.map(read).to_iter_dataset(_READ_OPTIONS))

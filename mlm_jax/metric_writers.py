@@ -40,9 +40,16 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:
-  """The records of `WORKDIR/metrics.jsonl`, oldest first (empty if none)."""
+  """The records of `WORKDIR/metrics.jsonl`, oldest first (empty if none); a line cut short
+  by a killed run (which a resumed run then appends after) is skipped."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
+  records = []
   with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return records

@@ -9,7 +9,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from flax import struct
 
 
 def masked_lm_sums(logits: jax.Array, labels: jax.Array,
@@ -30,3 +32,31 @@ def summarize_eval(loss_sum: float, correct: float, count: float) -> dict[str, f
   return {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 700.0)),
           'eval_accuracy': correct / count, 'eval_masked_tokens': count}
 
+
+
+class TrainSums(struct.PyTreeNode):
+  """A train step's metrics as sums, so that a log interval's are the sum of its steps'
+  (added on the device) and its means are taken once, over every token of the interval."""
+  loss_sum: jax.Array  # Cross-entropy summed over the predicted tokens.
+  correct: jax.Array
+  predicted_tokens: jax.Array  # Masked tokens the loss covers.
+  masked_tokens: jax.Array  # All masked tokens, those the head had no room for included.
+  grad_norm: jax.Array  # Summed over updates.
+  updates: jax.Array  # Steps that updated the parameters (a non-finite one does not).
+
+  @classmethod
+  def zeros(cls) -> 'TrainSums':
+    return cls(*([jnp.zeros((), jnp.float32)] * 6))
+
+
+def summarize_train(sums: TrainSums, steps: int) -> dict[str, float]:
+  """An interval's means from its summed `TrainSums` (host values) over `steps` steps."""
+  sums = jax.tree_util.tree_map(lambda x: float(np.asarray(x)), sums)
+  predicted, updates = max(sums.predicted_tokens, 1.0), max(sums.updates, 1.0)
+  nan_if_none = (lambda x: x) if sums.updates else (lambda x: float('nan'))
+  return {'loss': nan_if_none(sums.loss_sum / predicted),
+          'accuracy': nan_if_none(sums.correct / predicted),
+          'grad_norm': nan_if_none(sums.grad_norm / updates),
+          'masked_tokens': sums.masked_tokens,
+          'dropped_masked_tokens': sums.masked_tokens - sums.predicted_tokens,
+          'skipped_steps': steps - sums.updates}

@@ -7,17 +7,17 @@ import jax.numpy as jnp
 import transformers
 from transformers.models.roberta import modeling_flax_roberta
 
+from mlm_jax import validation
 from mlm_jax.errors import UserError, first_line
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = {name: getattr(jnp, name) for name in validation.DTYPE_NAMES}
 # Models whose module has .roberta and .lm_head, and whose positions start after the padding id.
 ROBERTA_FAMILY = ('roberta', 'xlm-roberta', 'camembert')
 SCRATCH_MAX_LENGTH = 512  # Tokens per text of a model trained from scratch, as RoBERTa's.
 
 
 def compute_dtype(name: str):
-  if name not in DTYPES:
-    raise UserError(f'dtype={name!r} is not supported; use one of {", ".join(DTYPES)}')
+  validation.check_choice('dtype', name, validation.DTYPE_NAMES)
   return DTYPES[name]
 
 
@@ -87,17 +87,29 @@ def supports_masked_head(model: transformers.FlaxPreTrainedModel) -> bool:
   return model.config.model_type in ROBERTA_FAMILY
 
 
-def max_predictions(block_size: int, probability: float, dispersion: float = 1.0) -> int:
-  """Positions per row the head sees: the mean masked count plus 6 standard deviations.
+def max_predictions(block_size: int, probability: float, dispersion: float = 1.0,
+                    overflow: float = 1e-9) -> int:
+  """Tokens per row the masked head predicts: for token masking the smallest k such that a
+  row of `block_size` tokens, each masked with `probability`, has more than k masked tokens
+  with probability below `overflow` (the binomial tail, summed exactly).
 
-  With Bernoulli masking a row has more masked tokens than this with probability
-  below 1e-9; those extra tokens stay masked in the input but are not predicted.
-  `dispersion` widens the deviation for whole-word masking, whose tokens come in
-  groups (`masking.count_dispersion`; 1 for token masking).
+  Whole-word masking chooses tokens in groups: `dispersion` (`masking.count_dispersion`, 1
+  for token masking) widens k's distance above the mean by its square root, as it widens
+  the count's standard deviation. Masked tokens beyond k stay masked in the input but are
+  not predicted; the train step counts them (`dropped_masked_tokens`).
   """
-  mean = block_size * probability
-  return min(block_size,
-             math.ceil(mean + 6 * math.sqrt(mean * (1 - probability) * dispersion)))
+  log_p, log_q = math.log(probability), math.log1p(-probability)
+  def pmf(k: int) -> float:
+    return math.exp(math.lgamma(block_size + 1) - math.lgamma(k + 1)
+                    - math.lgamma(block_size - k + 1) + k * log_p + (block_size - k) * log_q)
+  k, tail = block_size, 0.0  # tail = P(more than k masked).
+  while k > 0 and tail + pmf(k) < overflow:
+    tail += pmf(k)
+    k -= 1
+  if dispersion != 1.0:
+    mean = block_size * probability
+    k = math.ceil(mean + (k - mean) * math.sqrt(dispersion))
+  return min(block_size, k)
 
 
 def _encode_and_predict_at(module, input_ids, predict_at, attention_mask, deterministic: bool):
@@ -129,13 +141,7 @@ def masked_head_fn(model: transformers.FlaxPreTrainedModel):
   return fn
 
 
-IMPLEMENTATIONS = ('transformers', 'fast')
-
-
-def check_implementation(impl: str) -> None:
-  if impl not in IMPLEMENTATIONS:
-    raise UserError(f'model_impl={impl!r} is not supported; set --config.model_impl to one of '
-                    f'{", ".join(IMPLEMENTATIONS)}')
+IMPLEMENTATIONS = validation.MODEL_IMPLS
 
 
 def forward_fns(model: transformers.FlaxPreTrainedModel,
@@ -145,7 +151,7 @@ def forward_fns(model: transformers.FlaxPreTrainedModel,
   impl='fast' runs RoBERTa-family models through `mlm_jax.fast_model` (same parameters and
   numbers); other models, and impl='transformers', through transformers' own module.
   """
-  check_implementation(impl)
+  validation.check_choice('model_impl', impl, IMPLEMENTATIONS)
   if impl == 'fast' and supports_masked_head(model):
     from mlm_jax import fast_model  # pylint: disable=import-outside-toplevel
     module = fast_model.FastRobertaForMaskedLM(model.config, model.dtype)

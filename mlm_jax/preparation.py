@@ -29,7 +29,7 @@ from mlm_jax import model as model_lib
 from mlm_jax import tokenizer as tokenizer_lib
 from mlm_jax.errors import UserError
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: special-token strings in the text are tokenized as text.
 
 
 def cache_root(config) -> epath.Path:
@@ -86,6 +86,11 @@ def _encoder(tokenizer_json: str) -> tokenizers.Tokenizer:
   encoder = tokenizers.Tokenizer.from_str(tokenizer_json)
   encoder.no_truncation()
   encoder.no_padding()
+  # A literal `<mask>`, `<pad>` or `</s>` in the text is text, not the special token
+  # (transformers' `split_special_tokens=True`): special ids come from the tokenizer's own
+  # wrapping only, since masking never trains on them and a pad id inside a block would
+  # shift RoBERTa's position ids.
+  encoder.encode_special_tokens = True
   return encoder
 
 

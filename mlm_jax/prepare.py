@@ -14,6 +14,7 @@ from ml_collections import config_flags
 
 from mlm_jax import cli
 from mlm_jax import preparation
+from mlm_jax import validation
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file (a Python file with get_config()), as run_train.py takes; '
@@ -26,6 +27,7 @@ def main(argv) -> None:
   if _CONFIG.value is None:
     cli.fail('pass --config=configs/NAME.py (the config run_train.py will use)')
   # Says where the tokenizer and blocks are, as it finds or writes them.
+  cli.run_user_facing(lambda: validation.validate_config(_CONFIG.value))
   cli.run_user_facing(lambda: preparation.prepare(_CONFIG.value, log=_print))
 
 

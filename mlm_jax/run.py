@@ -15,7 +15,6 @@ from mlm_jax import preparation
 from mlm_jax import report
 from mlm_jax import sharding
 from mlm_jax import tokenizer as tokenizer_lib
-from mlm_jax import validation
 from mlm_jax.errors import UserError
 
 
@@ -62,8 +61,10 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str):
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Prepares the data and tokenizer (see `prepare_data`) and builds the model."""
-  validation.validate_config(config)
+  """Prepares the data and tokenizer (see `prepare_data`) and builds the model.
+
+  The config is validated already (`train.train_and_evaluate` does it first).
+  """
   tokenizer, blocks = prepare_data(config, workdir)
   spec = masking.spec_from_config(tokenizer, config)
   model = model_lib.create_model(config, tokenizer)

@@ -19,6 +19,7 @@ from flax import struct
 from mlm_jax import input_pipeline
 from mlm_jax import masking
 from mlm_jax import metrics as metrics_lib
+from mlm_jax import optim
 from mlm_jax import sharding
 
 EVAL_STREAM = 1  # Eval masking draws from fold_in(PRNGKey(seed), EVAL_STREAM), fixed.
@@ -57,10 +58,15 @@ def train_step(state: TrainState, ids: jax.Array, *, apply_fn: Callable,
   With `head_fn` (see `model.masked_head_fn`) the vocabulary head runs only on the
   `max_predictions` masked tokens of each row. A non-finite loss or gradient
   skips the update and is counted.
+
+  Returns the new state and the step's metrics: `sums` (a `metrics.TrainSums`, zero for a
+  skipped step, to be added up over a log interval), `nonfinite` (consecutive skipped
+  steps) and `learning_rate` (the rate this update applied).
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
   mask_rng, dropout_rng = jax.random.split(step_rng)
   inputs, labels, weights = mask_micro_batches(mask_rng, ids, spec)
+  masked = weights.sum()
   if head_fn is None:
     predict_at = jnp.zeros(ids.shape[:2] + (0,), jnp.int32)  # Unused: every token.
   else:  # The indices of each row's masked tokens first (weight 1 sorts before 0).
@@ -104,10 +110,11 @@ def train_step(state: TrainState, ids: jax.Array, *, apply_fn: Callable,
       params=keep_if_finite(params, state.params),
       opt_state=keep_if_finite(opt_state, state.opt_state),
       nonfinite=jnp.where(finite, 0, state.nonfinite + 1))
-  step_metrics = {'loss': loss, 'accuracy': correct / total, 'grad_norm': grad_norm,
-                  'learning_rate': schedule(state.step), 'masked_tokens': total,
-                  'nonfinite': new_state.nonfinite}
-  return new_state, step_metrics
+  sums = keep_if_finite(metrics_lib.TrainSums(
+      loss_sum=loss_sum, correct=correct, predicted_tokens=weights.sum(), masked_tokens=masked,
+      grad_norm=grad_norm, updates=jnp.ones(())), metrics_lib.TrainSums.zeros())
+  return new_state, {'sums': sums, 'nonfinite': new_state.nonfinite,
+                     'learning_rate': optim.applied_learning_rate(schedule, state.opt_state)}
 
 
 def eval_step(params: Any, ids: jax.Array, row_weights: jax.Array, first_row: jax.Array, *,

@@ -57,14 +57,18 @@ def _train(run: Run, steps: steps_lib.Steps, state: steps_lib.TrainState,
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains on `config`, resuming from `workdir` if it has a checkpoint; returns the summary."""
+  validation.validate_config(config)
   validation.check_workdir_writable(workdir)
   run = prepare(config, workdir)
   report.log(f'{len(run.blocks.train)} train / {len(run.blocks.test)} test blocks of '
              f'{config.block_size} tokens; {jax.device_count()} device(s), global batch '
              f'{run.global_batch_size}; {run.total_steps} steps')
 
+  manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
+  schedule_steps = optim.plan_schedule(run.total_steps, checkpoint.saved_schedule_steps(manager),
+                                       config.replan_schedule, report.log)
   mesh = sharding.make_mesh(config.fsdp)
-  tx, schedule = optim.make_optimizer(config, run.total_steps)
+  tx, schedule = optim.make_optimizer(config, schedule_steps)
   state, state_shardings = sharding.place_state(
       steps_lib.create_train_state(run.model.params, tx, config.seed), mesh)
   masked_head = config.masked_lm_head and model_lib.supports_masked_head(run.model)
@@ -75,7 +79,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       max_predictions=model_lib.max_predictions(
           config.block_size, config.mlm_probability,
           masking.count_dispersion(run.blocks.train, run.spec)))
-  manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
   state = checkpoint.restore_newest(manager, workdir, state, run.config_record(), report.log)
   start_step = int(sharding.to_host(state.step))
   if start_step >= run.total_steps:
@@ -88,7 +91,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     run.model.config.save_pretrained(checkpoint.model_config_dir(workdir))
   start_time = time.time()
   books = bookkeeping.Bookkeeping(run, steps, manager,
-                                  metric_writers.MetricsWriter(workdir, enabled=is_main))
+                                  metric_writers.MetricsWriter(workdir, enabled=is_main),
+                                  schedule_steps)
   try:
     state = _train(run, steps, state, books)
   finally:

@@ -1,35 +1,60 @@
-"""The run's config and workdir, checked in one place before any data or model is touched."""
+"""The run's config and workdir, checked in one place before any data or model is touched.
+
+Light at import (no jax, no transformers): the entry point checks a config before the
+heavy imports of training; the masking checks import `masking` when they run.
+"""
 
 import os
 
 import ml_collections
 
-from mlm_jax import masking
-from mlm_jax import model as model_lib
 from mlm_jax.errors import UserError
+
+DTYPE_NAMES = ('float32', 'bfloat16')  # Computation dtypes (see model.DTYPES).
+MODEL_IMPLS = ('transformers', 'fast')  # See model.forward_fns.
+LR_SCHEDULES = ('linear', 'cosine')  # See optim.make_schedule.
+_AT_LEAST_ONE = ('block_size', 'per_device_batch_size', 'grad_accum_steps', 'eval_batch_size',
+                 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
+                 'keep_checkpoints', 'num_proc', 'max_nonfinite_steps', 'fsdp',
+                 'tokenizer_vocab_size', 'tokenizer_train_max_texts')
+_AT_LEAST_ZERO = ('warmup_steps', 'weight_decay', 'seed', 'max_eval_blocks')
+
+
+def check_choice(key: str, value, choices: tuple) -> None:
+  if value not in choices:
+    raise UserError(f'{key}={value!r} is not supported; set --config.{key} to one of '
+                    f'{", ".join(choices)}')
+
+
+def _check_range(config: ml_collections.ConfigDict) -> None:
+  for key in _AT_LEAST_ONE:
+    if config[key] < 1:
+      raise UserError(f'{key}={config[key]} must be at least 1; set --config.{key}')
+  for key in _AT_LEAST_ZERO:
+    if config[key] < 0:
+      raise UserError(f'{key}={config[key]} must not be negative; set --config.{key}')
+  for key in ('learning_rate', 'max_grad_norm'):
+    if not config[key] > 0:
+      raise UserError(f'{key}={config[key]} must be positive; set --config.{key}')
+  test_size = config.test_size
+  if not (0 < test_size < 1 or (test_size >= 1 and test_size == int(test_size))):
+    raise UserError(f'test_size={test_size} must be a fraction in (0, 1) or a whole count of '
+                    'held-out examples; set --config.test_size, e.g. 0.2 or 1000')
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Rejects values that would fail later, with the key and the fix."""
-  positive = ('block_size', 'per_device_batch_size', 'grad_accum_steps', 'eval_batch_size',
-              'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
-              'keep_checkpoints', 'num_proc', 'max_nonfinite_steps', 'fsdp',
-              'tokenizer_train_max_texts')
-  for key in positive:
-    if config[key] < 1:
-      raise UserError(f'{key}={config[key]} must be at least 1; set --config.{key}')
-  masking.check_config(config)
-  if config.learning_rate <= 0:
-    raise UserError(f'learning_rate={config.learning_rate} must be positive')
+  """Rejects every value that would fail later, with the key and the fix."""
+  _check_range(config)
+  from mlm_jax import masking  # pylint: disable=import-outside-toplevel
+  masking.check_config(config)  # mlm_probability, the scheme and the 80/10/10 split.
+  check_choice('lr_schedule', config.lr_schedule, LR_SCHEDULES)
+  check_choice('dtype', config.dtype, DTYPE_NAMES)
+  check_choice('model_impl', config.model_impl, MODEL_IMPLS)
   if config.num_train_steps == 0 or config.num_train_steps < -1:
     raise UserError(f'num_train_steps={config.num_train_steps} must be positive, or -1 to '
                     'train for num_epochs')
   if config.num_train_steps == -1 and config.num_epochs < 1:
     raise UserError(f'num_epochs={config.num_epochs} must be at least 1')
-  model_lib.compute_dtype(config.dtype)
-  model_lib.check_implementation(config.model_impl)
-  if config.max_eval_blocks < 0:
-    raise UserError(f'max_eval_blocks={config.max_eval_blocks} must be 0 (all) or positive')
   if config.push_to_hub and not config.hub_model_id:
     raise UserError('push_to_hub=True needs --config.hub_model_id=USER/NAME')
 

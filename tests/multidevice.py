@@ -14,7 +14,7 @@ import textwrap
 from tests.conftest import ROOT
 
 
-def run_with_devices(code: str, devices: int = 8, timeout: float = 240) -> str:
+def run_with_devices(code: str, devices: int = 8, timeout: float = 900) -> str:
   """Runs `code` with `devices` CPU devices; returns its stdout, failing on a non-zero exit."""
   env = dict(os.environ)
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'

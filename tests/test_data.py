@@ -1,4 +1,9 @@
-"""From raw ELI5-style sources to streamed train/test texts: data.py, tokenizer.py, input checks."""
+"""From raw ELI5-style sources to streamed train/test texts: data.py, tokenizer.py, input checks.
+
+Guards the guide's preprocessing (answers joined), the seeded train/test split (a fraction or
+a count of examples, source order kept), split slices, the tokenizer trained from scratch or
+loaded, and a one-line error for each bad source.
+"""
 
 import csv
 import json

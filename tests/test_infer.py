@@ -1,5 +1,13 @@
-"""Fill-mask inference on a tiny trained model, with real transformers, tokenizers, jax and orbax."""
+"""Fill-mask inference on a tiny trained model, with real transformers, tokenizers, jax and orbax.
 
+Guards the predictions (the softmax of the model called directly, the PyTorch pipeline's
+tokens, scores and sequences), the sources (a workdir's checkpoints, parameters only, an
+export), bounded batches whose size never changes a text's fills, the model's length
+limit, and one-line errors for bad texts, targets, steps and paths.
+"""
+
+import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -153,6 +161,38 @@ def test_batching_with_longer_texts_does_not_change_a_texts_fills(predictor):
   _assert_same_fills(batched[1][0], alone)
 
 
+def test_texts_run_in_batches_of_at_most_batch_size(predictor):
+  encoded = infer.encode(predictor.tokenizer, [TEXT] * 1025, max_length=512)
+  batches = list(infer.padded_batches(predictor.tokenizer, encoded, batch_size=64))
+  assert [len(b.encoded) for b in batches] == [64] * 16 + [1]
+  assert max(b.ids.shape[0] for b in batches) == 64 and batches[-1].ids.shape[0] == 1
+
+
+def test_fills_do_not_depend_on_the_batch_size(predictor):
+  texts = [TEXT, *LONGER_TEXTS, 'Why is the <mask> blue?', 'The <mask> is wet.']
+  for alone, batched in zip(infer.fill_mask(predictor, texts, top_k=3),
+                            infer.fill_mask(predictor, texts, top_k=3, batch_size=2)):
+    for alone_fills, batched_fills in zip(alone, batched):
+      _assert_same_fills(batched_fills, alone_fills)
+
+
+def test_a_text_longer_than_the_models_positions_is_refused_by_its_number(predictor):
+  """The limit is the model's (514 positions: 512 tokens), whatever the tokenizer says."""
+  tokenizer = copy.deepcopy(predictor.tokenizer)
+  tokenizer.model_max_length = 2048
+  longer = dataclasses.replace(predictor, tokenizer=tokenizer)
+  with pytest.raises(UserError, match=r'^text 2 has \d+ tokens; .* at most 512: shorten it$'):
+    infer.fill_mask(longer, [TEXT, 'sky ' * 600 + '<mask>'])
+
+
+def test_a_workdir_restores_its_parameters_alone(workdir, predictor):
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  params = checkpoint.restore_params(workdir, None, device)
+  assert set(params) == set(predictor.model.params_shape_tree)  # No optimizer state.
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(predictor.params)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_targets_rank_only_the_target_ids_with_their_full_vocabulary_probability(predictor):
   target_ids = [100, 200, 300]
   targets = predictor.tokenizer.convert_ids_to_tokens(target_ids)
@@ -281,7 +321,7 @@ def test_targets_none_of_which_are_in_the_vocabulary_are_a_user_error(predictor)
 
 def _run_infer(*args):
   return subprocess.run([sys.executable, str(ROOT / 'run_infer.py'), *args], cwd=ROOT,
-                        env=dict(os.environ), capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ), capture_output=True, text=True, timeout=600,
                         check=False)
 
 
@@ -290,11 +330,12 @@ _FILE_TEXTS = ['The sky is <mask> blue.', 'Why is <mask> wet?']
 
 @pytest.fixture(scope='module')
 def cli_json(workdir, tmp_path_factory) -> list[dict]:
-  """`run_infer.py --json` on one --text and an --input_file of two more texts."""
+  """`run_infer.py --json` on one --text and an --input_file of two more texts, in batches
+  of two: the JSON is streamed batch by batch and must still be one document."""
   input_file = tmp_path_factory.mktemp('cli') / 'texts.txt'
   input_file.write_text('\n'.join(_FILE_TEXTS) + '\n', encoding='utf-8')
   result = _run_infer(f'--model={workdir}', f'--text={TEXT}', f'--input_file={input_file}',
-                      '--top_k=3', '--json')
+                      '--top_k=3', '--json', '--batch_size=2')
   assert result.returncode == 0, result.stderr[-2000:]
   return json.loads(result.stdout)
 

@@ -66,6 +66,20 @@ def test_blocks_are_each_splits_token_ids_concatenated_and_cut(config, tokenizer
   _assert_blocks(prepared, _expected_blocks(config, tokenizer))
 
 
+def test_special_token_strings_in_the_text_are_tokenized_as_text(config, tokenizer, tmp_path):
+  """A literal <mask>, <pad> or </s> in the data would be an id masking never trains on (and
+  a pad id shifts RoBERTa's position ids): only the tokenizer's own wrapping is special."""
+  text = 'Write <mask> or <pad> or </s> or <s> here.'
+  config.data_files = write_jsonl(tmp_path / 'special.jsonl', [
+      {'answers': {'text': [text]}}] * 40)
+  config.test_size, config.block_size = 0.5, 1
+  ids = preparation.prepare(config, tokenizer, **_QUIET).blocks.train[:, 0].tolist()
+  document = ids[:ids.index(tokenizer.eos_token_id) + 1]
+  special = set(tokenizer.all_special_ids)
+  assert [i for i, token in enumerate(document) if token in special] == [0, len(document) - 1]
+  assert tokenizer.decode(document[1:-1]) == text
+
+
 def test_the_block_writer_carries_ids_across_additions_and_drops_the_remainder(tmp_path):
   writer = block_store.BlockWriter(tmp_path / 'ids.bin', block_size=4, dtype=np.dtype(np.int32))
   for ids in ([0, 1, 2], [3, 4], [5, 6, 7, 8, 9, 10]):

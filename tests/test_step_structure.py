@@ -1,4 +1,4 @@
-"""The compiled bf16 train step's structure: the GPU hot spots, caught on CPU.
+"""The compiled train step's structure: the GPU hot spots, caught on CPU, and its FLOPs.
 
 On an H100 most of transformers' Flax RoBERTa step goes to two embedding backwards: a
 bfloat16 scatter-add into the word table (the table is cast before its gather) and a
@@ -59,3 +59,22 @@ def test_position_rows_are_not_gathered_per_token(hlo):
                             + scatters_into(text, 'f32', POSITIONS))
   assert per_token(hlo['transformers'])  # The checker sees the slow path.
   assert not per_token(hlo['fast'])
+
+
+def test_benchmark_flops_count_what_the_masked_head_step_executes():
+  """The FLOPs the masked head saves, by the benchmark's count, are those XLA counts in the
+  compiled steps (MFU must not credit the full head the step no longer runs)."""
+  counted, executed = {}, {}
+  for masked_head in (False, True):
+    shape = bench.Shape(layers=1, hidden=HIDDEN, heads=2, intermediate=40, vocab=1024, seq=32,
+                        batch=4, dtype='float32', masked_head=masked_head, impl='transformers')
+    mesh = sharding.make_mesh(1)
+    steps, state, params = bench.build_step(shape, mesh, total_steps=10)
+    batch = sharding.shard_batch(bench.random_ids(shape, 4, np.random.default_rng(0)), mesh,
+                                 batch_axis=1)
+    counted[masked_head] = bench.flops_per_token(params, shape) * 4 * 32
+    executed[masked_head] = steps.train.lower(state, batch).compile().cost_analysis()['flops']
+  assert counted[True] < counted[False]
+  saved_by_count = counted[False] - counted[True]
+  saved_by_xla = executed[False] - executed[True]
+  assert saved_by_count == pytest.approx(saved_by_xla, rel=0.1)
