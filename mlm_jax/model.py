@@ -54,8 +54,9 @@ def create_model(config, tokenizer) -> transformers.FlaxPreTrainedModel:
   if config.model_name_or_path:
     model = _from_pretrained(config.model_name_or_path, dtype, config.seed)
   else:
+    # No parameters yet: `steps.init_train_state` creates them sharded, on the devices.
     model = transformers.FlaxAutoModelForMaskedLM.from_config(
-        scratch_model_config(config, tokenizer), seed=config.seed, dtype=dtype)
+        scratch_model_config(config, tokenizer), seed=config.seed, dtype=dtype, _do_init=False)
   # transformers 4.56+ also reads the Flax `dtype` argument into the config's `dtype` (the
   # *weights'* dtype, which PyTorch loaders read): record what the parameters really are.
   model.config.dtype = 'float32'

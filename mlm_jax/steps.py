@@ -38,6 +38,28 @@ def create_train_state(params: Any, tx: optax.GradientTransformation, seed: int)
                     rng=jax.random.PRNGKey(seed), nonfinite=jnp.zeros((), jnp.int32))
 
 
+def init_train_state(model, tx: optax.GradientTransformation, seed: int,
+                     mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:
+  """The train state, born sharded over `mesh`; returns (state, its shardings).
+
+  One jitted function with `out_shardings` creates it (as flax's lm1b and big_vision
+  do), so each device only ever holds its shard of the parameters and Adam moments: a
+  model built without parameters (`_do_init=False`) is initialised inside it, and a
+  pretrained one's weights are fetched to the host and sent shard by shard.
+  """
+  if model._is_initialized:  # pylint: disable=protected-access  (pretrained weights)
+    host_params = jax.device_get(model.params)
+    create = lambda params: create_train_state(params, tx, seed)
+    args = (host_params,)
+  else:  # The same key and shape as transformers' own eager initialisation.
+    create = lambda: create_train_state(model.init_weights(model.key, model.input_shape),
+                                        tx, seed)
+    args = ()
+  shardings = sharding.state_sharding(jax.eval_shape(create, *args), mesh)
+  in_shardings = (shardings.params,) if args else ()
+  return jax.jit(create, in_shardings=in_shardings, out_shardings=shardings)(*args), shardings
+
+
 def mask_micro_batches(rng: jax.Array, ids: jax.Array, spec: masking.MaskingSpec):
   """Masks [micro_batches, rows, length] ids; row r of micro-batch a is global row a*rows+r."""
   rows = ids.shape[1]

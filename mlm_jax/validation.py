@@ -1,7 +1,5 @@
 """The run's config and workdir, checked in one place before any data or model is touched."""
 
-import os
-
 import ml_collections
 
 from mlm_jax import masking
@@ -14,7 +12,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   positive = ('block_size', 'per_device_batch_size', 'grad_accum_steps', 'eval_batch_size',
               'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
               'keep_checkpoints', 'num_proc', 'max_nonfinite_steps', 'fsdp',
-              'tokenizer_train_max_texts')
+              'tokenizer_train_max_texts', 'stop_check_every_steps')
   for key in positive:
     if config[key] < 1:
       raise UserError(f'{key}={config[key]} must be at least 1; set --config.{key}')
@@ -32,15 +30,3 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'max_eval_blocks={config.max_eval_blocks} must be 0 (all) or positive')
   if config.push_to_hub and not config.hub_model_id:
     raise UserError('push_to_hub=True needs --config.hub_model_id=USER/NAME')
-
-
-def check_workdir_writable(workdir: str) -> None:
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write-test-{os.getpid()}')
-    with open(probe, 'w', encoding='utf-8') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f'workdir {workdir!r} cannot be written ({e.strerror}); '
-                    'pass a writable --workdir') from None

@@ -136,8 +136,7 @@ def _fresh_state_and_steps(config, run):
   """A fresh train state and the compiled steps for `run`."""
   mesh = sharding.make_mesh()
   tx, schedule = optim.make_optimizer(config, total_steps=10)
-  params = jax.tree_util.tree_map(jnp.copy, run.model.params)  # The step donates its state.
-  state = steps_lib.create_train_state(params, tx, config.seed)
+  state, _ = steps_lib.init_train_state(run.model, tx, config.seed, mesh)
   spec = masking.masking_spec(run.tokenizer, config.mlm_probability)
   steps = steps_lib.compile_steps(run.model.__call__, tx, schedule, spec, config.seed, mesh)
   return state, steps
