@@ -31,7 +31,10 @@ class MetricsWriter:
           str(storage.path(workdir) / 'tensorboard'), purge_step=start_step + 1)
 
   def _rewrite(self) -> None:
-    self._path.write_text(''.join(line + '\n' for line in self._lines))
+    # Through a sibling and a rename, so a reader (a plot, a test) never sees half a file.
+    tmp = self._path.parent / f'.{self._path.name}.tmp'
+    tmp.write_text(''.join(line + '\n' for line in self._lines))
+    tmp.replace(self._path)
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     if not self._enabled:

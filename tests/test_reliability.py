@@ -147,6 +147,32 @@ def test_no_restorable_checkpoint_is_a_clear_error(finished_run):
     train.train_and_evaluate(config, str(workdir))
 
 
+def test_a_finished_run_without_its_export_exports_on_rerun(finished_run):
+  """As after a preemption between the last checkpoint and the end of the export."""
+  config, workdir = finished_run
+  shutil.rmtree(workdir / 'export')
+  summary = train.train_and_evaluate(config, str(workdir))
+  assert summary['steps_this_run'] == 0
+  exported = infer.load_predictor(str(workdir / 'export')).params
+  restored = infer.load_predictor(str(workdir)).params
+  for a, b in zip(jax.tree_util.tree_leaves(exported), jax.tree_util.tree_leaves(restored)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_resume_drops_the_metrics_logged_after_the_restored_checkpoint(finished_run):
+  """Steps 11-20 were logged once, then lost with their checkpoint: after the rerun each
+  step appears once, with the rerun's values."""
+  config, workdir = finished_run
+  shutil.rmtree(workdir / 'checkpoints' / '20')
+  shutil.rmtree(workdir / 'export')
+  train.train_and_evaluate(config, str(workdir))
+  logged = [r['step'] for r in metric_writers.read_metrics(str(workdir)) if 'loss' in r]
+  evaluated = [r['step'] for r in metric_writers.read_metrics(str(workdir))
+               if 'eval_loss' in r]
+  assert logged == [5, 10, 15, 20]
+  assert evaluated == [0, 10, 20]
+
+
 def test_more_steps_may_be_added_on_resume(finished_run):
   config, workdir = finished_run
   config.num_train_steps = 30
