@@ -105,9 +105,10 @@ def check_resumable(saved: dict, current: dict, workdir: str) -> None:
 
 # What a checkpoint whose bytes are bad fails with (a truncated or garbled file), as
 # opposed to storage that cannot be reached or read just now: only those are set aside.
-_CORRUPT_MARKERS = ('DATA_LOSS', 'OUT_OF_RANGE', 'Unexpected end', 'unexpected end',
-                    'Error decoding', 'Failed to decode', 'corrupt', 'checksum', 'Checksum',
-                    'truncated', 'Expecting value', 'Invalid', 'invalid')
+# tensorstore says DATA_LOSS for a truncated or garbled array file; JSON metadata fails to
+# parse (JSONDecodeError, handled by type).
+_CORRUPT_MARKERS = ('DATA_LOSS', 'Error decoding', 'Failed to decode', 'corrupt', 'checksum',
+                    'Checksum', 'truncated', 'Unexpected end', 'unexpected end')
 _RESTORED, _CORRUPT, _UNREADABLE = 0, 1, 2
 
 

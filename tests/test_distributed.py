@@ -158,3 +158,19 @@ def test_the_train_state_is_born_sharded_and_trains_like_a_replicated_one():
   assert result['fractions'] and set(result['fractions']) == {0.25}
   for a, b in zip(result['params']['4'], result['params']['1']):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-5)
+
+
+def test_a_detected_cluster_that_cannot_be_joined_is_a_one_line_error(tmp_path):
+  """SLURM variables for task 1 of 2, whose process 0 never starts: not a silent
+  single-process run (which would write into the shared workdir), and not JAX's abort."""
+  env = cluster_env(1)
+  env.update(SLURM_JOB_ID='4242', SLURM_STEP_NODELIST='127.0.0.1', SLURM_NTASKS='2',
+             SLURM_PROCID='1', SLURM_LOCALID='0')
+  result = subprocess.run(
+      [sys.executable, 'run_train.py', '--config=configs/tiny_test.py',
+       f'--workdir={tmp_path / "run"}', '--distributed_timeout_s=2'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 2
+  assert result.stderr.strip().count('\n') == 0
+  assert 'coordinator (process 0) at 127.0.0.1:' in result.stderr
+  assert not (tmp_path / 'run' / 'checkpoints').exists()

@@ -139,6 +139,21 @@ def test_a_corrupted_latest_checkpoint_is_named_and_the_previous_one_used(finish
   assert summary['steps_this_run'] == 10
 
 
+def test_only_a_damaged_checkpoint_counts_as_corrupt(finished_run):
+  """A truncated file is corrupt (set aside); storage that cannot be reached now is not
+  (the run stops and the checkpoint stays where it is)."""
+  _, workdir = finished_run
+  _truncate_state_files(workdir / 'checkpoints' / '20')
+  with pytest.raises(Exception) as truncated:  # The real error orbax/tensorstore raise.
+    infer.load_predictor(str(workdir), step=20)
+  assert checkpoint.is_corrupt(truncated.value)
+  for transient in (ConnectionError('connection reset by peer'), TimeoutError('timed out'),
+                    OSError(5, 'Input/output error'),
+                    ValueError('UNAVAILABLE: Error reading "gs://b/run/checkpoints/20/state": '
+                               'CURL error Could not connect to server')):
+    assert not checkpoint.is_corrupt(transient), transient
+
+
 def test_no_restorable_checkpoint_is_a_clear_error(finished_run):
   config, workdir = finished_run
   for step in (10, 20):
