@@ -60,6 +60,7 @@ def main() -> None:
   parser.add_argument('--devices', type=int, default=2)
   parser.add_argument('--steps', type=int, default=200)
   parser.add_argument('--width', type=int, default=256)
+  parser.add_argument('--timeout', type=float, default=600)
   args = parser.parse_args()
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
@@ -73,7 +74,11 @@ def main() -> None:
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(args.processes)]
   try:
-    outputs = [w.communicate(timeout=600) for w in workers]
+    outputs = [w.communicate(timeout=args.timeout) for w in workers]
+  except subprocess.TimeoutExpired:
+    for w in workers:
+      w.kill()
+    sys.exit('the workers did not finish: ' + workers[0].stderr.read()[-3000:])
   finally:
     for w in workers:
       w.kill()
