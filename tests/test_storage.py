@@ -18,7 +18,6 @@ import jax
 import numpy as np
 import pytest
 
-from mlm_jax import data
 from mlm_jax import infer
 from mlm_jax import metric_writers
 from mlm_jax import storage
@@ -68,16 +67,13 @@ def _train_cli(cwd, env, *flags) -> subprocess.Popen:
 
 def test_a_gs_workdir_trains_is_preempted_resumes_and_serves_fill_mask(
     gcs_env, tiny_run, tmp_path, monkeypatch):
-  """The tiny run with its data, cache and workdir in the bucket, stopped by SIGTERM halfway
-  and resumed, ends with the parameters of the local uninterrupted run."""
+  """The tiny run with its workdir in the bucket, stopped by SIGTERM halfway and resumed,
+  ends with the parameters of the local uninterrupted run."""
   for name, value in gcs_env.items():
     monkeypatch.setenv(name, value)
   bucket = storage.path(f'gs://{BUCKET}')
-  (bucket / 'data' / 'eli5.jsonl').write_bytes(
-      storage.path(data.sample_data_path()).read_bytes())
   workdir = f'gs://{BUCKET}/run'
-  flags = [f'--workdir={workdir}', f'--config.data_files=gs://{BUCKET}/data/*.jsonl',
-           f'--config.cache_dir=gs://{BUCKET}/cache']
+  flags = [f'--workdir={workdir}']
 
   first = _train_cli(tmp_path, gcs_env, *flags)
   try:
@@ -101,7 +97,6 @@ def test_a_gs_workdir_trains_is_preempted_resumes_and_serves_fill_mask(
   for expected in ('checkpoints/20', 'tokenizer/tokenizer_config.json', 'model/config.json',
                    'export/flax_model.msgpack', 'export/tokenizer_config.json', 'tensorboard'):
     assert (run / expected).exists(), expected
-  assert list((bucket / 'cache').iterdir())
   steps = [r['step'] for r in metric_writers.read_metrics(workdir) if 'loss' in r]
   assert steps == sorted(set(steps)) and steps[-1] == 20
   local = jax.tree_util.tree_leaves(infer.load_predictor(tiny_run[1]).params)
