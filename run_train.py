@@ -26,6 +26,8 @@ flags.DEFINE_string('coordinator_address', None,
                     'HOST:PORT of process 0, for multi-host runs that JAX does not detect.')
 flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-host run.')
 flags.DEFINE_integer('process_id', None, 'This process\'s index in a multi-host run.')
+flags.DEFINE_integer('distributed_timeout_s', 300,
+                     'Seconds to wait for every process of a multi-host run to join.')
 FLAGS = flags.FLAGS
 
 
@@ -35,7 +37,8 @@ def main(argv):
   cli.quiet_libraries()
   cli.run_user_facing(
       lambda: cli.train(FLAGS.config, FLAGS.workdir, FLAGS.coordinator_address,
-                        FLAGS.num_processes, FLAGS.process_id))
+                        FLAGS.num_processes, FLAGS.process_id,
+                        FLAGS.distributed_timeout_s))
 
 
 if __name__ == '__main__':

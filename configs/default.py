@@ -66,6 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Devices per `fsdp` group that shard parameters and optimizer state (1: plain data parallel).
   config.fsdp = 1
   config.max_nonfinite_steps = 10  # Consecutive skipped (non-finite) updates before stopping.
+  # On several hosts, how often (in steps) they agree whether a signal (SIGTERM, Ctrl-C) on
+  # any of them stops the run: a small all-gather that waits for the queued steps.
+  config.stop_check_every_steps = 1
 
   # Bookkeeping.
   config.eval_every_steps = 200

@@ -92,14 +92,15 @@ class Bookkeeping:
       self.save(state)
     self.bar.update(1)
 
-  def stop(self, state: steps_lib.TrainState, stop: preemption.StopRequest) -> None:
-    """Saves the state after the step in flight and raises `Stopped`."""
+  def stop(self, state: steps_lib.TrainState, number: int | None) -> None:
+    """Saves the state after the step in flight and raises `Stopped` (every host alike:
+    `number` is the signal the hosts agreed on, None for orbax's preemption notice)."""
     step = int(sharding.to_host(state.step))
     if self.manager.latest_step() != step:
       self.save(state)
     checkpoint.finish_saves(self.manager, self.run.workdir)
     self.writer.flush()
-    number = stop.signal_number or signal.SIGTERM
+    number = number or signal.SIGTERM
     raise preemption.Stopped(
         f'stopped by {signal.Signals(number).name} at step {step} of {self.run.total_steps}; '
         f'checkpoint saved in {checkpoint.checkpoint_dir(self.run.workdir)}. Resume with the '

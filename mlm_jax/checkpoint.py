@@ -9,14 +9,17 @@ reader never sees half a checkpoint.
 """
 
 import contextlib
-import os
-import shutil
+import json
 import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from mlm_jax import sharding
+from mlm_jax import storage
 from mlm_jax.errors import UserError, first_line
 
 # Keys that may change between a run and its resume: they change when or how much is
@@ -25,16 +28,20 @@ RESUMABLE_CHANGES = frozenset({
     'num_train_steps', 'num_epochs', 'eval_every_steps', 'eval_batch_size', 'log_every_steps',
     'checkpoint_every_steps', 'keep_checkpoints', 'push_to_hub', 'hub_model_id', 'num_proc',
     'cache_dir', 'per_device_batch_size', 'max_nonfinite_steps', 'fsdp', 'max_eval_blocks',
-    'tokenizer_train_max_texts', 'replan_schedule'})
+    'tokenizer_train_max_texts', 'replan_schedule', 'stop_check_every_steps'})
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+def checkpoint_dir(workdir: str) -> epath.Path:
+  return storage.path(workdir) / 'checkpoints'
 
 
-def model_config_dir(workdir: str) -> str:
+def model_config_dir(workdir: str) -> epath.Path:
   """Where a run keeps its model's config.json, to rebuild the model around a checkpoint."""
-  return os.path.join(workdir, 'model')
+  return storage.path(workdir) / 'model'
+
+
+def export_dir(workdir: str) -> epath.Path:
+  return storage.path(workdir) / 'export'
 
 
 def make_manager(workdir: str, keep: int | None, create: bool = True) -> ocp.CheckpointManager:
@@ -107,12 +114,12 @@ def saved_schedule_steps(manager: ocp.CheckpointManager) -> int | None:
   return None
 
 
-def set_aside(workdir: str, step: int) -> str:
+def set_aside(workdir: str, step: int) -> epath.Path:
   """Moves an unrestorable checkpoint out of the manager's sight, keeping it for inspection."""
-  aside = os.path.join(os.path.abspath(workdir), 'unrestorable_checkpoints',
-                       f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
-  os.makedirs(os.path.dirname(aside), exist_ok=True)
-  shutil.move(os.path.join(checkpoint_dir(workdir), str(step)), aside)
+  aside = (storage.path(workdir) / 'unrestorable_checkpoints' /
+           f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+  aside.parent.mkdir(parents=True, exist_ok=True)
+  (checkpoint_dir(workdir) / str(step)).rename(aside)
   return aside
 
 
@@ -132,16 +139,38 @@ def check_resumable(saved: dict, current: dict, workdir: str) -> None:
 
 
 
+# What a checkpoint whose bytes are bad fails with (a truncated or garbled file), as
+# opposed to storage that cannot be reached or read just now: only those are set aside.
+# tensorstore says DATA_LOSS for a truncated or garbled array file; JSON metadata fails to
+# parse (JSONDecodeError, handled by type).
+_CORRUPT_MARKERS = ('DATA_LOSS', 'Error decoding', 'Failed to decode', 'corrupt', 'checksum',
+                    'Checksum', 'truncated', 'Unexpected end', 'unexpected end')
+_RESTORED, _CORRUPT, _UNREADABLE = 0, 1, 2
+
+
+def is_corrupt(error: BaseException) -> bool:
+  """Whether `error`, raised restoring a checkpoint, says the checkpoint itself is damaged."""
+  if isinstance(error, (ConnectionError, TimeoutError, PermissionError)):
+    return False
+  if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError)):
+    return True
+  return any(marker in str(error) for marker in _CORRUPT_MARKERS)
+
+
 def restore_newest(manager: ocp.CheckpointManager, workdir: str, target: Any,
                    config_record: dict, log: Callable[[str], None]) -> Any:
   """The newest checkpoint that restores (checked against `config_record`), else `target`.
 
-  A checkpoint that fails to restore (a truncated file, say) is moved aside, reported
-  by name, and the one before it is tried.
+  All hosts restore the same step: they try each step together and agree on the
+  outcome. A checkpoint that is recognisably corrupt on any host (a truncated file, say)
+  is reported by name and moved aside by process 0 behind a barrier, and the one before
+  it is tried; any other failure (storage unreachable, say) stops the run and leaves
+  every checkpoint in place.
   """
   steps = sorted(manager.all_steps(), reverse=True)
   for step in steps:
-    where = os.path.join(checkpoint_dir(workdir), str(step))
+    where = checkpoint_dir(workdir) / str(step)
+    error = None
     try:
       _, saved_config = read_metadata(manager, step)
       check_resumable(saved_config, config_record, workdir)
@@ -149,14 +178,29 @@ def restore_newest(manager: ocp.CheckpointManager, workdir: str, target: Any,
     except UserError:
       raise
     except Exception as e:  # pylint: disable=broad-except
-      aside = set_aside(workdir, step) if jax.process_index() == 0 else where
-      log(f'Checkpoint {where} could not be restored ({type(e).__name__}: '
-          f'{first_line(e)}); moved it to {aside} and trying the one before it.')
-      continue
-    manager.reload()
-    log(f'Resuming from the checkpoint at step {step} (epoch {cursor["epoch"]}, '
-        f'batch {cursor["batch"]}) in {checkpoint_dir(workdir)}')
-    return restored
+      error = e
+    outcome = _RESTORED if error is None else _CORRUPT if is_corrupt(error) else _UNREADABLE
+    outcomes = sharding.gather_hosts(np.array([step, outcome], np.int32))
+    if len(set(outcomes[:, 0])) > 1:
+      raise UserError(f'the hosts see different checkpoints in {checkpoint_dir(workdir)} '
+                      f'(newest steps {sorted(set(outcomes[:, 0].tolist()))}); the workdir '
+                      'must be on storage that every host sees alike (a GCS bucket, NFS)')
+    worst = int(outcomes[:, 1].max())
+    if worst == _RESTORED:
+      manager.reload()
+      log(f'Resuming from the checkpoint at step {step} (epoch {cursor["epoch"]}, '
+          f'batch {cursor["batch"]}) in {checkpoint_dir(workdir)}')
+      return restored
+    reason = (f'{type(error).__name__}: {first_line(error)}' if error is not None
+              else 'on another host')
+    if worst == _UNREADABLE:
+      raise UserError(f'checkpoint {where} could not be read ({reason}); it does not look '
+                      'corrupt, so it was left in place: check that the storage is reachable '
+                      'and rerun the same command')
+    aside = set_aside(workdir, step) if jax.process_index() == 0 else where
+    sharding.sync_hosts(f'mlm_jax_set_aside_{step}')
+    log(f'Checkpoint {where} could not be restored ({reason}); moved it to {aside} and '
+        'trying the one before it.')
   manager.reload()
   if steps:
     raise UserError(f'no checkpoint in {checkpoint_dir(workdir)} could be restored (see '

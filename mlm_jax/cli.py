@@ -4,6 +4,7 @@ import ast
 import difflib
 import importlib.util
 import os
+import socket
 import sys
 import time
 from typing import Callable, NoReturn, TypeVar
@@ -12,7 +13,7 @@ import jax
 
 from mlm_jax import preemption
 from mlm_jax import validation
-from mlm_jax.errors import UserError
+from mlm_jax.errors import UserError, first_line
 
 T = TypeVar('T')
 
@@ -116,27 +117,76 @@ def fail(message: str) -> NoReturn:
   sys.exit(2)
 
 
+def _cluster_env():
+  """The cluster JAX's own detection recognises here (SLURM, Open MPI, Cloud TPU, ...), if any.
+
+  The same checks, in the same order, as `jax.distributed.initialize()` without
+  arguments; JAX has no public API that only detects.
+  """
+  from jax._src import clusters  # pylint: disable=import-outside-toplevel
+  return next((env for env in clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
+               if not env.opt_in_only_method and env.is_env_present()), None)
+
+
+def _wait_for_coordinator(address: str, timeout_s: int) -> None:
+  """Waits until process 0's coordinator accepts connections.
+
+  JAX aborts the whole process (a C++ check failure, no Python exception) when the
+  coordinator cannot be reached, so the one case that is common and fixable, a worker
+  started without a reachable process 0, is checked here first.
+  """
+  host, port = address.rsplit(':', 1)
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host.strip('[]'), int(port)), timeout=2):
+        return
+    except OSError as e:
+      if time.monotonic() > deadline:
+        raise UserError(f'the coordinator (process 0) at {address} did not answer within '
+                        f'{timeout_s} s ({e.strerror or e}); start process 0, check the '
+                        'address, or raise --distributed_timeout_s') from None
+      time.sleep(0.5)
+
+
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
-                           process_id: int | None) -> None:
-  """Joins a multi-host run: from flags, or auto-detected (Cloud TPU, SLURM, Open MPI)."""
-  if coordinator_address or num_processes or process_id is not None:
-    if not (coordinator_address and num_processes and process_id is not None):
-      raise UserError('a multi-host run needs all of --coordinator_address, --num_processes '
-                      'and --process_id (or none of them, where JAX detects the cluster)')
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    return
+                           process_id: int | None, timeout_s: int = 300) -> None:
+  """Joins a multi-host run: from flags, or where JAX detects the cluster; else one process.
+
+  A cluster that is named or detected but cannot be joined is a `UserError`: N hosts
+  silently training as N single-process runs would write over each other's workdir.
+  """
+  explicit = coordinator_address or num_processes or process_id is not None
+  if explicit and not (coordinator_address and num_processes and process_id is not None):
+    raise UserError('a multi-host run needs all of --coordinator_address, --num_processes '
+                    'and --process_id (or none of them, where JAX detects the cluster)')
+  env = None if explicit else _cluster_env()
+  if not explicit and env is None:
+    return  # A single-process run.
+  what = 'the coordinator given by the flags' if explicit else f'the {env.__name__} JAX detected'
   try:
-    jax.distributed.initialize()
-  except (ValueError, RuntimeError):
-    pass  # Not a cluster JAX knows how to detect: a single-process run.
+    if env is not None:
+      coordinator_address, _, process_id = env.auto_detect_unset_distributed_params(
+          None, None, None, None, None, timeout_s)[:3]
+    if process_id != 0:
+      _wait_for_coordinator(coordinator_address, timeout_s)
+    jax.distributed.initialize(*((coordinator_address, num_processes, process_id)
+                                 if explicit else ()), initialization_timeout=timeout_s)
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f'could not join {what} ({type(e).__name__}: {first_line(e)}); check '
+                    'that jax.distributed can start here (before any JAX computation), or '
+                    'pass --coordinator_address, --num_processes and --process_id') from None
 
 
 def train(config, workdir: str | None, coordinator_address: str | None = None,
-          num_processes: int | None = None, process_id: int | None = None) -> dict:
+          num_processes: int | None = None, process_id: int | None = None,
+          distributed_timeout_s: int = 300) -> dict:
   """Joins the cluster if any, then trains; `workdir=None` makes a new one under ./runs."""
   validation.validate_config(config)  # Before the heavy imports, let alone data or model.
   from mlm_jax import train as train_lib  # pylint: disable=import-outside-toplevel
-  initialize_distributed(coordinator_address, num_processes, process_id)
+  initialize_distributed(coordinator_address, num_processes, process_id, distributed_timeout_s)
   if workdir is None:
     if jax.process_count() > 1:  # Each host would pick its own timestamp.
       raise UserError('a multi-host run needs --workdir, on storage that every host sees '

@@ -6,18 +6,23 @@ from typing import Any
 import jax
 import numpy as np
 
+from mlm_jax import storage
 
-def export(model, params: Any, tokenizer, directory: str) -> None:
+
+def export(model, params: Any, tokenizer, directory) -> None:
   """An HF-format export that `from_pretrained` loads in Flax and, with torch, PyTorch.
 
   Flax weights always; PyTorch weights (model.safetensors) too where torch is
   installed, so PyTorch users load the export without `from_flax=True`.
   """
   params = jax.device_get(params)
-  model.save_pretrained(directory, params=params)
-  tokenizer.save_pretrained(directory)
-  if importlib.util.find_spec('torch') is not None:
-    save_pytorch_weights(model.config, params, directory)
+
+  def save(local: str) -> None:
+    model.save_pretrained(local, params=params)
+    tokenizer.save_pretrained(local)
+    if importlib.util.find_spec('torch') is not None:
+      save_pytorch_weights(model.config, params, local)
+  storage.save_with(save, directory)
 
 
 def save_pytorch_weights(config, params: Any, directory: str) -> None:

@@ -8,9 +8,9 @@ compiled function is reused. A text longer than the model's position embeddings 
 refused by its number.
 """
 
+import contextlib
 import dataclasses
 import functools
-import os
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -20,6 +20,7 @@ import transformers
 
 from mlm_jax import checkpoint
 from mlm_jax import model as model_lib
+from mlm_jax import storage
 from mlm_jax import tokenizer as tokenizer_lib
 from mlm_jax.errors import UserError, first_line
 
@@ -57,31 +58,36 @@ def _logits_at_fn(model) -> Callable:
 
 def load_predictor(model: str, step: int | None = None) -> Predictor:
   """Loads a training workdir, an HF-format directory or a hub id."""
-  if os.path.isdir(checkpoint.checkpoint_dir(model)):
-    if not os.path.isfile(os.path.join(checkpoint.model_config_dir(model), 'config.json')):
+  if checkpoint.checkpoint_dir(model).is_dir():
+    config_dir = checkpoint.model_config_dir(model)
+    if not (config_dir / 'config.json').is_file():
       raise UserError(f'{model!r} has a checkpoints/ folder but no model/config.json, so it is '
                       'not a complete training workdir; pass its export/ or a finished run')
-    config = transformers.AutoConfig.from_pretrained(checkpoint.model_config_dir(model))
+    with storage.local_copy(config_dir) as local:
+      config = transformers.AutoConfig.from_pretrained(local)
     flax_model = transformers.FlaxAutoModelForMaskedLM.from_config(config, _do_init=False)
     # Onto this host's first device, whatever the topology the checkpoint was saved from.
     params = checkpoint.restore_params(
         model, step, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-    return Predictor(flax_model, params,
-                     transformers.AutoTokenizer.from_pretrained(
-                         tokenizer_lib.tokenizer_dir(model)))
+    return Predictor(flax_model, params, tokenizer_lib.load_saved_tokenizer(model))
   if step is not None:
     raise UserError(f'--step needs a training workdir, and {model!r} is not one '
                     '(it has no checkpoints/ folder)')
-  if os.path.exists(model) and not os.path.isfile(os.path.join(model, 'config.json')):
+  directory = storage.path(model)
+  if directory.exists() and not (directory / 'config.json').is_file():
     raise UserError(f'{model!r} holds neither a checkpoint nor a model (no checkpoints/ or '
                     'config.json); pass a training workdir, its export/ or a hub id')
-  try:
-    flax_model = transformers.FlaxAutoModelForMaskedLM.from_pretrained(model)
-  except (OSError, ValueError) as e:
-    raise UserError(f'could not load a masked-LM model from {model!r} '
-                    f'({first_line(e)}); pass a training workdir, an HF-format '
-                    'directory or a hub id') from None
-  return Predictor(flax_model, flax_model.params, tokenizer_lib.load_pretrained_tokenizer(model))
+  with contextlib.ExitStack() as stack:
+    if directory.exists():  # A local or bucket folder; anything else is a hub id.
+      model = stack.enter_context(storage.local_copy(directory))
+    try:
+      flax_model = transformers.FlaxAutoModelForMaskedLM.from_pretrained(model)
+    except (OSError, ValueError) as e:
+      raise UserError(f'could not load a masked-LM model from {model!r} '
+                      f'({first_line(e)}); pass a training workdir, an HF-format '
+                      'directory or a hub id') from None
+    return Predictor(flax_model, flax_model.params,
+                     tokenizer_lib.load_pretrained_tokenizer(model))
 
 
 def _bucket(n: int, minimum: int = 8) -> int:

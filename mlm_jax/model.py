@@ -54,8 +54,9 @@ def create_model(config, tokenizer) -> transformers.FlaxPreTrainedModel:
   if config.model_name_or_path:
     model = _from_pretrained(config.model_name_or_path, dtype, config.seed)
   else:
+    # No parameters yet: `steps.init_train_state` creates them sharded, on the devices.
     model = transformers.FlaxAutoModelForMaskedLM.from_config(
-        scratch_model_config(config, tokenizer), seed=config.seed, dtype=dtype)
+        scratch_model_config(config, tokenizer), seed=config.seed, dtype=dtype, _do_init=False)
   # transformers 4.56+ also reads the Flax `dtype` argument into the config's `dtype` (the
   # *weights'* dtype, which PyTorch loaders read): record what the parameters really are.
   model.config.dtype = 'float32'
@@ -63,6 +64,15 @@ def create_model(config, tokenizer) -> transformers.FlaxPreTrainedModel:
     raise UserError(f'the tokenizer has {len(tokenizer)} tokens but the model only '
                     f'{model.config.vocab_size}; use the model\'s own tokenizer')
   return model
+
+
+def initial_params(model: transformers.FlaxPreTrainedModel):
+  """The model's float32 parameters: its loaded weights or, for a model built without them
+  (`_do_init=False`, so that they can be created sharded), transformers' own initialisation
+  from the same key and input shape."""
+  if model._is_initialized:  # pylint: disable=protected-access
+    return model.params
+  return model.init_weights(model.key, model.input_shape)
 
 
 def max_block_size(model_config: transformers.PretrainedConfig) -> int:

@@ -1,9 +1,9 @@
 """Plots a run's curves: `python -m mlm_jax.plot WORKDIR` writes WORKDIR/curves.png."""
 
-import os
 import sys
 
 from mlm_jax import metric_writers
+from mlm_jax import storage
 
 
 def plot_curves(workdir: str) -> str:
@@ -28,10 +28,11 @@ def plot_curves(workdir: str) -> str:
   for axis in (loss_axis, perplexity_axis):
     axis.grid(alpha=0.3)
   figure.tight_layout()
-  path = os.path.join(workdir, 'curves.png')
-  figure.savefig(path, dpi=120)
+  path = storage.path(workdir) / 'curves.png'
+  with path.open('wb') as f:
+    figure.savefig(f, format='png', dpi=120)
   plt.close(figure)
-  return path
+  return str(path)
 
 
 def main(argv: list[str]) -> int:

@@ -1,10 +1,9 @@
 """What a run tells its user: progress lines, the closing summary, and the hub upload."""
 
-import os
-
 import jax
 
 from mlm_jax import checkpoint
+from mlm_jax import storage
 from mlm_jax.errors import first_line
 
 
@@ -25,8 +24,8 @@ def summary(run, records: list[dict], wall: float, steps_run: int) -> dict:
       'perplexity_before': evals[0]['eval_perplexity'] if evals else float('nan'),
       'perplexity_after': evals[-1]['eval_perplexity'] if evals else float('nan'),
       'eval_accuracy': evals[-1]['eval_accuracy'] if evals else float('nan'),
-      'checkpoint_dir': checkpoint.checkpoint_dir(run.workdir),
-      'export_dir': os.path.join(os.path.abspath(run.workdir), 'export'),
+      'checkpoint_dir': str(checkpoint.checkpoint_dir(run.workdir)),
+      'export_dir': str(checkpoint.export_dir(run.workdir)),
   }
 
 
@@ -44,7 +43,8 @@ def push_to_hub(export_dir: str, repo_id: str) -> None:
   try:
     import huggingface_hub  # pylint: disable=import-outside-toplevel
     huggingface_hub.create_repo(repo_id, exist_ok=True)
-    huggingface_hub.upload_folder(repo_id=repo_id, folder_path=export_dir)
+    with storage.local_copy(export_dir) as local:
+      huggingface_hub.upload_folder(repo_id=repo_id, folder_path=local)
     log(f'Pushed {export_dir} to https://huggingface.co/{repo_id}')
   except Exception as e:  # pylint: disable=broad-except
     log(f'push_to_hub failed ({type(e).__name__}: {first_line(e)}); '

@@ -80,6 +80,13 @@ def to_host(tree: Any) -> Any:
   return jax.tree_util.tree_map(fetch, tree)
 
 
+def gather_hosts(values: np.ndarray) -> np.ndarray:
+  """`values` of every host, stacked in process order ([hosts, ...]); collective."""
+  if jax.process_count() == 1:
+    return np.asarray(values)[None]
+  return np.asarray(multihost_utils.process_allgather(np.asarray(values)))
+
+
 def sync_hosts(name: str) -> None:
   """A barrier across hosts (a no-op on one)."""
   if jax.process_count() > 1:

@@ -19,6 +19,7 @@ from flax import struct
 from mlm_jax import input_pipeline
 from mlm_jax import masking
 from mlm_jax import metrics as metrics_lib
+from mlm_jax import model as model_lib
 from mlm_jax import optim
 from mlm_jax import sharding
 
@@ -37,6 +38,26 @@ class TrainState(struct.PyTreeNode):
 def create_train_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=jax.random.PRNGKey(seed), nonfinite=jnp.zeros((), jnp.int32))
+
+
+def init_train_state(model, tx: optax.GradientTransformation, seed: int,
+                     mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:
+  """The train state, born sharded over `mesh`; returns (state, its shardings).
+
+  One jitted function with `out_shardings` creates it (as flax's lm1b and big_vision
+  do), so each device only ever holds its shard of the parameters and Adam moments: a
+  model built without parameters (`_do_init=False`) is initialised inside it, and a
+  pretrained one's weights are fetched to the host and sent shard by shard.
+  """
+  if model._is_initialized:  # pylint: disable=protected-access  (pretrained weights)
+    create = lambda params: create_train_state(params, tx, seed)
+    args = (jax.device_get(model.params),)
+  else:  # Initialised inside the jit, hence straight into its shards.
+    create = lambda: create_train_state(model_lib.initial_params(model), tx, seed)
+    args = ()
+  shardings = sharding.state_sharding(jax.eval_shape(create, *args), mesh)
+  in_shardings = (shardings.params,) if args else ()
+  return jax.jit(create, in_shardings=in_shardings, out_shardings=shardings)(*args), shardings
 
 
 def mask_micro_batches(rng: jax.Array, ids: jax.Array, spec: masking.MaskingSpec):

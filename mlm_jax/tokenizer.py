@@ -6,13 +6,14 @@ tokenizer trained from scratch sees a bounded, streamed sample of the train text
 (`tokenizer_train_max_texts`) and is cached with the prepared blocks (`preparation.py`).
 """
 
-import os
 from typing import Iterable
 
 import tokenizers
 import transformers
+from etils import epath
 from tokenizers import processors
 
+from mlm_jax import storage
 from mlm_jax.errors import UserError, first_line
 
 SPECIAL_TOKENS = ('<s>', '<pad>', '</s>', '<unk>', '<mask>')  # RoBERTa's, in its id order.
@@ -51,24 +52,30 @@ def load_pretrained_tokenizer(name_or_path: str) -> transformers.PreTrainedToken
   return tokenizer
 
 
-def tokenizer_dir(workdir: str) -> str:
-  return os.path.join(workdir, 'tokenizer')
+def tokenizer_dir(workdir: str) -> epath.Path:
+  return storage.path(workdir) / 'tokenizer'
 
 
 def _is_saved(workdir: str) -> bool:
-  return os.path.exists(os.path.join(tokenizer_dir(workdir), 'tokenizer_config.json'))
+  return (tokenizer_dir(workdir) / 'tokenizer_config.json').exists()
 
 
 def save_tokenizer(tokenizer: transformers.PreTrainedTokenizerBase, workdir: str) -> None:
   """Saves the run's tokenizer in `workdir` unless it is already there."""
   if not _is_saved(workdir):
-    tokenizer.save_pretrained(tokenizer_dir(workdir))
+    storage.save_with(tokenizer.save_pretrained, tokenizer_dir(workdir))
+
+
+def load_saved_tokenizer(workdir: str) -> transformers.PreTrainedTokenizerBase:
+  """The tokenizer a run saved in `workdir` (local or in a bucket)."""
+  with storage.local_copy(tokenizer_dir(workdir)) as local:
+    return transformers.AutoTokenizer.from_pretrained(local)
 
 
 def saved_tokenizer(workdir: str) -> transformers.PreTrainedTokenizerBase | None:
   """The tokenizer a run saved in `workdir` (what a resumed run must use), if any."""
   if _is_saved(workdir):
-    return transformers.AutoTokenizer.from_pretrained(tokenizer_dir(workdir))
+    return load_saved_tokenizer(workdir)
   return None
 
 

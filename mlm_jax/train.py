@@ -6,7 +6,6 @@ happens between steps, `checkpoint.py` resume, `export.py` the HF export and
 `report.py` the closing summary.
 """
 
-import os
 import time
 
 import jax
@@ -25,6 +24,7 @@ from mlm_jax import report
 from mlm_jax import sharding
 from mlm_jax import steps as steps_lib
 from mlm_jax import validation
+from mlm_jax import storage
 from mlm_jax.run import Run, prepare
 
 
@@ -48,8 +48,9 @@ def _train(run: Run, steps: steps_lib.Steps, state: steps_lib.TrainState,
         books.check_finite(step - 1, previous)
       previous = step_metrics
       books.after_step(step, state, step_metrics)
-      if stop.requested or books.manager.reached_preemption(step):
-        books.stop(state, stop)
+      number = preemption.agreed_stop(stop, step, run.config.stop_check_every_steps)
+      if number or books.manager.reached_preemption(step):
+        books.stop(state, number)
     if previous is not None:
       books.check_finite(run.total_steps, previous)
   return state
@@ -58,7 +59,7 @@ def _train(run: Run, steps: steps_lib.Steps, state: steps_lib.TrainState,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains on `config`, resuming from `workdir` if it has a checkpoint; returns the summary."""
   validation.validate_config(config)
-  validation.check_workdir_writable(workdir)
+  storage.check_writable(workdir, host=jax.process_index())
   run = prepare(config, workdir)
   report.log(f'{len(run.blocks.train)} train / {len(run.blocks.test)} test blocks of '
              f'{config.block_size} tokens; {jax.device_count()} device(s), global batch '
@@ -69,8 +70,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        config.replan_schedule, report.log)
   mesh = sharding.make_mesh(config.fsdp)
   tx, schedule = optim.make_optimizer(config, schedule_steps)
-  state, state_shardings = sharding.place_state(
-      steps_lib.create_train_state(run.model.params, tx, config.seed), mesh)
+  state, state_shardings = steps_lib.init_train_state(run.model, tx, config.seed, mesh)
   masked_head = config.masked_lm_head and model_lib.supports_masked_head(run.model)
   apply_fn, head_fn = model_lib.forward_fns(run.model, config.model_impl)
   steps = steps_lib.compile_steps(
@@ -81,31 +81,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           masking.count_dispersion(run.blocks.train, run.spec)))
   state = checkpoint.restore_newest(manager, workdir, state, run.config_record(), report.log)
   start_step = int(sharding.to_host(state.step))
-  if start_step >= run.total_steps:
+  export_dir = checkpoint.export_dir(workdir)
+  is_main = jax.process_index() == 0
+  if start_step >= run.total_steps and _has_export(export_dir):
     report.log(f'{workdir} holds a finished run (step {start_step} of {run.total_steps}); '
                'nothing to train. Use a new --workdir to train again.')
     return report.summary(run, metric_writers.read_metrics(workdir), 0.0, 0)
 
-  is_main = jax.process_index() == 0
   if is_main:  # What inference needs to rebuild the model around a checkpoint.
-    run.model.config.save_pretrained(checkpoint.model_config_dir(workdir))
+    storage.save_with(run.model.config.save_pretrained, checkpoint.model_config_dir(workdir))
   start_time = time.time()
-  books = bookkeeping.Bookkeeping(run, steps, manager,
-                                  metric_writers.MetricsWriter(workdir, enabled=is_main),
-                                  schedule_steps)
+  books = bookkeeping.Bookkeeping(run, steps, manager, metric_writers.MetricsWriter(
+      workdir, enabled=is_main, start_step=start_step), schedule_steps)
   try:
     state = _train(run, steps, state, books)
   finally:
     books.close()
   wall = time.time() - start_time
 
-  export_dir = os.path.join(workdir, 'export')
   params = sharding.to_host(state.params)  # Every host takes part in gathering sharded ones.
-  if is_main:
+  if is_main:  # Also where a run stopped between its last checkpoint and its export.
     export.export(run.model, params, run.tokenizer, export_dir)
+  sharding.sync_hosts('mlm_jax_export')  # No host reports (or exits) before it is written.
   summary = report.summary(run, metric_writers.read_metrics(workdir), wall,
                            run.total_steps - start_step)
   report.print_summary(summary)
   if config.push_to_hub and is_main:
     report.push_to_hub(export_dir, config.hub_model_id)
   return summary
+
+
+def _has_export(export_dir) -> bool:
+  """Whether the export holds its weights and tokenizer (a run stopped before or during
+  the export has not)."""
+  return all((export_dir / name).exists() for name in ('flax_model.msgpack',
+                                                       'tokenizer_config.json'))

@@ -4,8 +4,6 @@ Light at import (no jax, no transformers): the entry point checks a config befor
 heavy imports of training; the masking checks import `masking` when they run.
 """
 
-import os
-
 import ml_collections
 
 from mlm_jax.errors import UserError
@@ -16,7 +14,7 @@ LR_SCHEDULES = ('linear', 'cosine')  # See optim.make_schedule.
 _AT_LEAST_ONE = ('block_size', 'per_device_batch_size', 'grad_accum_steps', 'eval_batch_size',
                  'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                  'keep_checkpoints', 'num_proc', 'max_nonfinite_steps', 'fsdp',
-                 'tokenizer_vocab_size', 'tokenizer_train_max_texts')
+                 'tokenizer_vocab_size', 'tokenizer_train_max_texts', 'stop_check_every_steps')
 _AT_LEAST_ZERO = ('warmup_steps', 'weight_decay', 'seed', 'max_eval_blocks')
 
 
@@ -57,15 +55,3 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'num_epochs={config.num_epochs} must be at least 1')
   if config.push_to_hub and not config.hub_model_id:
     raise UserError('push_to_hub=True needs --config.hub_model_id=USER/NAME')
-
-
-def check_workdir_writable(workdir: str) -> None:
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write-test-{os.getpid()}')
-    with open(probe, 'w', encoding='utf-8') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f'workdir {workdir!r} cannot be written ({e.strerror}); '
-                    'pass a writable --workdir') from None

@@ -57,3 +57,23 @@ def run_hosts(commands: list[list[str]], devices: int,
   for p, (_, stderr) in zip(processes, outputs):
     assert p.returncode == 0, stderr[-3000:]
   return outputs
+
+
+def start_hosts(flags: list[str], hosts: int = 2, devices: int = 2) -> list[subprocess.Popen]:
+  """Starts `hosts` run_train.py processes of one multi-host run on 127.0.0.1."""
+  address = f'127.0.0.1:{free_port()}'
+  return [subprocess.Popen(
+      [sys.executable, 'run_train.py', *flags, f'--coordinator_address={address}',
+       f'--num_processes={hosts}', f'--process_id={index}'],
+      cwd=ROOT, env=cluster_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for index in range(hosts)]
+
+
+def finish(processes: list[subprocess.Popen], timeout: float = 300) -> list[tuple[str, str]]:
+  """(stdout, stderr) of each process once it exits; every process is killed at the end."""
+  try:
+    return [p.communicate(timeout=timeout) for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+      p.wait()

@@ -5,6 +5,7 @@ hosts are processes on 127.0.0.1 joined by `jax.distributed` with gloo collectiv
 """
 
 import json
+import subprocess
 import sys
 
 import jax
@@ -13,7 +14,8 @@ import pytest
 
 from mlm_jax import infer
 from mlm_jax import metric_writers
-from tests.multidevice import free_port, run_hosts, run_with_devices
+from tests.conftest import ROOT
+from tests.multidevice import cluster_env, free_port, run_hosts, run_with_devices
 
 # Dropout on, so its random draws are part of what must not depend on the layout.
 _TRAIN = '''
@@ -121,3 +123,67 @@ def test_two_hosts_reach_the_same_loss_as_one_host(one_device_run, tmp_path):
   own_lines = [line for line in outputs[1][0].splitlines() if not line.startswith('[Gloo]')]
   assert not own_lines  # Only process 0 prints (gloo's own connection lines aside).
   _assert_same_run(multi, one_device_run)
+
+
+def test_the_train_state_is_born_sharded_and_trains_like_a_replicated_one():
+  """fsdp=4 on 4 devices: created by one jitted function with `out_shardings`, so no whole
+  large array ever lives on one device (neither the model's own parameters nor a state
+  made eagerly and then placed), every large array of the parameters and Adam moments
+  holds a quarter per device, and 3 steps on it give the replicated state's parameters."""
+  out = run_with_devices('''
+    import json
+    import jax
+    import numpy as np
+    from tests.conftest import load_config
+    from mlm_jax import masking, model as model_lib, optim, sharding, steps as steps_lib
+    from mlm_jax.tokenizer import train_bpe_tokenizer
+    from mlm_jax import data
+    config = load_config('tiny_test')
+    config.model_config.hidden_size = 64
+    texts = [line[:400] for line in open(data.sample_data_path(), encoding='utf-8')]
+    tokenizer = train_bpe_tokenizer(texts, 400, model_max_length=64)
+    model = model_lib.create_model(config, tokenizer)
+    tx, schedule = optim.make_optimizer(config, total_steps=10)
+    spec = masking.masking_spec(tokenizer, 0.15)
+    ids = np.random.default_rng(0).integers(5, 400, (1, 16, 32)).astype(np.int32)
+    params, sharded_fractions = {}, []
+    for fsdp in (4, 1):
+      mesh = sharding.make_mesh(fsdp=fsdp)
+      with jax.transfer_guard_device_to_device('disallow'):
+        state, shardings = steps_lib.init_train_state(model, tx, config.seed, mesh)
+      if fsdp == 4:
+        whole = [a.shape for a in jax.live_arrays()
+                 if a.size >= 1 << 14 and len(a.sharding.device_set) == 1]
+        assert not whole, whole
+        for leaf in jax.tree_util.tree_leaves((state.params, state.opt_state)):
+          if leaf.size >= 1 << 14:
+            assert 'fsdp' in leaf.sharding.spec, leaf.sharding
+            sharded_fractions.append(leaf.addressable_shards[0].data.size / leaf.size)
+      steps = steps_lib.compile_steps(model.__call__, tx, schedule, spec, config.seed, mesh,
+                                      shardings)
+      for _ in range(3):
+        state, _ = steps.train(state, sharding.shard_batch(ids, mesh, batch_axis=1))
+      params[fsdp] = [np.asarray(x).tolist() for x in
+                      jax.tree_util.tree_leaves(sharding.to_host(state.params))]
+    print(json.dumps({'fractions': sharded_fractions, 'params': params}))
+  ''', devices=4)
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result['fractions'] and set(result['fractions']) == {0.25}
+  for a, b in zip(result['params']['4'], result['params']['1']):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-5)
+
+
+def test_a_detected_cluster_that_cannot_be_joined_is_a_one_line_error(tmp_path):
+  """SLURM variables for task 1 of 2, whose process 0 never starts: not a silent
+  single-process run (which would write into the shared workdir), and not JAX's abort."""
+  env = cluster_env(1)
+  env.update(SLURM_JOB_ID='4242', SLURM_STEP_NODELIST='127.0.0.1', SLURM_NTASKS='2',
+             SLURM_PROCID='1', SLURM_LOCALID='0')
+  result = subprocess.run(
+      [sys.executable, 'run_train.py', '--config=configs/tiny_test.py',
+       f'--workdir={tmp_path / "run"}', '--distributed_timeout_s=2'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 2
+  assert result.stderr.strip().count('\n') == 0
+  assert 'coordinator (process 0) at 127.0.0.1:' in result.stderr
+  assert not (tmp_path / 'run' / 'checkpoints').exists()

@@ -153,12 +153,53 @@ def test_a_corrupted_latest_checkpoint_is_named_and_the_previous_one_used(finish
   assert summary['steps_this_run'] == 10
 
 
+def test_only_a_damaged_checkpoint_counts_as_corrupt(finished_run):
+  """A truncated file is corrupt (set aside); storage that cannot be reached now is not
+  (the run stops and the checkpoint stays where it is)."""
+  _, workdir = finished_run
+  _truncate_state_files(workdir / 'checkpoints' / '20')
+  with pytest.raises(Exception) as truncated:  # The real error orbax/tensorstore raise.
+    infer.load_predictor(str(workdir), step=20)
+  assert checkpoint.is_corrupt(truncated.value)
+  for transient in (ConnectionError('connection reset by peer'), TimeoutError('timed out'),
+                    OSError(5, 'Input/output error'),
+                    ValueError('UNAVAILABLE: Error reading "gs://b/run/checkpoints/20/state": '
+                               'CURL error Could not connect to server')):
+    assert not checkpoint.is_corrupt(transient), transient
+
+
 def test_no_restorable_checkpoint_is_a_clear_error(finished_run):
   config, workdir = finished_run
   for step in (10, 20):
     _truncate_state_files(workdir / 'checkpoints' / str(step))
   with pytest.raises(UserError, match='no checkpoint in .* could be restored'):
     train.train_and_evaluate(config, str(workdir))
+
+
+def test_a_finished_run_without_its_export_exports_on_rerun(finished_run):
+  """As after a preemption between the last checkpoint and the end of the export."""
+  config, workdir = finished_run
+  shutil.rmtree(workdir / 'export')
+  summary = train.train_and_evaluate(config, str(workdir))
+  assert summary['steps_this_run'] == 0
+  exported = infer.load_predictor(str(workdir / 'export')).params
+  restored = infer.load_predictor(str(workdir)).params
+  for a, b in zip(jax.tree_util.tree_leaves(exported), jax.tree_util.tree_leaves(restored)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_resume_drops_the_metrics_logged_after_the_restored_checkpoint(finished_run):
+  """Steps 11-20 were logged once, then lost with their checkpoint: after the rerun each
+  step appears once, with the rerun's values."""
+  config, workdir = finished_run
+  shutil.rmtree(workdir / 'checkpoints' / '20')
+  shutil.rmtree(workdir / 'export')
+  train.train_and_evaluate(config, str(workdir))
+  logged = [r['step'] for r in metric_writers.read_metrics(str(workdir)) if 'loss' in r]
+  evaluated = [r['step'] for r in metric_writers.read_metrics(str(workdir))
+               if 'eval_loss' in r]
+  assert logged == [5, 10, 15, 20]
+  assert evaluated == [0, 10, 20]
 
 
 def _rates(workdir) -> dict[int, float]:

@@ -53,7 +53,7 @@ def _sgd_update(run, ids, impl='transformers', masked_head=False, schedule=None,
       sharding.make_mesh(), head_fn=head_fn if masked_head else None,
       max_predictions=model_lib.max_predictions(run.config.block_size, 0.15))
   if state is None:
-    params = jax.tree_util.tree_map(jnp.copy, run.model.params)  # The step donates its state.
+    params = jax.tree_util.tree_map(jnp.copy, model_lib.initial_params(run.model))  # The step donates its state.
     state = steps_lib.create_train_state(params, tx, run.config.seed)
   before = jax.tree_util.tree_map(np.asarray, state.params)
   new_state, step_metrics = steps.train(state, jnp.asarray(ids))
@@ -85,7 +85,7 @@ def test_gradient_accumulation_equals_one_batch_k_times_larger(run):
   blocks = _blocks(run)
   whole, whole_metrics = _sgd_update(run, blocks.reshape(1, 8, -1))
   accumulated, accumulated_metrics = _sgd_update(run, blocks.reshape(4, 2, -1))
-  _assert_same_gradients(accumulated, whole, run.model.params)
+  _assert_same_gradients(accumulated, whole, model_lib.initial_params(run.model))
   assert metrics.summarize_train(accumulated_metrics['sums'], 1) == pytest.approx(
       metrics.summarize_train(whole_metrics['sums'], 1), rel=1e-5)
 
@@ -94,7 +94,7 @@ def test_masked_only_head_gives_the_full_heads_gradients(dropout_run):
   run = dropout_run
   masked, masked_metrics = _sgd_update(run, _blocks(run)[None], masked_head=True)
   full, full_metrics = _sgd_update(run, _blocks(run)[None], masked_head=False)
-  _assert_same_gradients(masked, full, run.model.params)
+  _assert_same_gradients(masked, full, model_lib.initial_params(run.model))
   # The tied word embedding gets the head's gradient too, not the input side's alone.
   tied = masked['roberta']['embeddings']['word_embeddings']['embedding']
   assert np.abs(tied).max() > 0
@@ -107,7 +107,7 @@ def test_fast_forward_gives_transformers_gradients(dropout_run, masked_head):
   run = dropout_run
   fast, _ = _sgd_update(run, _blocks(run)[None], impl='fast', masked_head=masked_head)
   reference, _ = _sgd_update(run, _blocks(run)[None], masked_head=masked_head)
-  _assert_same_gradients(fast, reference, run.model.params)
+  _assert_same_gradients(fast, reference, model_lib.initial_params(run.model))
 
 
 def test_masked_tokens_beyond_max_predictions_are_counted_as_dropped(run):
@@ -119,7 +119,7 @@ def test_masked_tokens_beyond_max_predictions_are_counted_as_dropped(run):
   steps = steps_lib.compile_steps(
       apply_fn, tx, schedule, masking.masking_spec(run.tokenizer, 0.9), run.config.seed,
       sharding.make_mesh(), head_fn=head_fn, max_predictions=4)
-  state = steps_lib.create_train_state(jax.tree_util.tree_map(jnp.copy, run.model.params), tx,
+  state = steps_lib.create_train_state(jax.tree_util.tree_map(jnp.copy, model_lib.initial_params(run.model)), tx,
                                        run.config.seed)
   _, step_metrics = steps.train(state, jnp.asarray(_blocks(run))[None])
   summary = metrics.summarize_train(step_metrics['sums'], 1)
@@ -138,7 +138,7 @@ def test_non_finite_step_is_skipped_and_the_logged_rate_is_the_applied_one(run):
   """The schedule reads the optimizer's count, which a skipped step does not advance."""
   schedule = optax.linear_schedule(1.0, 0.0, 10)
   tx = optax.sgd(schedule)
-  params = jax.tree_util.tree_map(jnp.copy, run.model.params)
+  params = jax.tree_util.tree_map(jnp.copy, model_lib.initial_params(run.model))
   state = steps_lib.create_train_state(params, tx, run.config.seed)
   nan_state = state.replace(params=jax.tree_util.tree_map(lambda x: x * jnp.nan, params))
   _, skipped = _sgd_update(run, _blocks(run)[None], schedule=schedule, state=nan_state)
@@ -146,7 +146,7 @@ def test_non_finite_step_is_skipped_and_the_logged_rate_is_the_applied_one(run):
   assert metrics.summarize_train(skipped['sums'], 1)['skipped_steps'] == 1
 
   # Three steps were skipped before this one: state.step is 3, the optimizer's count 0.
-  params = jax.tree_util.tree_map(jnp.copy, run.model.params)
+  params = jax.tree_util.tree_map(jnp.copy, model_lib.initial_params(run.model))
   state = steps_lib.create_train_state(params, tx, run.config.seed).replace(
       step=jnp.asarray(3, jnp.int32))
   update, applied = _sgd_update(run, _blocks(run)[None], schedule=schedule, state=state)
@@ -154,11 +154,11 @@ def test_non_finite_step_is_skipped_and_the_logged_rate_is_the_applied_one(run):
   assert int(applied['nonfinite']) == 0
   # Rate 1 was what the update applied: the same update as a constant rate of 1 makes.
   constant = optax.constant_schedule(1.0)
-  state = steps_lib.create_train_state(jax.tree_util.tree_map(jnp.copy, run.model.params),
+  state = steps_lib.create_train_state(jax.tree_util.tree_map(jnp.copy, model_lib.initial_params(run.model)),
                                        optax.sgd(constant), run.config.seed)
   gradient, _ = _sgd_update(run, _blocks(run)[None], schedule=constant,
                             state=state.replace(step=jnp.asarray(3, jnp.int32)))
-  _assert_same_gradients(update, gradient, run.model.params)
+  _assert_same_gradients(update, gradient, model_lib.initial_params(run.model))
 
 
 def test_summarize_train_weighs_every_token_of_the_interval():
