@@ -4,7 +4,7 @@ The step is `mlm_jax.steps.compile_steps(...).train`: on-device masking, forward
 backward through a `FlaxAutoModelForMaskedLM` (RoBERTa, random init, sized from the
 flags), the package's optimizer (clip + AdamW with the decay mask) and the non-finite
 guard, jit-compiled over the package's mesh (`sharding.make_mesh(--fsdp)`) with the state
-placed by `sharding.place_state` and donated. Its input is a [grad_accum_steps=1, rows, seq]
+created sharded by `steps.init_train_state` and donated. Its input is a [grad_accum_steps=1, rows, seq]
 batch of random token ids placed with `sharding.shard_batch(..., batch_axis=1)`, as the
 training loop places its batches.
 
@@ -216,8 +216,7 @@ def build_step(shape: Shape, mesh: jax.sharding.Mesh,
   model = transformers.FlaxAutoModelForMaskedLM.from_config(
       config, seed=SEED, dtype=model_lib.compute_dtype(shape.dtype))
   tx, schedule = optim.make_optimizer(optimizer_config(), total_steps)
-  state, state_shardings = sharding.place_state(
-      steps_lib.create_train_state(model.params, tx, SEED), mesh)
+  state, state_shardings = steps_lib.init_train_state(model, tx, SEED, mesh)
   apply_fn, head_fn = model_lib.forward_fns(model, shape.impl)
   spec = masking_spec(shape)
   dispersion = masking.count_dispersion(random_ids(shape, 1024, np.random.default_rng(SEED))[0],

@@ -131,9 +131,3 @@ def shard_batch(local_batch: Any, mesh: Mesh | None = None, batch_axis: int = 0,
   sharding = batch_sharding(mesh, batch_axis)
   return jax.tree_util.tree_map(
       lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
-
-
-def place_state(tree: Any, mesh: Mesh) -> tuple[Any, Any]:
-  """Puts a train state on the mesh; returns (placed state, its shardings)."""
-  shardings = state_sharding(tree, mesh)
-  return jax.device_put(tree, shardings), shardings
