@@ -65,6 +65,7 @@ def _train_cli(cwd, env, *flags) -> subprocess.Popen:
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # About 6 minutes on 2 cores: run with `python -m pytest -m slow`.
 def test_a_gs_workdir_trains_is_preempted_resumes_and_serves_fill_mask(
     gcs_env, tiny_run, tmp_path, monkeypatch):
   """The tiny run with its workdir in the bucket, stopped by SIGTERM halfway and resumed,
