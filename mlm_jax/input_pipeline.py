@@ -81,8 +81,9 @@ def permute(indices: np.ndarray, size: int, seed: int, rounds: int = 4) -> np.nd
 class BlockOrderMapDataset(grain.MapDataset):
   """Block indices, epoch after epoch: each epoch a fresh seeded permutation of [0, size).
 
-  Grain's `shuffle` with its per-epoch seeds (seed + epoch), read a batch of indices at
-  a time (`_getitems`); `seed=None` keeps every epoch in order.
+  The permutation of epoch e is `permute` with seed + e (the construction of Grain's
+  `index_shuffle`, vectorized), read a batch of indices at a time (`_getitems`);
+  `seed=None` keeps every epoch in order.
   """
 
   def __init__(self, size: int, seed: int | None):
