@@ -11,6 +11,8 @@ selected range is a test example when its seeded pseudo-random position
 test count, so the split takes no memory and is a function of (seed, k) alone.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import glob
 import importlib.resources
@@ -18,12 +20,14 @@ import json
 import math
 import os
 import re
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
-import datasets
 import grain
 
 from mlm_jax.errors import UserError, first_line
+
+if TYPE_CHECKING:  # Imported where used: a run whose blocks are prepared never needs it (1 s).
+  import datasets
 
 _BUILDERS = {'.jsonl': 'json', '.json': 'json', '.parquet': 'parquet', '.csv': 'csv',
              '.txt': 'text'}
@@ -125,6 +129,7 @@ def load_local_files(files: list[str], split: str) -> datasets.IterableDataset:
     where = _first_non_utf8_line(files)
     if where:
       raise UserError(f'{where} is not UTF-8 text; re-encode the file as UTF-8')
+  import datasets  # pylint: disable=import-outside-toplevel,redefined-outer-name
   try:
     return datasets.load_dataset(builder, data_files=files, split=split, streaming=True,
                                  **_READ_OPTIONS.get(builder, {}))
@@ -139,6 +144,7 @@ def load_hub_dataset(name: str, config_name: str, split: str,
   Script-based hub datasets (the guide's `eli5_category` was one) are refused by
   `datasets` 4 and later; for those, the hub's parquet conversion is loaded.
   """
+  import datasets  # pylint: disable=import-outside-toplevel,redefined-outer-name
   how_to_fix = ('pass local files instead with --config.data_files=PATH '
                 '(jsonl/json/parquet/csv in the ELI5 schema, or .txt)')
   try:
@@ -204,6 +210,7 @@ def _split_name(spec: str) -> str:
 
 def selected_ranges(spec: str, num_examples: int) -> list[tuple[int, int]]:
   """The [start, stop) example ranges that a split spec like `train[:100]` selects."""
+  import datasets  # pylint: disable=import-outside-toplevel,redefined-outer-name
   name = _split_name(spec)
   try:
     instructions = datasets.ReadInstruction.from_spec(spec).to_absolute({name: num_examples})

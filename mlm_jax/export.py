@@ -1,10 +1,10 @@
 """The Hugging Face export: Flax weights, PyTorch weights where torch is installed, tokenizer."""
 
-import importlib.util
 from typing import Any
 
 import jax
 import numpy as np
+import transformers
 
 from mlm_jax import storage
 
@@ -20,7 +20,7 @@ def export(model, params: Any, tokenizer, directory) -> None:
   def save(local: str) -> None:
     model.save_pretrained(local, params=params)
     tokenizer.save_pretrained(local)
-    if importlib.util.find_spec('torch') is not None:
+    if transformers.utils.is_torch_available():  # Installed, and not disabled by USE_TORCH=0.
       save_pytorch_weights(model.config, params, local)
   storage.save_with(save, directory)
 
@@ -32,7 +32,6 @@ def save_pytorch_weights(config, params: Any, directory: str) -> None:
   the meta device and then cannot copy the Flax weights in (transformers 4.57 with
   torch 2.13), so the model is built on the CPU and the weights loaded explicitly.
   """
-  import transformers  # pylint: disable=import-outside-toplevel
   from transformers import modeling_flax_pytorch_utils  # pylint: disable=import-outside-toplevel
   torch_model = transformers.AutoModelForMaskedLM.from_config(config)
   writable = jax.tree_util.tree_map(np.array, params)  # torch.from_numpy wants writable arrays.

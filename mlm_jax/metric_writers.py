@@ -1,11 +1,26 @@
 """Where metrics go: `WORKDIR/metrics.jsonl` and TensorBoard events, and reading them back."""
 
 import json
+import sys
 from typing import Any
 
 import numpy as np
 
 from mlm_jax import storage
+
+
+def _tensorboardx():
+  """tensorboardX, imported without torch unless torch is loaded already: it imports torch
+  (2 s) where installed only to recognise torch tensors, which this project never logs."""
+  if 'torch' in sys.modules:
+    import tensorboardX  # pylint: disable=import-outside-toplevel
+    return tensorboardX
+  sys.modules['torch'] = None  # `import torch` raises ImportError, which tensorboardX handles.
+  try:
+    import tensorboardX  # pylint: disable=import-outside-toplevel,redefined-outer-name
+  finally:
+    del sys.modules['torch']
+  return tensorboardX
 
 
 class MetricsWriter:
@@ -23,11 +38,10 @@ class MetricsWriter:
     self._lines: list[str] = []
     self._tensorboard = None
     if enabled:
-      import tensorboardX  # pylint: disable=import-outside-toplevel
       if start_step > 0:
         self._lines = [json.dumps(r) for r in read_metrics(workdir) if r['step'] <= start_step]
       self._rewrite()
-      self._tensorboard = tensorboardX.SummaryWriter(
+      self._tensorboard = _tensorboardx().SummaryWriter(
           str(storage.path(workdir) / 'tensorboard'), purge_step=start_step + 1)
 
   def _rewrite(self) -> None:

@@ -23,6 +23,11 @@ os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
 
 import pytest  # pylint: disable=wrong-import-position
+# transformers decides once, at import, whether torch is usable: this process keeps it (the
+# PyTorch parity tests), while the many run_train.py subprocesses the tests start skip
+# importing torch (2 s of CPU each) through USE_TORCH=0, which they inherit.
+import transformers.utils  # pylint: disable=wrong-import-position,unused-import
+os.environ['USE_TORCH'] = '0'
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `configs.*` imports, as run_train.py allows.
