@@ -3,25 +3,37 @@
 A prepared folder holds `train.bin` and `test.bin` (row-major [num_blocks, block_size] of
 `dtype`, uint16 when the vocabulary fits, else int32) and `meta.json`, written last, which
 describes them. Writers append whole blocks as the tokenizer produces them, so memory never
-grows with the corpus; the folder is written under a temporary name and renamed when complete,
-and a reader checks every file against `meta.json`, so a half-written folder is never read.
+grows with the corpus; the folder is written under a temporary name and renamed when complete
+(in a bucket, which cannot rename, copied with `meta.json` last), and a reader checks every file
+against `meta.json`, so a half-written folder is never read. A temporary folder that its writer
+stopped keeping alive (a killed preparation's) is removed by the next preparation beside it.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
 import tempfile
+import threading
+import time
 import uuid
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from etils import epath
 
+from mlm_jax import storage
 from mlm_jax.errors import UserError
 
 FORMAT_VERSION = 2
 SPLITS = ('train', 'test')
 META = 'meta.json'
+TEMPORARY_PREFIX = '.tmp-'
+HEARTBEAT = '.heartbeat'  # In a temporary folder, rewritten while its writer lives.
+HEARTBEAT_EVERY_S = 60.0
+# A temporary folder in which nothing changed for this long has no live writer: its heartbeat
+# would have been rewritten ten times over (clocks of hosts and the bucket differ by less).
+STALE_AFTER_S = 600.0
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
@@ -57,11 +69,30 @@ class Prepared:
   test: np.ndarray
 
 
-def new_folder(parent: epath.Path) -> epath.Path:
-  """A fresh temporary folder in `parent`, to be renamed by `commit` when complete."""
+@contextlib.contextmanager
+def new_folder(parent: epath.Path,
+               log: Callable[[str], None] = print) -> Iterator[epath.Path]:
+  """A fresh temporary folder in `parent`, for `commit` after the block; removed if it raises.
+
+  While the block runs, a thread rewrites the folder's heartbeat file, so that another
+  preparation sharing the cache tells it from a killed one's (`remove_stale_folders`, run
+  first). Its data files alone would not tell: a writer may write nothing for long, while it
+  counts the examples, skips to a split's slice, or (in a bucket) until a file is closed.
+  """
+  folder = _make_folder(parent, log)
+  try:
+    with _heartbeat(folder / HEARTBEAT):
+      yield folder
+  except BaseException:
+    folder.rmtree(missing_ok=True)
+    raise
+
+
+def _make_folder(parent: epath.Path, log: Callable[[str], None]) -> epath.Path:
   try:
     parent.mkdir(parents=True, exist_ok=True)
-    folder = parent / f'.tmp-{uuid.uuid4().hex}'
+    remove_stale_folders(parent, log)
+    folder = parent / f'{TEMPORARY_PREFIX}{uuid.uuid4().hex}'
     folder.mkdir()
   except OSError as e:
     raise UserError(f'the cache folder {parent} cannot be written ({e.strerror or e}); set '
@@ -69,13 +100,93 @@ def new_folder(parent: epath.Path) -> epath.Path:
   return folder
 
 
+@contextlib.contextmanager
+def _heartbeat(file: epath.Path) -> Iterator[None]:
+  """Rewrites `file` every HEARTBEAT_EVERY_S while the block runs; removes it after."""
+  stop = threading.Event()
+
+  def beat() -> None:
+    while not stop.wait(HEARTBEAT_EVERY_S):
+      try:
+        file.write_text(str(time.time()))
+      except Exception:  # pylint: disable=broad-except  (a network hiccup: the next beat retries)
+        pass
+
+  file.write_text(str(time.time()))
+  thread = threading.Thread(target=beat, name='mlm_jax-cache-heartbeat', daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    stop.set()
+    thread.join()
+    file.unlink(missing_ok=True)
+
+
+def remove_stale_folders(parent: epath.Path, log: Callable[[str], None] = print) -> None:
+  """Removes the temporary folders in `parent` in which nothing changed for STALE_AFTER_S."""
+  try:
+    folders = [f for f in parent.iterdir() if f.name.startswith(TEMPORARY_PREFIX)]
+  except FileNotFoundError:  # No folder yet (in a bucket: no file under it yet).
+    return
+  for folder in folders:
+    idle = time.time() - _last_change(folder)
+    if idle < STALE_AFTER_S:
+      continue
+    try:
+      folder.rmtree()
+    except FileNotFoundError:  # Another preparation removed it first.
+      continue
+    except OSError as e:  # Another user's, say: it only takes space, so go on without.
+      log(f'Could not remove {folder}, left by a stopped preparation ({e}); remove it by hand')
+      continue
+    log(f'Removed {folder}, left by a preparation that stopped {idle / 60:.0f} minutes ago')
+
+
+def _last_change(folder: epath.Path) -> float:
+  """When anything in `folder` (itself included, where local) last changed; now, if it is gone."""
+  try:
+    times = [folder.stat().mtime]  # 0 in a bucket, which keeps no times for folders.
+    for child in folder.iterdir():
+      times.append(_last_change(child) if child.is_dir() else child.stat().mtime)
+    return max(times)
+  except FileNotFoundError:  # Committed or removed while we looked: not ours to remove.
+    return time.time()
+
+
 def commit(folder: epath.Path, meta: dict, directory: epath.Path) -> None:
-  """Writes `meta.json` last, then renames `folder` to `directory` (one writer wins)."""
-  (folder / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
+  """Publishes the complete `folder` as `directory`, `meta.json` last (one writer wins)."""
+  text = json.dumps(meta, indent=1, sort_keys=True)
+  if storage.is_remote(directory):
+    _commit_remote(folder, text, directory)
+    return
+  (folder / META).write_text(text)
   try:
     folder.rename(directory)
   except OSError:  # Another process committed the same key first: keep theirs.
     folder.rmtree(missing_ok=True)
+
+
+def _commit_remote(folder: epath.Path, text: str, directory: epath.Path) -> None:
+  """A bucket cannot rename a folder: epath's rename copies and deletes each object, in no set
+  order, so a reader could find `meta.json` before the files it describes. The files are copied
+  (on the server) and `meta.json` written after them: there, its presence means complete."""
+  if not (directory / META).exists():  # Else another writer completed it first: keep theirs.
+    for source in folder.iterdir():
+      storage.copy(source, directory / source.name)
+    (directory / META).write_text(text)
+  folder.rmtree(missing_ok=True)
+
+
+def discard(directory: epath.Path) -> None:
+  """Removes an incomplete prepared folder, so that a new one can take its place.
+
+  In a bucket, one without `meta.json` may be another writer's commit under way: it is left,
+  and `commit` writes over it.
+  """
+  if storage.is_remote(directory) and not (directory / META).exists():
+    return
+  directory.rmtree(missing_ok=True)
 
 
 def is_complete(directory: epath.Path) -> bool:
@@ -105,7 +216,11 @@ def _local(path: epath.Path) -> str:
   local = os.path.join(tempfile.gettempdir(), 'mlm_jax_blocks', str(path).split('://', 1)[1])
   if not os.path.exists(local) or os.path.getsize(local) != path.stat().length:
     os.makedirs(os.path.dirname(local), exist_ok=True)
-    path.copy(epath.Path(local), overwrite=True)
+    # Copied beside it, then renamed: another process of this host may have the file mapped,
+    # and rewriting it in place would pull the pages from under it.
+    partial = f'{local}.{uuid.uuid4().hex}.partial'
+    path.copy(epath.Path(partial), overwrite=True)
+    os.replace(partial, local)
   return local
 
 

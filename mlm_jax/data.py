@@ -1,8 +1,9 @@
 """From a dataset source to a stream of train and test texts, never held in memory whole.
 
-One code path for every source: the embedded ELI5 sample, local files
-(jsonl/json/parquet/csv in the ELI5 schema, or .txt with one document per
-line) and hub datasets, all read with `datasets` in streaming mode. The steps follow
+One code path for every source: the embedded ELI5 sample, files on local disk or
+in a `gs://` bucket (jsonl/json/parquet/csv in the ELI5 schema, or .txt with one
+document per line) and hub datasets, all read with `datasets` in streaming mode
+(bucket files through fsspec's gcsfs, never copied whole to this host). The steps follow
 the Hugging Face masked-language-model guide: split train/test with a seed, join
 each example's `answers.text` into one string (tokenizing, concatenating and cutting
 into blocks is `preparation.py`'s). The split is streamed too: example k of the
@@ -14,7 +15,6 @@ test count, so the split takes no memory and is a function of (seed, k) alone.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import importlib.resources
 import json
 import math
@@ -23,7 +23,9 @@ import re
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import grain
+from etils import epath
 
+from mlm_jax import storage
 from mlm_jax.errors import UserError, first_line
 
 if TYPE_CHECKING:  # Imported where used: a run whose blocks are prepared never needs it (1 s).
@@ -49,12 +51,12 @@ def sample_data_path() -> str:
 
 
 def resolve_data_files(data_files: str) -> list[str]:
-  """Expands a comma-separated list of paths and globs; every entry must match."""
+  """Expands a comma-separated list of paths and globs, local or gs://; every entry must match."""
   files = []
   for pattern in (p.strip() for p in data_files.split(',')):
     if not pattern:
       continue
-    matches = sorted(glob.glob(os.path.expanduser(pattern)))
+    matches = _matches(pattern)
     if not matches:
       raise UserError(f'data file {pattern!r} does not exist; '
                       'check --config.data_files (comma-separated paths or globs)')
@@ -62,6 +64,20 @@ def resolve_data_files(data_files: str) -> list[str]:
   if not files:
     raise UserError('--config.data_files is empty; pass at least one file')
   return files
+
+
+def _matches(pattern: str) -> list[str]:
+  if not storage.is_remote(pattern):
+    return storage.glob(pattern)
+  storage.check_gcs_ready(pattern, write=False)
+  try:
+    return storage.glob(pattern)
+  except NotImplementedError:  # epath refuses `**` in a bucket.
+    raise UserError(f'data file {pattern!r}: `**` is not supported in a bucket; use one `*` '
+                    'per folder level, or list the folders comma-separated') from None
+  except OSError as e:  # No such bucket, no permission: gcsfs' errors are OSErrors.
+    raise UserError(f'data file {pattern!r} cannot be listed ({type(e).__name__}: '
+                    f'{first_line(e)}); check the bucket name and your access to it') from None
 
 
 def _builder_for(files: list[str]) -> str:
@@ -79,7 +95,7 @@ def _builder_for(files: list[str]) -> str:
 
 def _first_non_utf8_line(files: list[str]) -> str | None:
   for path in files:
-    with open(path, 'rb') as f:
+    with epath.Path(path).open('rb') as f:
       for number, raw in enumerate(f, start=1):
         try:
           raw.decode('utf-8')
@@ -91,8 +107,7 @@ def _first_non_utf8_line(files: list[str]) -> str | None:
 def _first_bad_json_line(files: list[str]) -> str | None:
   """Names the first place that is not valid JSON (Lines), for a readable error."""
   for path in files:
-    with open(path, encoding='utf-8') as f:
-      text = f.read()
+    text = epath.Path(path).read_text(encoding='utf-8')
     if text.lstrip().startswith('['):  # One JSON document: an array of records.
       try:
         json.loads(text)
@@ -113,6 +128,11 @@ def _first_bad_json_line(files: list[str]) -> str | None:
 def _read_error(files: list[str], builder: str) -> Callable[[Exception], UserError]:
   """Turns an error raised while reading `files` into a one-line UserError naming the place."""
   def describe(e: Exception) -> UserError:
+    # Text is checked only once reading failed: a check up front would read every file once
+    # more, a whole extra download for files in a bucket.
+    where = _first_non_utf8_line(files) if builder != 'parquet' else None
+    if where:
+      return UserError(f'{where} is not UTF-8 text; re-encode the file as UTF-8')
     where = _first_bad_json_line(files) if builder == 'json' else None
     if where:
       return UserError(f'{where}; fix or remove that line')
@@ -122,13 +142,13 @@ def _read_error(files: list[str], builder: str) -> Callable[[Exception], UserErr
   return describe
 
 
-def load_local_files(files: list[str], split: str) -> datasets.IterableDataset:
-  """Streams the files' examples of split `split` (a split name, no slice)."""
+def load_files(files: list[str], split: str) -> datasets.IterableDataset:
+  """Streams the files' examples of split `split` (a split name, no slice).
+
+  Bucket files stream too: `datasets` opens them with fsspec (gcsfs) as it reads. Its offline
+  mode (which the tests set) refuses only downloads into its cache, which streaming never makes.
+  """
   builder = _builder_for(files)
-  if builder != 'parquet':
-    where = _first_non_utf8_line(files)
-    if where:
-      raise UserError(f'{where} is not UTF-8 text; re-encode the file as UTF-8')
   import datasets  # pylint: disable=import-outside-toplevel,redefined-outer-name
   try:
     return datasets.load_dataset(builder, data_files=files, split=split, streaming=True,
@@ -315,7 +335,7 @@ def load_corpus(config, log: Callable[[str], None] = print) -> Corpus:
   source = source_of(config)
   name = _split_name(config.split)
   if source['kind'] == 'files':
-    raw = load_local_files(source['files'], name)
+    raw = load_files(source['files'], name)
     on_error = _read_error(source['files'], _builder_for(source['files']))
   else:
     raw = load_hub_dataset(source['name'], source['config'], name, log)

@@ -26,6 +26,7 @@ from etils import epath
 from mlm_jax import block_store
 from mlm_jax import data
 from mlm_jax import model as model_lib
+from mlm_jax import storage
 from mlm_jax import tokenizer as tokenizer_lib
 from mlm_jax.errors import UserError
 
@@ -33,13 +34,20 @@ CACHE_VERSION = 3  # 3: special-token strings in the text are tokenized as text.
 
 
 def cache_root(config) -> epath.Path:
-  return epath.Path(os.path.expanduser(config.cache_dir or os.environ.get('MLM_JAX_CACHE')
-                                       or os.path.join('~', '.cache', 'mlm_jax')))
+  """The cache folder: local, or in a bucket (`gs://`)."""
+  return storage.path(config.cache_dir or os.environ.get('MLM_JAX_CACHE')
+                      or os.path.join('~', '.cache', 'mlm_jax'))
 
 
 def _file_fingerprint(path: str) -> str:
+  """A file by content: the sha256 of its bytes, or for a bucket file the checksum the bucket
+  keeps (no download; see `storage.checksum`) where it keeps one."""
+  if storage.is_remote(path):
+    checksum = storage.checksum(path)
+    if checksum:
+      return checksum
   digest = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with epath.Path(path).open('rb') as f:
     for chunk in iter(lambda: f.read(1 << 20), b''):
       digest.update(chunk)
   return digest.hexdigest()
@@ -49,7 +57,9 @@ def source_fingerprint(config) -> dict:
   """The source by content (file hashes, not names) and how it is split."""
   source = data.source_of(config)
   if source['kind'] == 'files':
-    source = {'kind': 'files', 'sha256': [_file_fingerprint(f) for f in source['files']]}
+    # Local files keep the key caches had before bucket files were read (all sha256).
+    name = 'content' if any(storage.is_remote(f) for f in source['files']) else 'sha256'
+    source = {'kind': 'files', name: [_file_fingerprint(f) for f in source['files']]}
   elif os.path.isdir(source['name']):  # A local dataset directory: key on its contents.
     files = sorted(glob.glob(os.path.join(source['name'], '**', '*'), recursive=True))
     source = {**source, 'sha256': [_file_fingerprint(f) for f in files if os.path.isfile(f)]}
@@ -178,10 +188,12 @@ def _open_checked(directory: epath.Path, tokenizer, block_size: int) -> block_st
 def _cached_scratch_tokenizer(config, source: dict, log: Callable[[str], None]):
   """The from-scratch tokenizer of this source from the cache, or None."""
   directory = _scratch_tokenizer_dir(config, source)
-  if not (directory / 'tokenizer_config.json').exists():
+  if not (directory / block_store.META).exists():  # Written last (see `block_store.commit`).
     return None
+  with storage.local_copy(directory) as local:  # transformers reads local folders only.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(local)
   log(f'Loaded the tokenizer from the cache {directory}')
-  return transformers.AutoTokenizer.from_pretrained(os.fspath(directory))
+  return tokenizer
 
 
 def _train_scratch_tokenizer(config, source: dict, corpus: data.Corpus,
@@ -194,8 +206,8 @@ def _train_scratch_tokenizer(config, source: dict, corpus: data.Corpus,
   tokenizer = tokenizer_lib.train_bpe_tokenizer(
       corpus.train_texts(limit), config.tokenizer_vocab_size,
       model_max_length=model_lib.SCRATCH_MAX_LENGTH)
-  folder = block_store.new_folder(directory.parent)
-  tokenizer.save_pretrained(os.fspath(folder))
+  with block_store.new_folder(directory.parent, log) as folder:
+    storage.save_with(tokenizer.save_pretrained, folder)
   block_store.commit(folder, {'kind': 'tokenizer', 'source': source}, directory)
   log(f'Saved the tokenizer in the cache {directory}')
   return tokenizer
@@ -210,6 +222,9 @@ def prepare(config, tokenizer=None, log: Callable[[str], None] = print,
   a tokenizer is trained from scratch (and cached). `check_tokenizer` runs before any
   tokenizing, to refuse a tokenizer the run cannot use early.
   """
+  root = os.fspath(cache_root(config))
+  if storage.is_remote(root):
+    storage.check_gcs_ready(root)  # Before the data is read, as for a workdir.
   source = source_fingerprint(config)
   corpus = functools.cache(lambda: data.load_corpus(config, log))
   if tokenizer is None:
@@ -224,14 +239,10 @@ def prepare(config, tokenizer=None, log: Callable[[str], None] = print,
   if directory.exists():
     log(f'The prepared blocks in {directory} are incomplete (an interrupted preparation or '
         'copy); preparing them again')
-    directory.rmtree()
-  folder = block_store.new_folder(directory.parent)
-  try:
+    block_store.discard(directory)
+  with block_store.new_folder(directory.parent, log) as folder:
     meta = write_blocks(corpus(), tokenizer, folder, config.block_size, config.num_proc,
                         progress)
-  except BaseException:
-    folder.rmtree(missing_ok=True)
-    raise
   meta.update(format=block_store.FORMAT_VERSION, tokenizer=tokenizer_fingerprint(tokenizer),
               source=source)
   block_store.commit(folder, meta, directory)

@@ -8,6 +8,7 @@ those go through a local temporary folder that is copied to or from the bucket.
 """
 
 import contextlib
+import glob as glob_lib
 import os
 import tempfile
 import uuid
@@ -40,14 +41,17 @@ def bucket(location) -> str:
   return os.fspath(location).split('://', 1)[1].split('/', 1)[0]
 
 
-def _check_gcs_ready(location: str) -> None:
-  """Fails fast, naming the bucket, where no client library or no credentials exist."""
+def check_gcs_ready(location: str, write: bool = True) -> None:
+  """Fails fast, naming the bucket, where no client library (or, to write, no credentials) exist.
+
+  Reading needs no credentials: gcsfs reads a public bucket anonymously.
+  """
   try:
     import gcsfs  # pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
     raise UserError(f'{location} is on Google Cloud Storage, which needs gcsfs: '
                     'pip install "mlm_jax[gcs]" (or pip install gcsfs)') from None
-  if os.environ.get(EMULATOR_ENV):  # A local emulator takes no credentials.
+  if not write or os.environ.get(EMULATOR_ENV):  # A local emulator takes no credentials.
     return
   import google.auth  # pylint: disable=import-outside-toplevel
   try:
@@ -66,7 +70,7 @@ def check_writable(workdir, host: int) -> None:
   """
   location = os.fspath(workdir)
   if location.startswith('gs://'):
-    _check_gcs_ready(location)
+    check_gcs_ready(location)
   directory = path(location)
   probe = directory / f'.write-probe-host{host}-{uuid.uuid4().hex}'
   try:
@@ -81,6 +85,52 @@ def check_writable(workdir, host: int) -> None:
     raise UserError(f'workdir {location!r} cannot be written ({type(e).__name__}: {reason}); '
                     f'check that {where} exists and is writable, or pass another --workdir'
                     ) from None
+
+
+def glob(pattern: str) -> list[str]:
+  """The paths matching a local or `gs://` glob, sorted.
+
+  In a bucket `**` raises NotImplementedError: epath refuses it, since a bucket has no folders
+  and it would take one listing per level it crosses.
+  """
+  if not is_remote(pattern):
+    return sorted(glob_lib.glob(os.path.expanduser(pattern)))
+  scheme, rest = pattern.split('://', 1)
+  name, _, inside = rest.partition('/')
+  return sorted(os.fspath(p) for p in epath.Path(f'{scheme}://{name}').glob(inside))
+
+
+def _filesystem(location):
+  """epath's own fsspec filesystem (gcsfs) for `location`.
+
+  The same instance, so that its cached folder listings see what epath wrote, and the
+  reverse: another instance would miss a folder written through this one. (Where TensorFlow
+  is installed epath reads gs:// through tf.io.gfile instead, which caches no listings.)
+  """
+  from etils.epath import backend  # pylint: disable=import-outside-toplevel
+  return backend.fsspec_backend.fs(os.fspath(location))
+
+
+def checksum(location) -> str | None:
+  """A bucket file's content key without reading it: the checksum GCS keeps, and the size.
+
+  md5 where the object has one; composite objects (parallel uploads) only have crc32c,
+  32 bits, which the size backs up. None where the store keeps neither.
+  """
+  info = _filesystem(location).info(os.fspath(location))
+  for name in ('md5Hash', 'crc32c'):
+    if info.get(name):
+      return f'{name}={info[name]},size={info["size"]}'
+  return None
+
+
+def copy(source, target) -> None:
+  """Copies one file; from bucket to bucket on the server, no bytes through this host."""
+  source, target = path(source), path(target)
+  if is_remote(source) and is_remote(target):
+    _filesystem(source).copy(os.fspath(source), os.fspath(target))
+  else:
+    source.copy(target, overwrite=True)
 
 
 def save_with(save: Callable[[str], None], directory) -> None:

@@ -1,11 +1,13 @@
-"""Shared fixtures: the tiny test config, and caches isolated in a temporary folder."""
+"""Shared fixtures: the tiny test config, caches isolated in a temporary folder, a GCS emulator."""
 
 import importlib.util
 import os
 import pathlib
+import socket
+import subprocess
 import sys
-
 import tempfile
+import time
 
 # Read by `datasets` and `huggingface_hub` when they are imported, so set before any test module
 # imports them: no test reaches the network or writes to the user's caches.
@@ -58,3 +60,42 @@ def tiny_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('tiny_run'))
   config = load_config('tiny_test')
   return config, workdir, train.train_and_evaluate(config, workdir)
+
+
+GCS_BUCKET = 'test-bucket'
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope='session')
+def gcs_env():
+  """Starts the emulator with one empty bucket; yields the environment that points at it.
+
+  One for the session: gcsfs and epath keep their filesystem (and its folder listings) for the
+  process, so a second emulator would answer for the same bucket with other contents. Tests
+  keep to their own folder of the bucket.
+  """
+  port = _free_port()
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  emulator = subprocess.Popen(
+      [sys.executable, '-m', 'tests.gcs_emulator', str(port), GCS_BUCKET], cwd=ROOT, env=env,
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 60
+    while True:
+      try:
+        socket.create_connection(('127.0.0.1', port), timeout=1).close()
+        break
+      except OSError:
+        assert time.time() < deadline and emulator.poll() is None, 'the emulator did not start'
+        time.sleep(0.1)
+    url = f'http://127.0.0.1:{port}'
+    yield {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url,
+           'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'emulator'}  # tensorstore then skips credentials.
+  finally:
+    emulator.kill()
+    emulator.wait()

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from mlm_jax import block_store
 from mlm_jax import data
 from mlm_jax import preparation
+from mlm_jax import storage
 from mlm_jax import tokenizer as tokenizer_lib
 from mlm_jax import train
 from mlm_jax.errors import UserError
@@ -160,6 +162,44 @@ def test_a_half_written_cache_is_noticed_and_prepared_again(config, tokenizer, d
   prepared = preparation.prepare(config, tokenizer, log=messages.append, progress=False)
   assert not prepared.from_cache and 'are incomplete' in messages[0]
   _assert_blocks(prepared, _expected_blocks(config, tokenizer))
+
+
+def _temporary_folder(parent, name: str, age_s: float):
+  """A temporary folder with a data file, both last changed `age_s` seconds ago."""
+  folder = parent / f'{block_store.TEMPORARY_PREFIX}{name}'
+  folder.mkdir(parents=True)
+  (folder / 'train.bin').write_bytes(b'\0' * 64)
+  for path in (folder / 'train.bin', folder):
+    os.utime(path, (time.time() - age_s,) * 2)
+  return folder
+
+
+def test_a_killed_preparations_temporary_folder_is_removed_and_a_recent_one_kept(
+    config, tokenizer):
+  parent = preparation.cache_root(config) / 'blocks'
+  dead = _temporary_folder(parent, 'dead', block_store.STALE_AFTER_S + 60)
+  recent = _temporary_folder(parent, 'recent', block_store.STALE_AFTER_S - 60)
+  messages = []
+  preparation.prepare(config, tokenizer, log=messages.append, progress=False)
+  assert not dead.exists() and recent.exists()
+  assert [m for m in messages if m.startswith('Removed')] == [
+      f'Removed {dead}, left by a preparation that stopped 11 minutes ago']
+
+
+def test_a_live_writers_folder_is_kept_while_its_data_files_stay_unchanged(tmp_path,
+                                                                           monkeypatch):
+  """Counting the examples, or skipping to a split's slice, writes nothing for long."""
+  monkeypatch.setattr(block_store, 'STALE_AFTER_S', 1.0)
+  monkeypatch.setattr(block_store, 'HEARTBEAT_EVERY_S', 0.1)
+  parent = storage.path(tmp_path / 'blocks')
+  with block_store.new_folder(parent, log=print) as live:
+    (live / 'train.bin').write_bytes(b'\0' * 64)
+    os.utime(live / 'train.bin', (0, 0))
+    os.utime(live, (0, 0))
+    time.sleep(1.3)
+    block_store.remove_stale_folders(parent, log=print)
+    assert (live / 'train.bin').exists()
+  assert [p.name for p in live.iterdir()] == ['train.bin']  # The heartbeat file is gone.
 
 
 def test_a_prepared_cache_of_another_block_size_is_refused(config, tokenizer):

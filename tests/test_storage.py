@@ -8,7 +8,6 @@ TENSORSTORE_GCS_HTTP_URL.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,40 +21,8 @@ from mlm_jax import infer
 from mlm_jax import metric_writers
 from mlm_jax import storage
 from mlm_jax.errors import UserError
+from tests.conftest import GCS_BUCKET as BUCKET
 from tests.conftest import ROOT
-
-BUCKET = 'test-bucket'
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-@pytest.fixture(scope='module')
-def gcs_env():
-  """Starts the emulator with one empty bucket; yields the environment that points at it."""
-  port = _free_port()
-  env = dict(os.environ, PYTHONPATH=str(ROOT))
-  emulator = subprocess.Popen([sys.executable, '-m', 'tests.gcs_emulator', str(port), BUCKET],
-                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-  try:
-    deadline = time.time() + 60
-    while True:
-      try:
-        socket.create_connection(('127.0.0.1', port), timeout=1).close()
-        break
-      except OSError:
-        assert time.time() < deadline and emulator.poll() is None, 'the emulator did not start'
-        time.sleep(0.1)
-    url = f'http://127.0.0.1:{port}'
-    yield {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url,
-           'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'emulator'}  # tensorstore then skips credentials.
-  finally:
-    emulator.kill()
-    emulator.wait()
 
 
 def _train_cli(cwd, env, *flags) -> subprocess.Popen:
