@@ -99,3 +99,15 @@ def gcs_env():
   finally:
     emulator.kill()
     emulator.wait()
+
+
+@pytest.fixture(scope='session')
+def layout_runs(tmp_path_factory) -> dict:
+  """`multidevice.LAYOUT_FLAGS` trained on 1 device x 8 rows, on 8 devices x 1 row replicated
+  and fsdp=4-sharded (checkpoints at steps 3 and 6), shared by the layout tests; 'born' is
+  the 8-device process's report on a fsdp=4 state as it is created."""
+  from tests import multidevice  # pylint: disable=import-outside-toplevel
+  runs = {name: tmp_path_factory.mktemp(name) for name in ('one_device', 'replicated', 'fsdp')}
+  multidevice.train_layouts(1, [(8, 1, runs['one_device'])])
+  born = multidevice.train_layouts(8, [(1, 1, runs['replicated']), (1, 4, runs['fsdp'])])
+  return {**runs, 'born': born}

@@ -7,8 +7,6 @@ several devices are CPU devices. Dropout is on, so its draws must not depend on 
 
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -18,46 +16,22 @@ import pytest
 from mlm_jax import checkpoint
 from mlm_jax import infer
 from mlm_jax import metric_writers
-from tests.conftest import ROOT
-from tests.multidevice import cluster_env, finish, start_hosts
+from tests.multidevice import LAYOUT_FLAGS, assert_same_training, finish, start_hosts
 
-_MODEL = ['--config=configs/tiny_test.py', '--config.split=train[:40]',
-          '--config.model_config.hidden_size=64', '--config.model_config.hidden_dropout_prob=0.1']
-# 6 steps of 8 rows with checkpoints at 3 and 6; `per_device_batch_size` keeps the 8 rows.
-_SHORT = [*_MODEL, '--config.num_train_steps=6', '--config.eval_every_steps=6',
-          '--config.checkpoint_every_steps=3']
 # Long enough that a signal lands mid-run; a checkpoint only when stopped and at the end.
-_LONG = [*_MODEL, '--config.num_train_steps=60', '--config.eval_every_steps=60',
+_LONG = ['--config=configs/tiny_test.py', '--config.split=train[:40]',
+         '--config.model_config.hidden_size=64', '--config.model_config.hidden_dropout_prob=0.1',
+         '--config.num_train_steps=40', '--config.eval_every_steps=40',
          '--config.checkpoint_every_steps=1000', '--config.log_every_steps=1',
          '--config.per_device_batch_size=2']
 
 
-def _train_one_process(devices: int, *flags) -> None:
-  result = subprocess.run([sys.executable, 'run_train.py', *flags], cwd=ROOT,
-                          env=cluster_env(devices), capture_output=True, text=True, timeout=300,
-                          check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-
-
-def _params(workdir) -> list[np.ndarray]:
-  return jax.tree_util.tree_leaves(infer.load_predictor(str(workdir)).params)
-
-
-def _assert_same_params(workdir_a, workdir_b, atol: float) -> None:
-  for a, b in zip(_params(workdir_a), _params(workdir_b)):
-    np.testing.assert_allclose(a, b, rtol=2e-5, atol=atol)
-
-
-def _interrupted_copy(straight, target, corrupt_latest: bool = False):
-  """`straight` as it was at step 3: checkpoint 6 and the export gone (or checkpoint 6
-  truncated, a corrupt file, if `corrupt_latest`)."""
+def _interrupted_copy(straight, target):
+  """`straight` as a preemption after step 3 would leave it: the export gone and the step-6
+  checkpoint half written (its files truncated, a corrupt checkpoint)."""
   shutil.copytree(straight, target)
   shutil.rmtree(target / 'export')
-  latest = target / 'checkpoints' / '6'
-  if not corrupt_latest:
-    shutil.rmtree(latest)
-    return target
-  for path in (latest / 'state').rglob('*'):
+  for path in (target / 'checkpoints' / '6' / 'state').rglob('*'):
     if path.is_file() and path.stat().st_size > 64:
       with open(path, 'r+b') as f:
         f.truncate(path.stat().st_size // 2)
@@ -65,43 +39,31 @@ def _interrupted_copy(straight, target, corrupt_latest: bool = False):
 
 
 @pytest.fixture(scope='module')
-def eight_device_run(tmp_path_factory):
-  """One process with 8 devices (1 row each), uninterrupted; checkpoints at 3 and 6."""
-  workdir = tmp_path_factory.mktemp('eight_devices')
-  _train_one_process(8, *_SHORT, '--config.per_device_batch_size=1', f'--workdir={workdir}')
-  return workdir
-
-
-def test_an_eight_device_checkpoint_resumes_on_two_devices(eight_device_run, tmp_path):
-  """Same global batch (2 devices x 4 rows): a preempted slice coming back smaller."""
-  workdir = _interrupted_copy(eight_device_run, tmp_path / 'run')
-  _train_one_process(2, *_SHORT, '--config.per_device_batch_size=4', f'--workdir={workdir}')
-  # atol: Adam turns float32 rounding differences of the other reduction order into ~1e-4.
-  _assert_same_params(workdir, eight_device_run, atol=4e-4)
-
-
-@pytest.fixture(scope='module')
-def two_hosts_resume_with_a_corrupt_latest(eight_device_run, tmp_path_factory):
-  """2 processes x 2 devices resume the one-process run, whose latest checkpoint is corrupt."""
-  workdir = _interrupted_copy(eight_device_run, tmp_path_factory.mktemp('hosts') / 'run',
-                              corrupt_latest=True)
-  processes = start_hosts([*_SHORT, '--config.per_device_batch_size=2', f'--workdir={workdir}'])
+def two_hosts_resume_an_eight_device_checkpoint(layout_runs, tmp_path_factory):
+  """Elastic resume: 2 processes x 1 device (4 rows each, the same global batch) resume the
+  one-process 8-device run, whose latest checkpoint is corrupt, as a preempted slice that
+  comes back smaller does."""
+  workdir = _interrupted_copy(layout_runs['replicated'],
+                              tmp_path_factory.mktemp('hosts') / 'run')
+  processes = start_hosts([*LAYOUT_FLAGS, '--config.per_device_batch_size=4',
+                           f'--workdir={workdir}'], devices=1)
   outputs = finish(processes)
   for p, (_, stderr) in zip(processes, outputs):
     assert p.returncode == 0, stderr[-3000:]
   return workdir, outputs
 
 
-def test_two_hosts_resume_a_one_process_checkpoint(eight_device_run,
-                                                   two_hosts_resume_with_a_corrupt_latest):
-  workdir, outputs = two_hosts_resume_with_a_corrupt_latest
+def test_two_hosts_on_two_devices_resume_an_eight_device_checkpoint(
+    layout_runs, two_hosts_resume_an_eight_device_checkpoint):
+  workdir, outputs = two_hosts_resume_an_eight_device_checkpoint
   assert 'Resuming from the checkpoint at step 3' in outputs[0][0]
-  _assert_same_params(workdir, eight_device_run, atol=4e-4)
+  assert '2 device(s)' in outputs[0][0]
+  assert_same_training(workdir, layout_runs['replicated'])
 
 
 def test_hosts_set_a_corrupt_checkpoint_aside_once_and_restore_the_same_step(
-    two_hosts_resume_with_a_corrupt_latest):
-  workdir, _ = two_hosts_resume_with_a_corrupt_latest
+    two_hosts_resume_an_eight_device_checkpoint):
+  workdir, _ = two_hosts_resume_an_eight_device_checkpoint
   assert len(list((workdir / 'unrestorable_checkpoints').iterdir())) == 1
   steps = [r['step'] for r in metric_writers.read_metrics(str(workdir)) if 'loss' in r]
   assert steps == sorted(set(steps)) and steps[-1] == 6
@@ -154,4 +116,6 @@ def test_hosts_stopped_by_sigterm_resume_to_the_uninterrupted_result(sigterm_to_
   straight = start_hosts([*_LONG, f'--workdir={tmp_path}'])
   for p, (_, stderr) in zip(straight, finish(straight)):
     assert p.returncode == 0, stderr[-3000:]
-  _assert_same_params(workdir, tmp_path, atol=1e-7)
+  for a, b in zip(*(jax.tree_util.tree_leaves(infer.load_predictor(str(w)).params)
+                    for w in (workdir, tmp_path))):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
