@@ -10,8 +10,10 @@ import tempfile
 import time
 
 # Read by `datasets` and `huggingface_hub` when they are imported, so set before any test module
-# imports them: no test reaches the network or writes to the user's caches.
-_CACHE = tempfile.mkdtemp(prefix='mlm_jax_test_cache_')
+# imports them: no test reaches the network or writes to the user's caches. One folder for the
+# whole run: pytest-xdist's workers and the tests' subprocesses inherit it.
+_CACHE = os.environ.get('MLM_JAX_TEST_CACHE') or tempfile.mkdtemp(prefix='mlm_jax_test_cache_')
+os.environ['MLM_JAX_TEST_CACHE'] = _CACHE
 os.environ['MLM_JAX_CACHE'] = os.path.join(_CACHE, 'mlm_jax')
 os.environ['HF_HOME'] = os.path.join(_CACHE, 'hf')
 os.environ['HF_DATASETS_CACHE'] = os.path.join(_CACHE, 'hf_datasets')
@@ -23,16 +25,38 @@ os.environ['TOKENIZERS_PARALLELISM'] = 'false'
 os.environ['JAX_COMPILATION_CACHE_DIR'] = os.path.join(_CACHE, 'jax')
 os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
+# The tests compile hundreds of small programs and run each a few times: LLVM's optimisation
+# of the CPU code costs more than it saves (test_steps.py: 81 s with it, 46 s without).
+# Comparisons between runs are unaffected: both sides of each are compiled alike.
+_NO_LLVM_OPT = '--xla_backend_optimization_level=0'
+if _NO_LLVM_OPT not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {_NO_LLVM_OPT}".strip()
 
-import pytest  # pylint: disable=wrong-import-position
-# transformers decides once, at import, whether torch is usable: this process keeps it (the
-# PyTorch parity tests), while the many run_train.py subprocesses the tests start skip
-# importing torch (2 s of CPU each) through USE_TORCH=0, which they inherit.
+# transformers decides once, at import, whether torch is usable: pytest's processes keep it
+# (the PyTorch parity tests; an xdist worker inherits the variable below, so it is dropped
+# first), while the many run_train.py subprocesses the tests start skip importing torch
+# (2 s of CPU each) through USE_TORCH=0, which they inherit.
+if 'pytest' in sys.modules:
+  os.environ.pop('USE_TORCH', None)
 import transformers.utils  # pylint: disable=wrong-import-position,unused-import
 os.environ['USE_TORCH'] = '0'
 
+import pytest  # pylint: disable=wrong-import-position
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `configs.*` imports, as run_train.py allows.
+
+
+# pytest-xdist (`-n`, setup.cfg) hands out whole modules, so a module's fixtures are made once;
+# these modules share the session's `layout_runs`, so they go to one worker together.
+_SAME_WORKER = {'test_multihost': 'test_distributed'}
+
+
+@pytest.hookimpl(tryfirst=True)  # Before xdist's own hook, which reads the marks.
+def pytest_collection_modifyitems(items):
+  for item in items:
+    module = item.module.__name__.rsplit('.', 1)[-1]
+    item.add_marker(pytest.mark.xdist_group(_SAME_WORKER.get(module, module)))
 
 
 def load_config(name: str = 'tiny_test'):

@@ -20,10 +20,14 @@ from mlm_jax import metric_writers
 from tests.conftest import ROOT
 
 
+def _xla_flags(devices: int) -> str:
+  """The tests' XLA flags (conftest.py) with `devices` CPU devices."""
+  return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+
+
 def run_with_devices(code: str, devices: int = 8, timeout: float = 900) -> str:
   """Runs `code` with `devices` CPU devices; returns its stdout, failing on a non-zero exit."""
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env = dict(os.environ, XLA_FLAGS=_xla_flags(devices))
   env['PYTHONPATH'] = os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')])
   result = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, check=False)
@@ -40,7 +44,7 @@ def free_port() -> int:
 def cluster_env(devices: int) -> dict:
   """The environment of one host of a CPU cluster with `devices` devices per host."""
   env = dict(os.environ, PYTHONUNBUFFERED='1', JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+             XLA_FLAGS=_xla_flags(devices))
   env['PYTHONPATH'] = os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')])
   return env
 
