@@ -13,7 +13,6 @@ from absl import app
 from ml_collections import config_flags
 
 from mlm_jax import cli
-from mlm_jax import preparation
 from mlm_jax import validation
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -23,11 +22,13 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 def main(argv) -> None:
   del argv
-  cli.quiet_libraries()
   if _CONFIG.value is None:
     cli.fail('pass --config=configs/NAME.py (the config run_train.py will use)')
-  # Says where the tokenizer and blocks are, as it finds or writes them.
   cli.run_user_facing(lambda: validation.validate_config(_CONFIG.value))
+  # Imported once the config is known good: transformers and friends take seconds.
+  from mlm_jax import preparation  # pylint: disable=import-outside-toplevel
+  cli.quiet_libraries()
+  # Says where the tokenizer and blocks are, as it finds or writes them.
   cli.run_user_facing(lambda: preparation.prepare(_CONFIG.value, log=_print))
 
 
