@@ -41,6 +41,7 @@ if 'pytest' in sys.modules:
 import transformers.utils  # pylint: disable=wrong-import-position,unused-import
 os.environ['USE_TORCH'] = '0'
 
+import jax  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -130,8 +131,10 @@ def layout_runs(tmp_path_factory) -> dict:
   """`multidevice.LAYOUT_FLAGS` trained on 1 device x 8 rows, on 8 devices x 1 row replicated
   and fsdp=4-sharded (checkpoints at steps 3 and 6), shared by the layout tests; 'born' is
   the 8-device process's report on a fsdp=4 state as it is created."""
+  from mlm_jax import train  # pylint: disable=import-outside-toplevel
   from tests import multidevice  # pylint: disable=import-outside-toplevel
   runs = {name: tmp_path_factory.mktemp(name) for name in ('one_device', 'replicated', 'fsdp')}
-  multidevice.train_layouts(1, [(8, 1, runs['one_device'])])
+  assert jax.device_count() == 1  # This process's: the one-device run needs no subprocess.
+  train.train_and_evaluate(multidevice.layout_config(8, 1), str(runs['one_device']))
   born = multidevice.train_layouts(8, [(1, 1, runs['replicated']), (1, 4, runs['fsdp'])])
   return {**runs, 'born': born}

@@ -99,22 +99,28 @@ _LAYOUT = {'split': 'train[:40]', 'model_config.hidden_size': 64,
            'eval_every_steps': 6, 'checkpoint_every_steps': 3}
 LAYOUT_FLAGS = ['--config=configs/tiny_test.py', *(f'--config.{k}={v}' for k, v in _LAYOUT.items())]
 
+
+def layout_config(per_device_batch_size: int = 8, fsdp: int = 1):
+  """The config `LAYOUT_FLAGS` name, with this layout's batch split and fsdp."""
+  from tests.conftest import load_config  # pylint: disable=import-outside-toplevel
+  config = load_config('tiny_test')
+  for key, value in _LAYOUT.items():
+    *parents, name = key.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
+  config.per_device_batch_size, config.fsdp = per_device_batch_size, fsdp
+  return config
+
 _LAYOUT_RUNS = '''
-import copy
 import json
 import jax
 import jax.numpy as jnp
 from mlm_jax import model as model_lib, optim, sharding, steps as steps_lib, train
 from mlm_jax import data, tokenizer as tokenizer_lib
-from tests.conftest import load_config
-base = load_config('tiny_test')
-for key, value in {overrides!r}.items():
-  *parents, name = key.split('.')
-  node = base
-  for parent in parents:
-    node = node[parent]
-  node[name] = value
-config = copy.deepcopy(base)
+from tests.multidevice import layout_config
+config = layout_config()
 report = {{}}
 if jax.device_count() == 8:
   # The state is born sharded: made inside one jitted function with out_shardings, so no
@@ -136,9 +142,7 @@ if jax.device_count() == 8:
       if leaf.size >= 1 << 14]
   del state
 for per_device, fsdp, workdir in {runs!r}:
-  config = copy.deepcopy(base)
-  config.per_device_batch_size, config.fsdp = per_device, fsdp
-  train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(layout_config(per_device, fsdp), workdir)
 print(json.dumps(report))
 '''
 
@@ -146,7 +150,7 @@ print(json.dumps(report))
 def train_layouts(devices: int, runs: list[tuple[int, int, str]]) -> dict:
   """Trains `LAYOUT_FLAGS` once per (per_device_batch_size, fsdp, workdir), in one process
   with `devices` devices; with 8, also reports how a fsdp=4 state is born (see above)."""
-  code = _LAYOUT_RUNS.format(overrides=_LAYOUT, runs=[(p, f, str(w)) for p, f, w in runs])
+  code = _LAYOUT_RUNS.format(runs=[(p, f, str(w)) for p, f, w in runs])
   return json.loads(run_with_devices(code, devices=devices).strip().splitlines()[-1])
 
 
