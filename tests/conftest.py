@@ -51,13 +51,19 @@ sys.path.insert(0, str(ROOT))  # `configs.*` imports, as run_train.py allows.
 # pytest-xdist (`-n`, setup.cfg) hands out whole modules, so a module's fixtures are made once;
 # these modules share the session's `layout_runs`, so they go to one worker together.
 _SAME_WORKER = {'test_multihost': 'test_distributed'}
+# The longest group (its multi-process runs take about 2.5 minutes of one worker) is handed out
+# first, so that the other workers' many short modules fill in beside it, not after it.
+_FIRST = 'test_distributed'
 
 
 @pytest.hookimpl(tryfirst=True)  # Before xdist's own hook, which reads the marks.
 def pytest_collection_modifyitems(items):
+  groups = {}
   for item in items:
     module = item.module.__name__.rsplit('.', 1)[-1]
-    item.add_marker(pytest.mark.xdist_group(_SAME_WORKER.get(module, module)))
+    groups[item] = _SAME_WORKER.get(module, module)
+    item.add_marker(pytest.mark.xdist_group(groups[item]))
+  items.sort(key=lambda item: groups[item] != _FIRST)  # Stable: modules stay contiguous.
 
 
 def load_config(name: str = 'tiny_test'):

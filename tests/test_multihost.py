@@ -21,7 +21,7 @@ from tests.multidevice import LAYOUT_FLAGS, assert_same_training, finish, start_
 # Long enough that a signal lands mid-run; a checkpoint only when stopped and at the end.
 _LONG = ['--config=configs/tiny_test.py', '--config.split=train[:40]',
          '--config.model_config.hidden_size=64', '--config.model_config.hidden_dropout_prob=0.1',
-         '--config.num_train_steps=40', '--config.eval_every_steps=40',
+         '--config.num_train_steps=24', '--config.eval_every_steps=24',
          '--config.checkpoint_every_steps=1000', '--config.log_every_steps=1',
          '--config.per_device_batch_size=2']
 
