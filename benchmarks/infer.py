@@ -40,10 +40,10 @@ from typing import Sequence
 import jax
 import transformers
 
-from mlm_jax import data
+from mlm_jax.data import sources
 from mlm_jax import infer
 from mlm_jax import model as model_lib
-from mlm_jax import tokenizer as tokenizer_lib
+from mlm_jax.data import tokenizer as tokenizer_lib
 
 SEED = 0
 TOKENIZER_VOCAB = 4096  # configs/default.py's tokenizer_vocab_size.
@@ -88,9 +88,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def sample_answers() -> list[str]:
-  """Each sample example's answers.text joined, as `data.to_texts` does."""
+  """Each sample example's answers.text joined, as `sources.to_texts` does."""
   texts = []
-  with open(data.sample_data_path(), encoding='utf-8') as f:
+  with open(sources.sample_data_path(), encoding='utf-8') as f:
     for line in f:
       answers = json.loads(line)['answers']['text']
       texts.append(' '.join(a for a in answers if a))

@@ -38,8 +38,8 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 def write_corpus(path: str, size_mb: float) -> None:
   """One answer per line, the sample's answers in a new seeded order each pass."""
-  from mlm_jax import data  # pylint: disable=import-outside-toplevel
-  with open(data.sample_data_path(), encoding='utf-8') as f:
+  from mlm_jax.data import sources  # pylint: disable=import-outside-toplevel
+  with open(sources.sample_data_path(), encoding='utf-8') as f:
     answers = [' '.join(json.loads(line)['answers']['text']) for line in f]
   target, written, rng = size_mb * 1e6, 0, random.Random(0)
   with open(path, 'w', encoding='utf-8') as out:
@@ -77,12 +77,12 @@ def peak_rss_mb(corpus: str, cache: str, workdir: str, steps: int) -> tuple[floa
 def preparation_mb_per_s(corpus: str, cache: str, num_proc: int) -> float:
   """MB of text per second tokenizing `corpus` into blocks (split and writing included)."""
   from etils import epath  # pylint: disable=import-outside-toplevel
-  from mlm_jax import data, preparation  # pylint: disable=import-outside-toplevel
+  from mlm_jax.data import preparation, sources  # pylint: disable=import-outside-toplevel
   from configs import tiny_test  # pylint: disable=import-outside-toplevel
   config = tiny_test.get_config()
   config.data_files, config.split, config.cache_dir = corpus, 'train', cache
   tokenizer = preparation.prepare(config, log=lambda _: None, progress=False).tokenizer
-  corpus_stream = data.load_corpus(config, log=lambda _: None)
+  corpus_stream = sources.load_corpus(config, log=lambda _: None)
   folder = tempfile.mkdtemp(dir=cache)
   start = time.perf_counter()
   preparation.write_blocks(corpus_stream, tokenizer, epath.Path(folder),
@@ -93,7 +93,7 @@ def preparation_mb_per_s(corpus: str, cache: str, num_proc: int) -> float:
 def batches_per_s(folder: str, rows: int = 128, length: int = 128, count: int = 2000):
   """(loader batches/s, loader + shard_batch batches/s) at rows x length."""
   import jax  # pylint: disable=import-outside-toplevel
-  from mlm_jax import input_pipeline, sharding  # pylint: disable=import-outside-toplevel
+  from mlm_jax.data import input_pipeline, sharding  # pylint: disable=import-outside-toplevel
   path = os.path.join(folder, 'blocks.bin')
   np.random.default_rng(0).integers(5, 50265, (200_000, length), np.uint16).tofile(path)
   blocks = np.memmap(path, np.uint16, 'r', shape=(200_000, length))
@@ -116,7 +116,7 @@ def batches_per_s(folder: str, rows: int = 128, length: int = 128, count: int = 
 def shuffle_ms_per_batch(rows: int = 128, size: int = 200_000, count: int = 200):
   """(Grain's scalar `index_shuffle`, `input_pipeline.permute`) ms to shuffle one batch's rows."""
   import grain  # pylint: disable=import-outside-toplevel
-  from mlm_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  from mlm_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
   indices = np.arange(rows)
   start = time.perf_counter()
   for _ in range(count):

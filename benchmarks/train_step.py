@@ -71,13 +71,13 @@ import transformers
 from flax import traverse_util
 
 import profile_summary
-from mlm_jax import input_pipeline
+from mlm_jax.data import input_pipeline
 from mlm_jax import masking
 from mlm_jax import model as model_lib
 from mlm_jax import optim
 from mlm_jax import sharding
 from mlm_jax import steps as steps_lib
-from mlm_jax import tokenizer as tokenizer_lib
+from mlm_jax.data import tokenizer as tokenizer_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 ANCHORS = REPO_ROOT.parent / 'shared' / 'bench' / 'anchors.py'

@@ -8,7 +8,7 @@ import jax
 import tqdm
 
 from mlm_jax import checkpoint
-from mlm_jax import input_pipeline
+from mlm_jax.data import input_pipeline
 from mlm_jax import metric_writers
 from mlm_jax import metrics as metrics_lib
 from mlm_jax import preemption

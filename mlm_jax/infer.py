@@ -21,7 +21,7 @@ import transformers
 from mlm_jax import checkpoint
 from mlm_jax import model as model_lib
 from mlm_jax import storage
-from mlm_jax import tokenizer as tokenizer_lib
+from mlm_jax.data import tokenizer as tokenizer_lib
 from mlm_jax.errors import UserError, first_line
 
 USER_MASK = '<mask>'

@@ -26,7 +26,7 @@ def main(argv) -> None:
     cli.fail('pass --config=configs/NAME.py (the config run_train.py will use)')
   cli.run_user_facing(lambda: validation.validate_config(_CONFIG.value))
   # Imported once the config is known good: transformers and friends take seconds.
-  from mlm_jax import preparation  # pylint: disable=import-outside-toplevel
+  from mlm_jax.data import preparation  # pylint: disable=import-outside-toplevel
   cli.quiet_libraries()
   # Says where the tokenizer and blocks are, as it finds or writes them.
   cli.run_user_facing(lambda: preparation.prepare(_CONFIG.value, log=_print))

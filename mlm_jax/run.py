@@ -7,14 +7,14 @@ from typing import Any
 import jax
 import ml_collections
 
-from mlm_jax import block_store
-from mlm_jax import input_pipeline
+from mlm_jax.data import block_store
+from mlm_jax.data import input_pipeline
 from mlm_jax import masking
 from mlm_jax import model as model_lib
-from mlm_jax import preparation
+from mlm_jax.data import preparation
 from mlm_jax import report
 from mlm_jax import sharding
-from mlm_jax import tokenizer as tokenizer_lib
+from mlm_jax.data import tokenizer as tokenizer_lib
 from mlm_jax.errors import UserError
 
 

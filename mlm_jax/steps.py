@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from mlm_jax import input_pipeline
+from mlm_jax.data import input_pipeline
 from mlm_jax import masking
 from mlm_jax import metrics as metrics_lib
 from mlm_jax import model as model_lib

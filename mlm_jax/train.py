@@ -14,7 +14,7 @@ import ml_collections
 from mlm_jax import bookkeeping
 from mlm_jax import checkpoint
 from mlm_jax import export
-from mlm_jax import input_pipeline
+from mlm_jax.data import input_pipeline
 from mlm_jax import masking
 from mlm_jax import metric_writers
 from mlm_jax import model as model_lib

@@ -118,7 +118,7 @@ import json
 import jax
 import jax.numpy as jnp
 from mlm_jax import model as model_lib, optim, sharding, steps as steps_lib, train
-from mlm_jax import data, tokenizer as tokenizer_lib
+from mlm_jax.data import sources, tokenizer as tokenizer_lib
 from tests.multidevice import layout_config
 config = layout_config()
 report = {{}}
@@ -128,7 +128,7 @@ if jax.device_count() == 8:
   mesh = sharding.make_mesh(fsdp=4)
   specs = sharding.state_sharding({{'big': jnp.zeros((400, 64)), 'small': jnp.zeros(64)}}, mesh)
   report['specs'] = [list(specs['big'].spec), list(specs['small'].spec)]
-  texts = [line[:400] for line in open(data.sample_data_path(), encoding='utf-8')]
+  texts = [line[:400] for line in open(sources.sample_data_path(), encoding='utf-8')]
   tokenizer = tokenizer_lib.train_bpe_tokenizer(texts, 400, 64)
   model = model_lib.create_model(config, tokenizer)
   tx, _ = optim.make_optimizer(config, total_steps=10)

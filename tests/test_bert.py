@@ -14,7 +14,7 @@ import pytest
 import tokenizers
 import transformers
 
-from mlm_jax import data
+from mlm_jax.data import sources
 from mlm_jax import infer
 from mlm_jax import metric_writers
 from mlm_jax import train
@@ -26,7 +26,7 @@ def bert_dir(tmp_path_factory):
   """A fresh tiny BERT and a WordPiece tokenizer trained on the sample, saved as a hub
   model would be."""
   directory = str(tmp_path_factory.mktemp('tiny_bert'))
-  with open(data.sample_data_path(), encoding='utf-8') as f:
+  with open(sources.sample_data_path(), encoding='utf-8') as f:
     texts = [' '.join(json.loads(line)['answers']['text']) for line in f]
   wordpiece = tokenizers.BertWordPieceTokenizer(lowercase=True)
   wordpiece.train_from_iterator(texts, vocab_size=500, min_frequency=2)

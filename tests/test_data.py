@@ -1,4 +1,4 @@
-"""From raw ELI5-style sources to streamed train/test texts: data.py, tokenizer.py, input checks.
+"""From raw ELI5-style sources to streamed train/test texts: sources.py, tokenizer.py, input checks.
 
 Guards the guide's preprocessing (answers joined), the seeded train/test split (a fraction or
 a count of examples, source order kept), split slices, the tokenizer trained from scratch or
@@ -13,8 +13,9 @@ import datasets
 import pytest
 import transformers
 
-from mlm_jax import data, masking, model
-from mlm_jax import tokenizer as tokenizer_lib
+from mlm_jax import masking, model
+from mlm_jax.data import sources
+from mlm_jax.data import tokenizer as tokenizer_lib
 from mlm_jax.errors import UserError
 
 # Three ELI5 examples; the expected texts are computed by hand: each example's
@@ -45,7 +46,7 @@ ELI5_TEXTS = [
 
 
 def read_sample() -> list[dict]:
-  with open(data.sample_data_path(), encoding='utf-8') as f:
+  with open(sources.sample_data_path(), encoding='utf-8') as f:
     return [json.loads(line) for line in f]
 
 
@@ -71,7 +72,7 @@ def all_texts(corpus: data.Corpus) -> list[str]:
 
 
 def load(config) -> data.Corpus:
-  return data.load_corpus(config, log=lambda _: None)
+  return sources.load_corpus(config, log=lambda _: None)
 
 
 @pytest.fixture(scope='module')
@@ -101,17 +102,17 @@ def _columns(records: list[dict]) -> dict[str, list]:
 
 
 def test_texts_of_joins_each_examples_answers_with_a_space():
-  assert data.texts_of(_columns(ELI5_RECORDS)) == ELI5_TEXTS
+  assert sources.texts_of(_columns(ELI5_RECORDS)) == ELI5_TEXTS
 
 
 def test_texts_of_skips_empty_answers_when_joining():
   record = {'q_id': 'q', 'answers': {'a_id': ['1', '2', '3'], 'text': ['x y', '', 'z'],
                                      'score': [1, 2, 3]}}
-  assert data.texts_of(_columns([record])) == ['x y z']
+  assert sources.texts_of(_columns([record])) == ['x y z']
 
 
 def test_texts_of_passes_a_plain_text_column_through():
-  assert data.texts_of({'text': ['first document', 'second one'], 'id': [1, 2]}) == [
+  assert sources.texts_of({'text': ['first document', 'second one'], 'id': [1, 2]}) == [
       'first document', 'second one']
 
 
@@ -202,7 +203,7 @@ def test_empty_data_files_and_dataset_load_the_sample(tiny_config):
 
   corpus = load(tiny_config)
 
-  assert data.source_of(tiny_config) == {'kind': 'files', 'files': [data.sample_data_path()]}
+  assert sources.source_of(tiny_config) == {'kind': 'files', 'files': [sources.sample_data_path()]}
   assert len(split_texts(corpus)[1]) == round(len(records) * tiny_config.test_size)
   assert all_texts(corpus) == sorted(' '.join(r['answers']['text']) for r in records)
 
@@ -215,9 +216,9 @@ def test_load_hub_dataset_loads_a_local_dataset_directory(tmp_path):
   write_jsonl(tmp_path / 'train.jsonl', ELI5_RECORDS)
   messages = []
 
-  dataset = data.load_hub_dataset(str(tmp_path), '', 'train', log=messages.append)
+  dataset = sources.load_hub_dataset(str(tmp_path), '', 'train', log=messages.append)
 
-  assert [t for batch in dataset.iter(batch_size=2) for t in data.texts_of(batch)] == ELI5_TEXTS
+  assert [t for batch in dataset.iter(batch_size=2) for t in sources.texts_of(batch)] == ELI5_TEXTS
   assert not messages
 
 
@@ -227,14 +228,14 @@ def test_config_dataset_goes_through_the_hub_path(tiny_config, tmp_path):
   write_jsonl(directory / 'train.jsonl', ELI5_RECORDS)
   tiny_config.dataset = str(directory)
 
-  assert data.source_of(tiny_config)['kind'] == 'hub'
+  assert sources.source_of(tiny_config)['kind'] == 'hub'
   assert all_texts(load(tiny_config)) == sorted(ELI5_TEXTS)
 
 
 def test_load_hub_dataset_that_cannot_be_loaded_says_to_pass_local_files(tmp_path):
   missing = str(tmp_path / 'no_such_dataset')  # A path: a hub id would wait on the network.
   with pytest.raises(UserError, match=r'no_such_dataset.*pass local files .*--config\.data_files'):
-    data.load_hub_dataset(missing, '', 'train', log=lambda _: None)
+    sources.load_hub_dataset(missing, '', 'train', log=lambda _: None)
 
 
 @pytest.fixture
@@ -264,7 +265,7 @@ def test_datasets_refuses_dataset_scripts(script_dataset_dir):
 def test_load_hub_dataset_falls_back_to_parquet_for_script_datasets(script_dataset_dir):
   messages = []
   with pytest.raises(UserError, match=r'parquet conversion.*--config\.data_files'):
-    data.load_hub_dataset(script_dataset_dir, '', 'train', log=messages.append)
+    sources.load_hub_dataset(script_dataset_dir, '', 'train', log=messages.append)
   assert len(messages) == 1
   assert '\n' not in messages[0]
   assert 'script-based' in messages[0] and 'refs/convert/parquet' in messages[0]
@@ -315,7 +316,7 @@ def test_a_split_slice_selects_those_examples(tiny_config, tmp_path):
 @pytest.mark.parametrize('test_size', [0, -0.5, 2.5])
 def test_a_test_size_neither_fraction_nor_count_is_a_user_error(test_size):
   with pytest.raises(UserError, match=r'test_size=.* must be a fraction in \(0, 1\) or a whole'):
-    data.test_count(test_size, 100)
+    sources.test_count(test_size, 100)
 
 
 def test_a_test_size_count_not_below_the_examples_is_a_user_error(tiny_config, tmp_path):

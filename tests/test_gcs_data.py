@@ -12,9 +12,9 @@ import fsspec
 import numpy as np
 import pytest
 
-from mlm_jax import block_store
-from mlm_jax import data
-from mlm_jax import preparation
+from mlm_jax.data import block_store
+from mlm_jax.data import sources
+from mlm_jax.data import preparation
 from mlm_jax import storage
 from mlm_jax.errors import UserError
 from tests.conftest import GCS_BUCKET
@@ -99,17 +99,17 @@ def test_a_bucket_file_is_keyed_by_its_content(bucket_dir, tiny_config):
 
 def test_a_gs_glob_matching_nothing_is_a_one_line_user_error_naming_the_pattern(bucket_dir):
   storage.path(f'{bucket_dir}/data/a.txt').write_text('one line\n')
-  assert data.resolve_data_files(f'{bucket_dir}/data/*.txt') == [f'{bucket_dir}/data/a.txt']
+  assert sources.resolve_data_files(f'{bucket_dir}/data/*.txt') == [f'{bucket_dir}/data/a.txt']
   pattern = f'{bucket_dir}/data/*.jsonl'
   with pytest.raises(UserError) as error:
-    data.resolve_data_files(pattern)
+    sources.resolve_data_files(pattern)
   assert str(error.value).count('\n') == 0 and repr(pattern) in str(error.value)
 
 
 def test_a_recursive_gs_glob_is_a_user_error_naming_the_pattern(bucket_dir):
   pattern = f'{bucket_dir}/data/**/*.txt'
   with pytest.raises(UserError, match=r"`\*\*` is not supported in a bucket") as error:
-    data.resolve_data_files(pattern)
+    sources.resolve_data_files(pattern)
   assert repr(pattern) in str(error.value)
 
 
@@ -118,7 +118,7 @@ def test_a_non_utf8_bucket_file_is_a_user_error_naming_the_line(bucket_dir, tiny
   file.write_bytes('first line\n'.encode() + 'caf\u00e9 au lait\n'.encode('latin-1'))
   tiny_config.data_files = os.fspath(file)
   with pytest.raises(UserError, match=rf'{file}, line 2 is not UTF-8'):
-    data.load_corpus(tiny_config, log=lambda _: None)
+    sources.load_corpus(tiny_config, log=lambda _: None)
 
 
 def test_a_stale_temporary_folder_in_a_bucket_is_removed_and_a_live_one_kept(

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from mlm_jax import masking
-from mlm_jax import tokenizer as tokenizer_lib
+from mlm_jax.data import tokenizer as tokenizer_lib
 from tests.multidevice import run_with_devices
 
 SPEC = masking.MaskingSpec(mask_token_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=300)

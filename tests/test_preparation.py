@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from mlm_jax import block_store
-from mlm_jax import data
-from mlm_jax import preparation
+from mlm_jax.data import block_store
+from mlm_jax.data import sources
+from mlm_jax.data import preparation
 from mlm_jax import storage
-from mlm_jax import tokenizer as tokenizer_lib
+from mlm_jax.data import tokenizer as tokenizer_lib
 from mlm_jax import train
 from mlm_jax.errors import UserError
 from tests.conftest import ROOT, load_config
@@ -44,7 +44,7 @@ def config(tiny_config, tmp_path):
 def _expected_blocks(config, tokenizer) -> tuple[np.ndarray, np.ndarray]:
   """Each split's texts tokenized one by one, concatenated, cut into blocks, rest dropped."""
   expected = []
-  for texts in split_texts(data.load_corpus(config, log=lambda _: None)):
+  for texts in split_texts(sources.load_corpus(config, log=lambda _: None)):
     ids = [i for text in texts for i in tokenizer(text)['input_ids']]
     whole = len(ids) // config.block_size * config.block_size
     expected.append(np.asarray(ids[:whole]).reshape(-1, config.block_size))
@@ -100,7 +100,7 @@ def test_worker_processes_write_the_same_blocks(config, tokenizer):
 def test_a_tokenizer_from_scratch_sees_only_the_first_max_texts_train_texts(config):
   config.tokenizer_vocab_size, config.tokenizer_train_max_texts = 300, 5
   prepared = preparation.prepare(config, **_QUIET)
-  first = split_texts(data.load_corpus(config, log=lambda _: None))[0][:5]
+  first = split_texts(sources.load_corpus(config, log=lambda _: None))[0][:5]
   expected = tokenizer_lib.train_bpe_tokenizer(first, 300, model_max_length=512)
   assert len(first) == 5
   assert prepared.tokenizer.get_vocab() == expected.get_vocab()

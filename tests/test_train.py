@@ -25,7 +25,7 @@ from mlm_jax import plot
 from mlm_jax import report
 from mlm_jax import train
 from mlm_jax.errors import UserError
-from mlm_jax.tokenizer import train_bpe_tokenizer
+from mlm_jax.data.tokenizer import train_bpe_tokenizer
 from tests.conftest import ROOT, load_config
 
 

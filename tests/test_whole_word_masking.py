@@ -20,13 +20,14 @@ import pytest
 import tokenizers
 import transformers
 
-from mlm_jax import data, masking, metric_writers, optim
+from mlm_jax import masking, metric_writers, optim
+from mlm_jax.data import sources
 from mlm_jax import model as model_lib
 from mlm_jax import run as run_lib
 from mlm_jax import sharding
 from mlm_jax import steps as steps_lib
 from mlm_jax import train, validation
-from mlm_jax import tokenizer as tokenizer_lib
+from mlm_jax.data import tokenizer as tokenizer_lib
 from mlm_jax.errors import UserError
 from tests.conftest import load_config
 from tests.test_masking import WORD_SPEC, make_ids
@@ -36,7 +37,7 @@ SEEDS = range(8)
 
 
 def sample_texts() -> list[str]:
-  with open(data.sample_data_path(), encoding='utf-8') as f:
+  with open(sources.sample_data_path(), encoding='utf-8') as f:
     return [text for line in f for text in json.loads(line)['answers']['text']]
 
 

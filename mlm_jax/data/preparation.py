@@ -23,11 +23,11 @@ import tqdm
 import transformers
 from etils import epath
 
-from mlm_jax import block_store
-from mlm_jax import data
+from mlm_jax.data import block_store
+from mlm_jax.data import sources
 from mlm_jax import model as model_lib
 from mlm_jax import storage
-from mlm_jax import tokenizer as tokenizer_lib
+from mlm_jax.data import tokenizer as tokenizer_lib
 from mlm_jax.errors import UserError
 
 CACHE_VERSION = 3  # 3: special-token strings in the text are tokenized as text.
@@ -55,7 +55,7 @@ def _file_fingerprint(path: str) -> str:
 
 def source_fingerprint(config) -> dict:
   """The source by content (file hashes, not names) and how it is split."""
-  source = data.source_of(config)
+  source = sources.source_of(config)
   if source['kind'] == 'files':
     # Local files keep the key caches had before bucket files were read (all sha256).
     name = 'content' if any(storage.is_remote(f) for f in source['files']) else 'sha256'
@@ -226,7 +226,7 @@ def prepare(config, tokenizer=None, log: Callable[[str], None] = print,
   if storage.is_remote(root):
     storage.check_gcs_ready(root)  # Before the data is read, as for a workdir.
   source = source_fingerprint(config)
-  corpus = functools.cache(lambda: data.load_corpus(config, log))
+  corpus = functools.cache(lambda: sources.load_corpus(config, log))
   if tokenizer is None:
     tokenizer = _known_tokenizer(config, source, log)
   if tokenizer is None:

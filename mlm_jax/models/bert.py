@@ -1,0 +1,250 @@
+"""BERT (`model_type: bert`): the encoder that RoBERTa shares, and BERT's masked-LM head.
+
+Submodule names are PyTorch transformers' own (`bert.encoder.layer.0.attention.self.query`
+is `bert/encoder/layer/0/attention/self/query` here), which is also the parameter tree of
+transformers' former `FlaxBertForMaskedLM`, so checkpoints of earlier releases restore.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mlm_jax.models import checkpoint_names as names
+from mlm_jax.models import layers
+
+Array = jax.Array
+
+
+class Embeddings(nn.Module):
+  """word + token type 0 + position rows, LayerNorm, dropout; also returns the word table.
+
+  `positions`: an int `first` numbers every row's tokens first, first+1, ... (BERT: 0; RoBERTa
+  without padding: pad_id+1), added as a broadcast slice of the table, whose backward is a
+  reduction over the batch rather than a scatter of every token's row; or [batch, seq]
+  position ids, gathered per token.
+  """
+  config: object
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids: Array, positions: int | Array,
+               deterministic: bool) -> tuple[Array, Array]:
+    cfg = self.config
+    std = cfg.initializer_range
+    word = layers.embed(cfg.vocab_size, cfg.hidden_size, std, 'word_embeddings')
+    position = layers.embed(cfg.max_position_embeddings, cfg.hidden_size, std,
+                            'position_embeddings')
+    token_type = layers.embed(cfg.type_vocab_size, cfg.hidden_size, std, 'token_type_embeddings')
+    hidden = word(input_ids).astype(self.dtype) + token_type.embedding[0].astype(self.dtype)
+    if isinstance(positions, int):
+      rows = position.embedding[positions:positions + input_ids.shape[-1]]
+    else:
+      rows = position(positions)
+    hidden = hidden + rows.astype(self.dtype)
+    hidden = layers.layer_norm(cfg.layer_norm_eps, self.dtype, 'LayerNorm')(hidden)
+    hidden = nn.Dropout(cfg.hidden_dropout_prob)(hidden, deterministic)
+    return hidden, word.embedding
+
+
+class SelfAttention(nn.Module):
+  config: object
+  dtype: layers.Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
+    cfg = self.config
+    project = lambda name: layers.split_heads(layers.dense(
+        cfg.hidden_size, self.dtype, cfg.initializer_range, name)(hidden), cfg.num_attention_heads)
+    out = layers.attend(project('query'), project('key'), project('value'), mask,
+                        dropout_rate=cfg.attention_probs_dropout_prob, deterministic=deterministic,
+                        dropout_rng=lambda: self.make_rng('dropout'),
+                        implementation=self.attention_impl)
+    return layers.merge_heads(out)
+
+
+class DenseResidual(nn.Module):
+  """dense -> dropout -> LayerNorm(x + residual): the reference's SelfOutput and Output."""
+  config: object
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: Array, residual: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    hidden = layers.dense(cfg.hidden_size, self.dtype, cfg.initializer_range, 'dense')(hidden)
+    hidden = nn.Dropout(cfg.hidden_dropout_prob)(hidden, deterministic)
+    return layers.layer_norm(cfg.layer_norm_eps, self.dtype, 'LayerNorm')(hidden + residual)
+
+
+class Attention(nn.Module):
+  config: object
+  dtype: layers.Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
+    attended = SelfAttention(self.config, self.dtype, self.attention_impl, name='self')(
+        hidden, mask, deterministic)
+    return DenseResidual(self.config, self.dtype, name='output')(attended, hidden, deterministic)
+
+
+class Intermediate(nn.Module):
+  config: object
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: Array) -> Array:
+    cfg = self.config
+    hidden = layers.dense(cfg.intermediate_size, self.dtype, cfg.initializer_range, 'dense')(hidden)
+    return layers.activation(cfg.hidden_act)(hidden)
+
+
+class Layer(nn.Module):
+  config: object
+  dtype: layers.Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
+    attended = Attention(self.config, self.dtype, self.attention_impl, name='attention')(
+        hidden, mask, deterministic)
+    inner = Intermediate(self.config, self.dtype, name='intermediate')(attended)
+    return DenseResidual(self.config, self.dtype, name='output')(inner, attended, deterministic)
+
+
+class Layers(nn.Module):
+  """The `layer` scope: layers named '0', '1', ... as the reference's ModuleList."""
+  config: object
+  dtype: layers.Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
+    for i in range(self.config.num_hidden_layers):
+      hidden = Layer(self.config, self.dtype, self.attention_impl, name=str(i))(
+          hidden, mask, deterministic)
+    return hidden
+
+
+class Encoder(nn.Module):
+  config: object
+  dtype: layers.Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
+    return Layers(self.config, self.dtype, self.attention_impl, name='layer')(
+        hidden, mask, deterministic)
+
+
+class Backbone(nn.Module):
+  """Embeddings + encoder (no pooler): (hidden states, float32 word table)."""
+  config: object
+  dtype: layers.Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, input_ids: Array, positions: int | Array, mask: Array | None,
+               deterministic: bool) -> tuple[Array, Array]:
+    hidden, word_table = Embeddings(self.config, self.dtype, name='embeddings')(
+        input_ids, positions, deterministic)
+    hidden = Encoder(self.config, self.dtype, self.attention_impl, name='encoder')(
+        hidden, mask, deterministic)
+    return hidden, word_table
+
+
+class PredictionHead(nn.Module):
+  """`cls.predictions`: transform (dense, `hidden_act`, LayerNorm), then the decoder."""
+  config: object
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: Array, word_table: Array) -> Array:
+    cfg = self.config
+    hidden = _Transform(cfg, self.dtype, name='transform')(hidden)
+    return layers.decode(self, hidden, word_table, tied=cfg.tie_word_embeddings, dtype=self.dtype,
+                         stddev=cfg.initializer_range)
+
+
+class _Transform(nn.Module):
+  config: object
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: Array) -> Array:
+    cfg = self.config
+    hidden = layers.dense(cfg.hidden_size, self.dtype, cfg.initializer_range, 'dense')(hidden)
+    hidden = layers.activation(cfg.hidden_act)(hidden)
+    return layers.layer_norm(cfg.layer_norm_eps, self.dtype, 'LayerNorm')(hidden)
+
+
+class _Cls(nn.Module):
+  config: object
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: Array, word_table: Array) -> Array:
+    return PredictionHead(self.config, self.dtype, name='predictions')(hidden, word_table)
+
+
+class BertForMaskedLM(nn.Module):
+  """BERT masked LM. `__call__` -> logits [batch, seq, vocab], or [batch, k, vocab] at the token
+  indices `predict_at` [batch, k] (the head sees only those); see `models.MaskedLM`."""
+  config: object
+  dtype: layers.Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, input_ids: Array, attention_mask: Array | None = None,
+               segment_ids: Array | None = None, predict_at: Array | None = None,
+               deterministic: bool = True) -> Array:
+    mask = layers.combine_masks(layers.padding_mask(attention_mask),
+                                layers.segment_mask(segment_ids))
+    hidden, word_table = Backbone(self.config, self.dtype, self.attention_impl, name='bert')(
+        input_ids, 0, mask, deterministic)
+    hidden = layers.gather_positions(hidden, predict_at)
+    return _Cls(self.config, self.dtype, name='cls')(hidden, word_table)
+
+
+# ----------------------------------------------------------------------------
+# Checkpoint names: PyTorch's (`BertForMaskedLM.state_dict()`) -> this module's parameters.
+
+def encoder_names(config, torch_prefix: str, flax_prefix: str) -> dict[str, str]:
+  """The embeddings and layers of a BERT-style encoder (BERT and the RoBERTa family)."""
+  table = {}
+  emb_t, emb_f = f'{torch_prefix}.embeddings', f'{flax_prefix}/embeddings'
+  for name in ('word_embeddings', 'position_embeddings', 'token_type_embeddings'):
+    table |= names.embedding(f'{emb_t}.{name}', f'{emb_f}/{name}')
+  table |= names.norm(f'{emb_t}.LayerNorm', f'{emb_f}/LayerNorm')
+  for i in range(config.num_hidden_layers):
+    t, f = f'{torch_prefix}.encoder.layer.{i}', f'{flax_prefix}/encoder/layer/{i}'
+    for proj in ('query', 'key', 'value'):
+      table |= names.linear(f'{t}.attention.self.{proj}', f'{f}/attention/self/{proj}')
+    for block in ('attention.output', 'output'):
+      fb = block.replace('.', '/')
+      table |= names.linear(f'{t}.{block}.dense', f'{f}/{fb}/dense')
+      table |= names.norm(f'{t}.{block}.LayerNorm', f'{f}/{fb}/LayerNorm')
+    table |= names.linear(f'{t}.intermediate.dense', f'{f}/intermediate/dense')
+  return table
+
+
+def checkpoint_names(config) -> names.Table:
+  head = {}
+  head |= names.linear('cls.predictions.transform.dense', 'cls/predictions/transform/dense')
+  head |= names.norm('cls.predictions.transform.LayerNorm', 'cls/predictions/transform/LayerNorm')
+  decoder, copies = names.mlm_decoder('cls.predictions', 'cls/predictions',
+                                      config.tie_word_embeddings)
+  return names.Table(encoder_names(config, 'bert', 'bert'), head | decoder, base_prefix='bert',
+                     duplicates=mlm_duplicates('cls.predictions', copies),
+                     copies=copies, unused=UNUSED + ('cls.seq_relationship.',))
+
+
+# What hub checkpoints of BERT-style encoders carry beyond a masked LM: the pooler, and
+# buffers older PyTorch versions saved.
+UNUSED = ('.pooler.', '.embeddings.position_ids', '.embeddings.token_type_ids')
+
+
+def mlm_duplicates(head: str, copies: dict[str, str]) -> frozenset[str]:
+  """What a file may hold of the head beyond the table: the decoder, tied (weight and bias
+  then repeat the word embeddings and `<head>.bias`), or the bias copy of an untied one."""
+  return frozenset({f'{head}.decoder.weight', f'{head}.decoder.bias'} | set(copies))

@@ -1,0 +1,144 @@
+"""The layers every encoder family shares: float32 parameters, computation in `dtype`.
+
+Parameters are always float32; `dtype` is the computation dtype. Embedding tables are
+gathered in float32 and the rows cast afterwards: a bfloat16 gather would make the
+table's gradient a bfloat16 scatter-add (slow on GPU, and lossy).
+"""
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Dtype = Any
+
+# jax.nn.dot_product_attention's implementations, by the name `config.attention_impl` uses.
+ATTENTION_IMPLS = {'xla': 'xla', 'cudnn': 'cudnn'}
+
+# The activations of the configs' `hidden_act`/`activation`, as PyTorch transformers computes them.
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    'gelu': functools.partial(jax.nn.gelu, approximate=False),
+    'gelu_new': functools.partial(jax.nn.gelu, approximate=True),
+    'gelu_pytorch_tanh': functools.partial(jax.nn.gelu, approximate=True),
+    'gelu_fast': functools.partial(jax.nn.gelu, approximate=True),
+    'relu': jax.nn.relu,
+    'silu': jax.nn.silu,
+    'swish': jax.nn.silu,
+    'tanh': jnp.tanh,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f'activation {name!r} is not supported (one of {", ".join(ACTIVATIONS)})')
+  return ACTIVATIONS[name]
+
+
+def normal(stddev: float) -> Callable:
+  return jax.nn.initializers.normal(stddev=stddev)
+
+
+def dense(features: int, dtype: Dtype, stddev: float, name: str,
+          use_bias: bool = True) -> nn.Dense:
+  """A PyTorch `nn.Linear` as the reference initialises it: normal(stddev) weights, zero bias."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=normal(stddev), name=name)
+
+
+def layer_norm(epsilon: float, dtype: Dtype, name: str, use_bias: bool = True) -> nn.LayerNorm:
+  """LayerNorm whose statistics are float32 whatever `dtype` (flax computes them so)."""
+  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, use_bias=use_bias,
+                      name=name)
+
+
+def embed(rows: int, features: int, stddev: float, name: str) -> nn.Embed:
+  """A float32 table gathered in float32: callers cast the rows."""
+  return nn.Embed(rows, features, embedding_init=normal(stddev), dtype=jnp.float32,
+                  param_dtype=jnp.float32, name=name)
+
+
+def padding_mask(attention_mask: Array | None) -> Array | None:
+  """[batch, seq] 1/0 -> the boolean [batch, 1, 1, seq] mask of keys each query may see."""
+  return None if attention_mask is None else (attention_mask > 0)[:, None, None, :]
+
+
+def combine_masks(*masks: Array | None) -> Array | None:
+  """The keys allowed by every mask (None: no restriction)."""
+  present = [m for m in masks if m is not None]
+  if not present:
+    return None
+  return functools.reduce(jnp.logical_and, present)
+
+
+def attend(query: Array, key: Array, value: Array, mask: Array | None, *,
+           dropout_rate: float, deterministic: bool, dropout_rng: Callable[[], Array],
+           implementation: str = 'xla', local_window: tuple[int, int] | None = None) -> Array:
+  """Softmax attention over [batch, seq, heads, head_dim] queries, keys and values.
+
+  Without attention dropout (inference, or a rate of 0) this is
+  `jax.nn.dot_product_attention` (XLA's or cuDNN's fused kernel). That function has no
+  dropout, so training with attention dropout writes the same computation out and drops
+  attention probabilities element-wise, per [batch, head, query, key], as PyTorch's
+  `nn.Dropout` on the probabilities does. `mask` is boolean, broadcast to [batch, heads,
+  query, key]; `local_window` (left, right) keeps keys within that many positions.
+  """
+  if deterministic or dropout_rate == 0.0:
+    return jax.nn.dot_product_attention(
+        query, key, value, mask=mask, implementation=ATTENTION_IMPLS[implementation],
+        local_window_size=local_window)
+  logits = jnp.einsum('BTNH,BSNH->BNTS', query, key, preferred_element_type=jnp.float32)
+  logits = logits * np.float32(1 / np.sqrt(query.shape[-1]))
+  mask = combine_masks(mask, None if local_window is None else
+                       window_mask(query.shape[1], key.shape[1], local_window))
+  if mask is not None:
+    logits = jnp.where(mask, logits, np.float32(-0.7 * np.finfo(np.float32).max))
+  weights = jax.nn.softmax(logits, axis=-1)
+  keep = jax.random.bernoulli(dropout_rng(), 1.0 - dropout_rate, weights.shape)
+  weights = jnp.where(keep, weights / np.float32(1.0 - dropout_rate), 0.0).astype(query.dtype)
+  return jnp.einsum('BNTS,BSNH->BTNH', weights, value)
+
+
+def window_mask(queries: int, keys: int, window: tuple[int, int]) -> Array:
+  """[1, 1, queries, keys]: key j is visible from query i when -left <= j - i <= right."""
+  offset = jnp.arange(keys)[None, :] - jnp.arange(queries)[:, None]
+  return ((offset >= -window[0]) & (offset <= window[1]))[None, None]
+
+
+def split_heads(x: Array, heads: int) -> Array:
+  return x.reshape(x.shape[:-1] + (heads, x.shape[-1] // heads))
+
+
+def merge_heads(x: Array) -> Array:
+  return x.reshape(x.shape[:-2] + (x.shape[-2] * x.shape[-1],))
+
+
+def gather_positions(hidden: Array, predict_at: Array | None) -> Array:
+  """The rows of `hidden` [batch, seq, features] at token indices `predict_at` [batch, k]."""
+  if predict_at is None:
+    return hidden
+  return jnp.take_along_axis(hidden, predict_at[..., None], axis=1)
+
+
+def decode(module: nn.Module, hidden: Array, word_table: Array, *, tied: bool, dtype: Dtype,
+           stddev: float, kernel_name: str = 'decoder', bias_name: str = 'bias') -> Array:
+  """The vocabulary projection plus its bias, inside `module`'s compact `__call__`: tied (the
+  float32 word table, transposed and cast) or its own `kernel_name` kernel; the bias is a
+  separate float32 parameter `bias_name`, as the references keep it."""
+  vocab_size = word_table.shape[0]
+  if tied:
+    logits = jnp.dot(hidden, word_table.T.astype(dtype))
+  else:
+    logits = dense(vocab_size, dtype, stddev, kernel_name, use_bias=False)(hidden)
+  bias = module.param(bias_name, nn.initializers.zeros, (vocab_size,), jnp.float32)
+  return logits + bias.astype(dtype)
+
+
+def segment_mask(segment_ids: Array | None) -> Array | None:
+  """[batch, seq] segment ids -> [batch, 1, seq, seq]: each token sees its own segment only."""
+  if segment_ids is None:
+    return None
+  return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]

@@ -1,0 +1,34 @@
+"""The encoder families, chosen by `config.json`'s `model_type`."""
+
+import dataclasses
+from typing import Callable
+
+from mlm_jax.errors import UserError
+from mlm_jax.models import bert
+from mlm_jax.models import checkpoint_names
+from mlm_jax.models import roberta
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """What the package needs of a family: its Flax masked LM, its checkpoint names, the
+  PyTorch class an export names, and how many tokens a row may hold."""
+  module: type  # module(config, dtype, attention_impl); see `auto.FlaxAutoModelForMaskedLM`.
+  checkpoint_names: Callable[..., checkpoint_names.Table]
+  architecture: str
+  max_positions: Callable[..., int] = lambda config: config.max_position_embeddings
+
+
+FAMILIES: dict[str, Family] = {
+    **{model_type: Family(roberta.RobertaForMaskedLM, roberta.checkpoint_names, architecture,
+                          roberta.max_positions)
+       for model_type, architecture in roberta.ARCHITECTURES.items()},
+    'bert': Family(bert.BertForMaskedLM, bert.checkpoint_names, 'BertForMaskedLM'),
+}
+
+
+def family(model_type: str) -> Family:
+  if model_type not in FAMILIES:
+    raise UserError(f'model_type {model_type!r} is not supported; use a model whose config.json '
+                    f'has one of {", ".join(sorted(FAMILIES))}')
+  return FAMILIES[model_type]

@@ -1,0 +1,84 @@
+"""The RoBERTa family (`roberta`, `xlm-roberta`, `camembert`): BERT's encoder with positions
+numbered after the padding id, and RoBERTa's `lm_head`.
+
+The parameter tree is transformers' former `FlaxRobertaForMaskedLM`'s, so checkpoints of
+earlier releases restore.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mlm_jax.models import bert
+from mlm_jax.models import checkpoint_names as names
+from mlm_jax.models import layers
+
+Array = jax.Array
+
+ARCHITECTURES = {'roberta': 'RobertaForMaskedLM', 'xlm-roberta': 'XLMRobertaForMaskedLM',
+                 'camembert': 'CamembertForMaskedLM'}
+
+
+def position_ids(input_ids: Array, pad_id: int) -> Array:
+  """PyTorch's `create_position_ids_from_input_ids`: non-padding tokens count from pad_id+1,
+  padding tokens keep pad_id."""
+  not_pad = (input_ids != pad_id).astype(jnp.int32)
+  return jnp.cumsum(not_pad, axis=1) * not_pad + pad_id
+
+
+def max_positions(config) -> int:
+  """Tokens a row may hold: positions start after the padding id."""
+  return config.max_position_embeddings - config.pad_token_id - 1
+
+
+class LMHead(nn.Module):
+  """dense -> exact GELU -> layer_norm -> decoder (tied: the word table) + bias."""
+  config: object
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: Array, word_table: Array) -> Array:
+    cfg = self.config
+    hidden = layers.dense(cfg.hidden_size, self.dtype, cfg.initializer_range, 'dense')(hidden)
+    hidden = layers.activation('gelu')(hidden)  # RoBERTa's head is GELU whatever hidden_act.
+    hidden = layers.layer_norm(cfg.layer_norm_eps, self.dtype, 'layer_norm')(hidden)
+    return layers.decode(self, hidden, word_table, tied=cfg.tie_word_embeddings, dtype=self.dtype,
+                         stddev=cfg.initializer_range)
+
+
+class RobertaForMaskedLM(nn.Module):
+  """RoBERTa masked LM; see `bert.BertForMaskedLM` for the call.
+
+  Without an `attention_mask` (training blocks hold no padding) every row's positions are
+  pad_id+1 .. pad_id+seq, a broadcast slice of the table; with one, they are renumbered
+  around the padding tokens as the reference does.
+  """
+  config: object
+  dtype: layers.Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, input_ids: Array, attention_mask: Array | None = None,
+               segment_ids: Array | None = None, predict_at: Array | None = None,
+               deterministic: bool = True) -> Array:
+    cfg = self.config
+    if attention_mask is None:
+      positions = cfg.pad_token_id + 1
+    else:
+      positions = position_ids(input_ids, cfg.pad_token_id)
+    mask = layers.combine_masks(layers.padding_mask(attention_mask),
+                                layers.segment_mask(segment_ids))
+    hidden, word_table = bert.Backbone(cfg, self.dtype, self.attention_impl, name='roberta')(
+        input_ids, positions, mask, deterministic)
+    hidden = layers.gather_positions(hidden, predict_at)
+    return LMHead(cfg, self.dtype, name='lm_head')(hidden, word_table)
+
+
+def checkpoint_names(config) -> names.Table:
+  head = {}
+  head |= names.linear('lm_head.dense', 'lm_head/dense')
+  head |= names.norm('lm_head.layer_norm', 'lm_head/layer_norm')
+  decoder, copies = names.mlm_decoder('lm_head', 'lm_head', config.tie_word_embeddings)
+  return names.Table(bert.encoder_names(config, 'roberta', 'roberta'), head | decoder,
+                     base_prefix='roberta', duplicates=bert.mlm_duplicates('lm_head', copies),
+                     copies=copies, unused=bert.UNUSED)
