@@ -24,12 +24,10 @@ def get_config() -> ml_collections.ConfigDict:
       attention_probs_dropout_prob=0.1,
   ))
   config.dtype = 'float32'  # Computation dtype: float32 | bfloat16 (params stay float32).
-  # Train the vocabulary head on the masked positions only (RoBERTa-family models; same loss).
+  # Train the vocabulary head on the masked positions only (the same loss, a fraction of the FLOPs).
   config.masked_lm_head = True
-  # The forward: 'transformers' (FlaxAutoModelForMaskedLM) or 'fast' (mlm_jax.fast_model, RoBERTa
-  # family; the same parameters and numbers, float32 embedding gathers, for GPU speed; its speed-up
-  # is not yet measured on a GPU, so transformers' is the default).
-  config.model_impl = 'transformers'
+  # jax.nn.dot_product_attention's implementation: 'xla' (any device) or 'cudnn' (GPU, bfloat16).
+  config.attention_impl = 'xla'
 
   # Data: `data_files` (local files) wins over `dataset` (hub id or local
   # dataset dir); with both empty the embedded ELI5 sample is used.

@@ -28,7 +28,12 @@ RESUMABLE_CHANGES = frozenset({
     'num_train_steps', 'num_epochs', 'eval_every_steps', 'eval_batch_size', 'log_every_steps',
     'checkpoint_every_steps', 'keep_checkpoints', 'push_to_hub', 'hub_model_id', 'num_proc',
     'cache_dir', 'per_device_batch_size', 'max_nonfinite_steps', 'fsdp', 'max_eval_blocks',
-    'tokenizer_train_max_texts', 'replan_schedule', 'stop_check_every_steps'})
+    'tokenizer_train_max_texts', 'replan_schedule', 'stop_check_every_steps',
+    # How the forward is computed, not what: the same parameters and numbers.
+    'model_impl', 'attention_impl'})
+# Keys added to the config since earlier releases: a checkpoint that lacks one was made with
+# the behaviour its default keeps.
+ADDED_KEYS = {}
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -126,6 +131,7 @@ def set_aside(workdir: str, step: int) -> epath.Path:
 def config_differences(saved: dict, current: dict) -> list[str]:
   """The keys whose change would alter what the checkpoint means."""
   keys = (set(saved) | set(current)) - RESUMABLE_CHANGES
+  saved = ADDED_KEYS | saved
   return sorted(f'{k}: {saved.get(k)!r} -> {current.get(k)!r}'
                 for k in keys if saved.get(k) != current.get(k))
 

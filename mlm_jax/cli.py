@@ -21,8 +21,7 @@ T = TypeVar('T')
 def quiet_libraries() -> None:
   """Keeps the console for this program's own messages and real warnings.
 
-  Orbax logs every file it writes, and transformers warns on every Flax model
-  that its Flax classes are deprecated (this project pins transformers<5).
+  Orbax logs every file it writes, and transformers its notices on tokenizers and configs.
   """
   import transformers  # pylint: disable=import-outside-toplevel
   from absl import logging  # pylint: disable=import-outside-toplevel

@@ -16,13 +16,15 @@ from typing import Any, Callable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import transformers
 
 from mlm_jax import checkpoint
 from mlm_jax import model as model_lib
 from mlm_jax import storage
 from mlm_jax.data import tokenizer as tokenizer_lib
-from mlm_jax.errors import UserError, first_line
+from mlm_jax.errors import UserError
+from mlm_jax.models import FlaxAutoModelForMaskedLM
+from mlm_jax.models import auto
+from mlm_jax.models import hf_checkpoint
 
 USER_MASK = '<mask>'
 DEFAULT_BATCH_SIZE = 64  # Texts per forward pass: memory stays bounded whatever the input.
@@ -31,45 +33,21 @@ DEFAULT_BATCH_SIZE = 64  # Texts per forward pass: memory stays bounded whatever
 @dataclasses.dataclass
 class Predictor:
   """A model, its parameters and its tokenizer, ready for `fill_mask`."""
-  model: transformers.FlaxPreTrainedModel
+  model: FlaxAutoModelForMaskedLM
   params: Any
-  tokenizer: transformers.PreTrainedTokenizerBase
+  tokenizer: Any
 
   def __post_init__(self):
     # One function object per predictor, so the jit cache keyed on it is reused.
-    self.logits_fn = _logits_at_fn(self.model)
-
-
-def _logits_at_fn(model) -> Callable:
-  """`fn(params, ids, attention_mask, predict_at)` -> logits at the token indices `predict_at`.
-
-  RoBERTa-family models run the vocabulary head on those tokens alone; others
-  compute every position's logits and gather.
-  """
-  if model_lib.supports_masked_head(model):
-    head = model_lib.masked_head_fn(model)
-    return lambda params, ids, mask, predict_at: head(ids, predict_at, params, False, None, mask)
-
-  def gather(params, ids, mask, predict_at):
-    logits = model(ids, attention_mask=mask, params=params, train=False).logits
-    return jnp.take_along_axis(logits, predict_at[:, :, None], axis=1)
-  return gather
+    head = model_lib.head_fn(self.model)
+    self.logits_fn = lambda params, ids, mask, predict_at: head(ids, predict_at, params, False,
+                                                                None, mask)
 
 
 def load_predictor(model: str, step: int | None = None) -> Predictor:
   """Loads a training workdir, an HF-format directory or a hub id."""
   if checkpoint.checkpoint_dir(model).is_dir():
-    config_dir = checkpoint.model_config_dir(model)
-    if not (config_dir / 'config.json').is_file():
-      raise UserError(f'{model!r} has a checkpoints/ folder but no model/config.json, so it is '
-                      'not a complete training workdir; pass its export/ or a finished run')
-    with storage.local_copy(config_dir) as local:
-      config = transformers.AutoConfig.from_pretrained(local)
-    flax_model = transformers.FlaxAutoModelForMaskedLM.from_config(config, _do_init=False)
-    # Onto this host's first device, whatever the topology the checkpoint was saved from.
-    params = checkpoint.restore_params(
-        model, step, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-    return Predictor(flax_model, params, tokenizer_lib.load_saved_tokenizer(model))
+    return _load_workdir(model, step)
   if step is not None:
     raise UserError(f'--step needs a training workdir, and {model!r} is not one '
                     '(it has no checkpoints/ folder)')
@@ -80,14 +58,26 @@ def load_predictor(model: str, step: int | None = None) -> Predictor:
   with contextlib.ExitStack() as stack:
     if directory.exists():  # A local or bucket folder; anything else is a hub id.
       model = stack.enter_context(storage.local_copy(directory))
-    try:
-      flax_model = transformers.FlaxAutoModelForMaskedLM.from_pretrained(model)
-    except (OSError, ValueError) as e:
-      raise UserError(f'could not load a masked-LM model from {model!r} '
-                      f'({first_line(e)}); pass a training workdir, an HF-format '
-                      'directory or a hub id') from None
+    model = hf_checkpoint.local_directory(model)  # A hub id's files, fetched once.
+    flax_model = FlaxAutoModelForMaskedLM.from_pretrained(model)
     return Predictor(flax_model, flax_model.params,
                      tokenizer_lib.load_pretrained_tokenizer(model))
+
+
+def _load_workdir(workdir: str, step: int | None) -> Predictor:
+  """A training workdir's checkpoint (parameters only), around its saved model config."""
+  config_dir = checkpoint.model_config_dir(workdir)
+  if not (config_dir / 'config.json').is_file():
+    raise UserError(f'{workdir!r} has a checkpoints/ folder but no model/config.json, so it is '
+                    'not a complete training workdir; pass its export/ or a finished run')
+  with storage.local_copy(config_dir) as local:
+    config = auto.config_from_dict(hf_checkpoint.read_config_dict(local), str(config_dir))
+  flax_model = FlaxAutoModelForMaskedLM.from_config(config, _do_init=False)
+  # Onto this host's first device, whatever the topology the checkpoint was saved from.
+  params = checkpoint.restore_params(
+      workdir, step, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+  flax_model.check_params(params, f'the checkpoint in {workdir}')
+  return Predictor(flax_model, params, tokenizer_lib.load_saved_tokenizer(workdir))
 
 
 def _bucket(n: int, minimum: int = 8) -> int:

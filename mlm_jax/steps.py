@@ -76,7 +76,7 @@ def train_step(state: TrainState, ids: jax.Array, *, apply_fn: Callable,
 
   The loss is the mean cross-entropy over all masked tokens of all micro-batches,
   so k accumulated micro-batches give the gradient of one batch k times larger.
-  With `head_fn` (see `model.masked_head_fn`) the vocabulary head runs only on the
+  With `head_fn` (see `model.head_fn`) the vocabulary head runs only on the
   `max_predictions` masked tokens of each row. A non-finite loss or gradient
   skips the update and is counted.
 

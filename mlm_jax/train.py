@@ -71,11 +71,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.fsdp)
   tx, schedule = optim.make_optimizer(config, schedule_steps)
   state, state_shardings = steps_lib.init_train_state(run.model, tx, config.seed, mesh)
-  masked_head = config.masked_lm_head and model_lib.supports_masked_head(run.model)
-  apply_fn, head_fn = model_lib.forward_fns(run.model, config.model_impl)
   steps = steps_lib.compile_steps(
-      apply_fn, tx, schedule, run.spec, config.seed, mesh, state_shardings,
-      head_fn=head_fn if masked_head else None,
+      run.model, tx, schedule, run.spec, config.seed, mesh, state_shardings,
+      head_fn=model_lib.head_fn(run.model) if config.masked_lm_head else None,
       max_predictions=model_lib.max_predictions(
           config.block_size, config.mlm_probability,
           masking.count_dispersion(run.blocks.train, run.spec)))
@@ -114,5 +112,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _has_export(export_dir) -> bool:
   """Whether the export holds its weights and tokenizer (a run stopped before or during
   the export has not)."""
-  return all((export_dir / name).exists() for name in ('flax_model.msgpack',
+  return all((export_dir / name).exists() for name in ('model.safetensors',
                                                        'tokenizer_config.json'))

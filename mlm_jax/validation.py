@@ -9,7 +9,7 @@ import ml_collections
 from mlm_jax.errors import UserError
 
 DTYPE_NAMES = ('float32', 'bfloat16')  # Computation dtypes (see model.DTYPES).
-MODEL_IMPLS = ('transformers', 'fast')  # See model.forward_fns.
+ATTENTION_IMPLS = ('xla', 'cudnn')  # jax.nn.dot_product_attention's (see models/layers.py).
 LR_SCHEDULES = ('linear', 'cosine')  # See optim.make_schedule.
 _AT_LEAST_ONE = ('block_size', 'per_device_batch_size', 'grad_accum_steps', 'eval_batch_size',
                  'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
@@ -47,7 +47,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   masking.check_config(config)  # mlm_probability, the scheme and the 80/10/10 split.
   check_choice('lr_schedule', config.lr_schedule, LR_SCHEDULES)
   check_choice('dtype', config.dtype, DTYPE_NAMES)
-  check_choice('model_impl', config.model_impl, MODEL_IMPLS)
+  check_choice('attention_impl', config.attention_impl, ATTENTION_IMPLS)
   if config.num_train_steps == 0 or config.num_train_steps < -1:
     raise UserError(f'num_train_steps={config.num_train_steps} must be positive, or -1 to '
                     'train for num_epochs')

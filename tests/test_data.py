@@ -57,7 +57,7 @@ def write_jsonl(path, records) -> str:
   return str(path)
 
 
-def split_texts(corpus: data.Corpus) -> tuple[list[str], list[str]]:
+def split_texts(corpus: sources.Corpus) -> tuple[list[str], list[str]]:
   """(train texts, test texts) of a corpus, in source order."""
   train, test = [], []
   for train_batch, test_batch in corpus.batches():
@@ -66,12 +66,12 @@ def split_texts(corpus: data.Corpus) -> tuple[list[str], list[str]]:
   return train, test
 
 
-def all_texts(corpus: data.Corpus) -> list[str]:
+def all_texts(corpus: sources.Corpus) -> list[str]:
   train, test = split_texts(corpus)
   return sorted(train + test)
 
 
-def load(config) -> data.Corpus:
+def load(config) -> sources.Corpus:
   return sources.load_corpus(config, log=lambda _: None)
 
 

@@ -123,7 +123,7 @@ def _encode_in_worker(split_texts: tuple[list[str], list[str]]) -> tuple[np.ndar
   return tuple(_encode(_WORKER_ENCODER, texts) for texts in split_texts)
 
 
-def _encoded(corpus: data.Corpus, tokenizer_json: str,
+def _encoded(corpus: sources.Corpus, tokenizer_json: str,
              num_proc: int) -> Iterator[tuple[np.ndarray, ...]]:
   """(train ids, test ids) of each read of the corpus, in order."""
   if num_proc == 1:
@@ -137,7 +137,7 @@ def _encoded(corpus: data.Corpus, tokenizer_json: str,
     yield from pool.imap(_encode_in_worker, corpus.batches(), chunksize=1)
 
 
-def write_blocks(corpus: data.Corpus, tokenizer, folder: epath.Path, block_size: int,
+def write_blocks(corpus: sources.Corpus, tokenizer, folder: epath.Path, block_size: int,
                  num_proc: int = 1, progress: bool = True) -> dict:
   """Tokenizes both splits into `folder`/{train,test}.bin; returns their description."""
   dtype = block_store.dtype_for(len(tokenizer))
@@ -196,7 +196,7 @@ def _cached_scratch_tokenizer(config, source: dict, log: Callable[[str], None]):
   return tokenizer
 
 
-def _train_scratch_tokenizer(config, source: dict, corpus: data.Corpus,
+def _train_scratch_tokenizer(config, source: dict, corpus: sources.Corpus,
                              log: Callable[[str], None]):
   """A tokenizer trained from scratch on a bounded sample of the train texts, then cached."""
   directory = _scratch_tokenizer_dir(config, source)

@@ -27,8 +27,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int,
                           special_tokens=list(SPECIAL_TOKENS), show_progress=False)
   backend = bpe._tokenizer  # pylint: disable=protected-access
   # Wrap every sequence in <s> ... </s> as RoBERTa does.
+  # (sep, cls) by position: tokenizers 0.23 renamed the `cls` keyword.
   backend.post_processor = processors.RobertaProcessing(
-      sep=('</s>', backend.token_to_id('</s>')), cls=('<s>', backend.token_to_id('<s>')),
+      ('</s>', backend.token_to_id('</s>')), ('<s>', backend.token_to_id('<s>')),
       trim_offsets=True, add_prefix_space=False)
   return transformers.PreTrainedTokenizerFast(
       tokenizer_object=backend,
@@ -38,11 +39,21 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int,
       model_max_length=model_max_length)
 
 
+# Files of which a saved tokenizer has at least one (tokenizers' JSON, or a vocabulary).
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.json', 'vocab.txt',
+                   'spiece.model', 'sentencepiece.bpe.model')
+
+
 def load_pretrained_tokenizer(name_or_path: str) -> transformers.PreTrainedTokenizerBase:
-  """`AutoTokenizer.from_pretrained` with a one-line error for a bad name or path."""
+  """`AutoTokenizer.from_pretrained` with a one-line error for a bad name or path, or a
+  model directory without tokenizer files (transformers fails there deep inside)."""
+  directory = epath.Path(name_or_path)
+  if directory.is_dir() and not any((directory / f).exists() for f in TOKENIZER_FILES):
+    raise UserError(f'{name_or_path!r} has no tokenizer files ({", ".join(TOKENIZER_FILES[:2])}'
+                    ', ...); save the tokenizer there, or pass --config.tokenizer_name')
   try:
-    tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
-  except (OSError, ValueError) as e:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
+  except (OSError, ValueError, AttributeError, TypeError, KeyError) as e:
     raise UserError(
         f'could not load a tokenizer from {name_or_path!r} ({first_line(e)}); '
         'pass a hub id or a directory with tokenizer files') from None

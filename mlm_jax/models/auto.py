@@ -89,10 +89,10 @@ class FlaxAutoModelForMaskedLM:
 
   def load_params(self, directory: str, log: Callable[[str], None]) -> dict:
     """The parameters of the checkpoint in `directory`, checked against this model's shapes."""
-    shapes = jax.eval_shape(self.init_weights, self.key)
     flax_params = hf_checkpoint.read_flax_msgpack(directory)
     if flax_params is not None:  # An export of this project's earlier releases.
-      return _check_tree(flax_params, shapes, directory)
+      return self.check_params(flax_params, directory)
+    shapes = jax.eval_shape(self.init_weights, self.key)
     flat_shapes = {k: v.shape for k, v in traverse_util.flatten_dict(shapes, sep='/').items()}
     params = hf_checkpoint.to_params(
         hf_checkpoint.read_tensors(directory), self.family.checkpoint_names(self.config),
@@ -105,6 +105,12 @@ class FlaxAutoModelForMaskedLM:
     """Fresh float32 parameters at the reference's scales (normal(initializer_range)
     weights and embeddings, zero biases, unit LayerNorm scales)."""
     return self.module.init({'params': rng}, jnp.zeros(input_shape, jnp.int32))['params']
+
+  def check_params(self, params: dict, where: str) -> dict:
+    """`params` (an orbax checkpoint's, or an earlier release's export) as float32 numpy,
+    after checking that its tree and shapes are this model's; else one line naming the
+    parameter that differs."""
+    return _check_tree(params, jax.eval_shape(self.init_weights, self.key), where)
 
   @property
   def params(self) -> dict:
@@ -173,4 +179,4 @@ def _check_tree(params: dict, shapes: dict, where: str) -> dict:
     if tuple(np.shape(value)) != tuple(expected[path].shape):
       raise UserError(f'{where}: the Flax parameter {path!r} has shape {np.shape(value)}, but '
                       f'config.json asks for {tuple(expected[path].shape)}')
-  return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
+  return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
