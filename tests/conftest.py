@@ -32,15 +32,6 @@ _NO_LLVM_OPT = '--xla_backend_optimization_level=0'
 if _NO_LLVM_OPT not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {_NO_LLVM_OPT}".strip()
 
-# transformers decides once, at import, whether torch is usable: pytest's processes keep it
-# (the PyTorch parity tests; an xdist worker inherits the variable below, so it is dropped
-# first), while the many run_train.py subprocesses the tests start skip importing torch
-# (2 s of CPU each) through USE_TORCH=0, which they inherit.
-if 'pytest' in sys.modules:
-  os.environ.pop('USE_TORCH', None)
-import transformers.utils  # pylint: disable=wrong-import-position,unused-import
-os.environ['USE_TORCH'] = '0'
-
 import jax  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 

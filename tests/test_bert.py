@@ -2,7 +2,7 @@
 
 Everything else in the suite trains RoBERTa; BERT, DistilBERT and ALBERT also train here
 through `model_name_or_path`. This guards that path: another tokenizer family (WordPiece,
-[CLS]/[SEP]/[MASK]), another head (no masked-only head), another position scheme, and an
+[CLS]/[SEP]/[MASK]), another head, another position scheme, and an
 export that the transformers PyTorch `fill-mask` pipeline reads with our predictions.
 """
 
@@ -18,6 +18,7 @@ from mlm_jax.data import sources
 from mlm_jax import infer
 from mlm_jax import metric_writers
 from mlm_jax import train
+from mlm_jax.models import FlaxAutoModelForMaskedLM
 from tests.conftest import load_config
 
 
@@ -37,7 +38,7 @@ def bert_dir(tmp_path_factory):
                                    num_hidden_layers=1, num_attention_heads=2,
                                    intermediate_size=64, max_position_embeddings=64,
                                    pad_token_id=tokenizer.pad_token_id)
-  transformers.FlaxBertForMaskedLM(config, seed=0).save_pretrained(directory)
+  FlaxAutoModelForMaskedLM.from_config(config, seed=0).save_pretrained(directory)
   return directory
 
 

@@ -2,8 +2,8 @@
 
 Guards what one step computes: its gradients (compared through SGD with a non-zero rate,
 where the update is the gradient; Adam would hide a gradient-scale error and a warmup
-rate of 0 would hide everything), gradient accumulation, the masked-only head and the
-fast forward against transformers', the skipped non-finite step and the rate it logs,
+rate of 0 would hide everything), gradient accumulation, the masked-only head against the
+full head, the skipped non-finite step and the rate it logs,
 the interval sums, and the eval's token weighting, padding and fixed masking.
 """
 
@@ -42,15 +42,14 @@ def dropout_run(tmp_path_factory):
   return _prepare(tmp_path_factory, dropout=0.1)
 
 
-def _sgd_update(run, ids, impl='transformers', masked_head=False, schedule=None, state=None):
+def _sgd_update(run, ids, masked_head=False, schedule=None, state=None):
   """(parameters before minus after, metrics) of one plain-SGD step: with a constant rate
   of 1 that difference is the gradient itself."""
   schedule = schedule or optax.constant_schedule(1.0)
   tx = optax.sgd(schedule)
-  apply_fn, head_fn = model_lib.forward_fns(run.model, impl)
   steps = steps_lib.compile_steps(
-      apply_fn, tx, schedule, masking.masking_spec(run.tokenizer, 0.15), run.config.seed,
-      sharding.make_mesh(), head_fn=head_fn if masked_head else None,
+      run.model, tx, schedule, masking.masking_spec(run.tokenizer, 0.15), run.config.seed,
+      sharding.make_mesh(), head_fn=model_lib.head_fn(run.model) if masked_head else None,
       max_predictions=model_lib.max_predictions(run.config.block_size, 0.15))
   if state is None:
     params = jax.tree_util.tree_map(jnp.copy, model_lib.initial_params(run.model))  # The step donates its state.
@@ -102,23 +101,14 @@ def test_masked_only_head_gives_the_full_heads_gradients(dropout_run):
       metrics.summarize_train(full_metrics['sums'], 1)['loss'], rel=1e-5)
 
 
-@pytest.mark.parametrize('masked_head', [False, True])
-def test_fast_forward_gives_transformers_gradients(dropout_run, masked_head):
-  run = dropout_run
-  fast, _ = _sgd_update(run, _blocks(run)[None], impl='fast', masked_head=masked_head)
-  reference, _ = _sgd_update(run, _blocks(run)[None], masked_head=masked_head)
-  _assert_same_gradients(fast, reference, model_lib.initial_params(run.model))
-
-
 def test_masked_tokens_beyond_max_predictions_are_counted_as_dropped(run):
   # A row of 32 tokens with 15% masking exceeds max_predictions (14) with probability
   # ~1e-10; at 90% masking almost every row does.
   schedule = optax.constant_schedule(1.0)
   tx = optax.sgd(schedule)
-  apply_fn, head_fn = model_lib.forward_fns(run.model)
   steps = steps_lib.compile_steps(
-      apply_fn, tx, schedule, masking.masking_spec(run.tokenizer, 0.9), run.config.seed,
-      sharding.make_mesh(), head_fn=head_fn, max_predictions=4)
+      run.model, tx, schedule, masking.masking_spec(run.tokenizer, 0.9), run.config.seed,
+      sharding.make_mesh(), head_fn=model_lib.head_fn(run.model), max_predictions=4)
   state = steps_lib.create_train_state(jax.tree_util.tree_map(jnp.copy, model_lib.initial_params(run.model)), tx,
                                        run.config.seed)
   _, step_metrics = steps.train(state, jnp.asarray(_blocks(run))[None])

@@ -63,7 +63,7 @@ def test_a_gs_workdir_trains_is_preempted_resumes_and_serves_fill_mask(
   assert not (tmp_path / 'gs:').exists()  # Nothing went to a local folder named after the URL.
   run = bucket / 'run'
   for expected in ('checkpoints/20', 'tokenizer/tokenizer_config.json', 'model/config.json',
-                   'export/flax_model.msgpack', 'export/tokenizer_config.json', 'tensorboard'):
+                   'export/model.safetensors', 'export/tokenizer_config.json', 'tensorboard'):
     assert (run / expected).exists(), expected
   steps = [r['step'] for r in metric_writers.read_metrics(workdir) if 'loss' in r]
   assert steps == sorted(set(steps)) and steps[-1] == 20

@@ -3,7 +3,7 @@
 Guards what a run writes (checkpoints with their data cursor, schedule length and config;
 the export; metrics with the interval's token-weighted means and the rate applied), that
 training lowers the loss, exact resume after SIGKILL, the PyTorch export, fine-tuning
-from a local model (Flax or PyTorch weights), and the closing hub upload's failure path.
+from a local model (safetensors, or PyTorch .bin weights through torch), and the closing hub upload's failure path.
 Step-level numbers are in test_steps.py, the optimizer in test_optim.py.
 """
 
@@ -26,6 +26,7 @@ from mlm_jax import report
 from mlm_jax import train
 from mlm_jax.errors import UserError
 from mlm_jax.data.tokenizer import train_bpe_tokenizer
+from mlm_jax.models import FlaxAutoModelForMaskedLM
 from tests.conftest import ROOT, load_config
 
 
@@ -63,7 +64,7 @@ def test_run_writes_checkpoints_export_tensorboard_and_metrics(trained):
   manager = checkpoint.make_manager(workdir, keep=None, create=False)
   assert manager.latest_step() == config.num_train_steps
   assert len(manager.all_steps()) <= config.keep_checkpoints
-  assert os.path.isfile(os.path.join(workdir, 'export', 'flax_model.msgpack'))
+  assert os.path.isfile(os.path.join(workdir, 'export', 'model.safetensors'))
   assert os.path.isfile(os.path.join(workdir, 'export', 'tokenizer.json'))
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
 
@@ -94,8 +95,7 @@ def test_resume_with_a_changed_model_is_refused(trained):
 def test_export_reloads_with_the_checkpoints_logits(trained):
   _, workdir, _ = trained
   from_checkpoint = infer.load_predictor(workdir)
-  exported = transformers.FlaxAutoModelForMaskedLM.from_pretrained(
-      os.path.join(workdir, 'export'))
+  exported = FlaxAutoModelForMaskedLM.from_pretrained(os.path.join(workdir, 'export'))
   ids = np.asarray(from_checkpoint.tokenizer(['Why is the sky blue?'])['input_ids'])
   expected = from_checkpoint.model(ids, params=from_checkpoint.params).logits
   np.testing.assert_allclose(exported(ids).logits, expected, rtol=1e-5, atol=1e-5)
@@ -105,9 +105,11 @@ def test_export_loads_in_pytorch_with_the_same_logits(trained):
   torch = pytest.importorskip('torch')
   _, workdir, _ = trained
   export = os.path.join(workdir, 'export')
-  flax_model = transformers.FlaxAutoModelForMaskedLM.from_pretrained(export)
-  # The export carries PyTorch weights when torch is installed (see export.export).
-  torch_model = transformers.AutoModelForMaskedLM.from_pretrained(export).eval()
+  flax_model = FlaxAutoModelForMaskedLM.from_pretrained(export)
+  torch_model, loading = transformers.AutoModelForMaskedLM.from_pretrained(
+      export, output_loading_info=True)
+  assert not loading['missing_keys'] and not loading['unexpected_keys'], loading
+  torch_model.eval()
   tokenizer = transformers.AutoTokenizer.from_pretrained(export)
   ids = tokenizer(['Why is the sky blue?'])['input_ids']
   with torch.no_grad():
@@ -206,18 +208,22 @@ def test_fine_tunes_a_pretrained_model_from_a_local_directory(trained, tmp_path)
   assert summary['perplexity_before'] < 250
 
 
-def test_loads_pytorch_only_weights_with_from_pt(tmp_path):
+def test_loads_pytorch_only_weights_through_torch(tmp_path):
   torch = pytest.importorskip('torch')
-  del torch
   torch_dir = tmp_path / 'torch_only'
   config = transformers.RobertaConfig(vocab_size=300, hidden_size=8, num_hidden_layers=1,
                                       num_attention_heads=2, intermediate_size=16)
-  transformers.AutoModelForMaskedLM.from_config(config).save_pretrained(torch_dir)
+  torch_model = transformers.AutoModelForMaskedLM.from_config(config)
+  torch_model.save_pretrained(torch_dir, safe_serialization=False)
+  assert sorted(os.listdir(torch_dir)) == ['config.json', 'pytorch_model.bin']
   run_config = load_config('tiny_test')
   run_config.model_name_or_path = str(torch_dir)
   tokenizer = train_bpe_tokenizer(['a b c d e f g'] * 10, vocab_size=40, model_max_length=64)
   model = model_lib.create_model(run_config, tokenizer)
-  assert model.config.vocab_size == 300
+  np.testing.assert_array_equal(
+      model.params['roberta']['embeddings']['word_embeddings']['embedding'],
+      torch_model.roberta.embeddings.word_embeddings.weight.detach().numpy())
+  del torch
 
 
 def test_push_to_hub_failure_is_one_line_and_keeps_the_export(trained, capsys):

@@ -28,7 +28,7 @@ from tests.conftest import ROOT, load_config
     ('block_size', 0, 'must be at least 1'),
     ('tokenizer_vocab_size', 0, 'must be at least 1'),
     ('dtype', 'float16', 'one of float32, bfloat16'),
-    ('model_impl', 'jax', 'one of transformers, fast'),
+    ('attention_impl', 'flash', 'one of xla, cudnn'),
     ('num_train_steps', -2, 'or -1 to train for num_epochs'),
 ])
 def test_a_bad_value_names_its_key_and_the_fix(key, value, says):

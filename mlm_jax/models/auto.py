@@ -92,8 +92,8 @@ class FlaxAutoModelForMaskedLM:
     flax_params = hf_checkpoint.read_flax_msgpack(directory)
     if flax_params is not None:  # An export of this project's earlier releases.
       return self.check_params(flax_params, directory)
-    shapes = jax.eval_shape(self.init_weights, self.key)
-    flat_shapes = {k: v.shape for k, v in traverse_util.flatten_dict(shapes, sep='/').items()}
+    flat_shapes = {k: v.shape for k, v in
+                   traverse_util.flatten_dict(self.params_shape_tree, sep='/').items()}
     params = hf_checkpoint.to_params(
         hf_checkpoint.read_tensors(directory), self.family.checkpoint_names(self.config),
         flat_shapes, directory, lambda: jax.device_get(self.init_weights(self.key)), log)
@@ -110,7 +110,7 @@ class FlaxAutoModelForMaskedLM:
     """`params` (an orbax checkpoint's, or an earlier release's export) as float32 numpy,
     after checking that its tree and shapes are this model's; else one line naming the
     parameter that differs."""
-    return _check_tree(params, jax.eval_shape(self.init_weights, self.key), where)
+    return _check_tree(params, self.params_shape_tree, where)
 
   @property
   def params(self) -> dict:
@@ -121,6 +121,11 @@ class FlaxAutoModelForMaskedLM:
   @params.setter
   def params(self, params: dict) -> None:
     self._params = params
+
+  @property
+  def params_shape_tree(self) -> dict:
+    """The parameters' shapes and dtypes, computed without creating them."""
+    return jax.eval_shape(self.init_weights, self.key)
 
   @property
   def _is_initialized(self) -> bool:

@@ -108,11 +108,11 @@ def _read_sharded(directory: str) -> Tensors:
 
 def _read_pytorch_bin(directory: str) -> Tensors:
   path = os.path.join(directory, PYTORCH_BIN)
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError:
+  import transformers  # pylint: disable=import-outside-toplevel
+  if not transformers.utils.is_torch_available():
     raise UserError(f'{directory} has only PyTorch weights ({PYTORCH_BIN}); install torch '
-                    '(pip install torch) to read them, or convert them to model.safetensors') from None
+                    '(pip install torch) to read them, or convert them to model.safetensors')
+  import torch  # pylint: disable=import-outside-toplevel
   state = torch.load(path, map_location='cpu', weights_only=True)
   return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
 
