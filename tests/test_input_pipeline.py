@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from mlm_jax.data import input_pipeline, sharding
+from mlm_jax import sharding
+from mlm_jax.data import input_pipeline
 from mlm_jax.errors import UserError
 from tests.multidevice import run_with_devices
 

@@ -61,7 +61,7 @@ def _assert_blocks(prepared, expected) -> None:
 
 
 def test_blocks_are_each_splits_token_ids_concatenated_and_cut(config, tokenizer, monkeypatch):
-  monkeypatch.setattr(data, '_READ_BATCH', 3)  # Blocks that span several reads.
+  monkeypatch.setattr(sources, '_READ_BATCH', 3)  # Blocks that span several reads.
   prepared = preparation.prepare(config, tokenizer, **_QUIET)
   assert not prepared.from_cache
   assert prepared.blocks.train.dtype == np.uint16  # 300 tokens fit.

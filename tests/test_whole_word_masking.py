@@ -46,7 +46,7 @@ def train_wordpiece(texts: list[str], directory) -> transformers.BertTokenizerFa
   wordpiece = tokenizers.BertWordPieceTokenizer(lowercase=True)
   wordpiece.train_from_iterator(texts, vocab_size=4096, show_progress=False)
   wordpiece.save_model(str(directory))
-  return transformers.BertTokenizerFast(vocab_file=os.path.join(directory, 'vocab.txt'))
+  return transformers.BertTokenizerFast.from_pretrained(str(directory))
 
 
 @pytest.fixture(scope='module')
@@ -204,38 +204,29 @@ def offset_collator(tokenizer, probability: float):
       random_replace_prob=0.0, return_tensors='np', seed=1)
 
 
-def wordpiece_collator(tokenizer, probability: float):
-  """transformers' DataCollatorForWholeWordMask: groups `##` pieces (for other tokenizers it
-  masks single tokens, and points to the collator above)."""
-  with warnings.catch_warnings():
-    warnings.simplefilter('ignore')
-    return transformers.DataCollatorForWholeWordMask(
-        tokenizer, mlm_probability=probability, return_tensors='np', seed=1)
-
-
 @pytest.fixture(scope='module')
 def padded(tokenizer, texts):
-  """(ids [rows, 64], features with offsets, features with unpadded ids) of the first 150
+  """(ids [rows, 64], features with offsets) of the first 150
   texts, each in its own row."""
   encoded = tokenizer(texts[:150], truncation=True, max_length=BLOCK, padding='max_length',
                       return_offsets_mapping=True, return_special_tokens_mask=True)
   ids = np.asarray(encoded['input_ids'], np.int32)
   with_offsets = [{k: encoded[k][i] for k in ('input_ids', 'offset_mapping',
                                               'special_tokens_mask')} for i in range(len(ids))]
-  unpadded = [{'input_ids': [i for i in row if i != tokenizer.pad_token_id]} for row in ids]
-  return ids, with_offsets, unpadded
+  return ids, with_offsets
 
 
 def test_word_boundaries_are_transformers_whole_word_boundaries(tokenizer, padded):
-  """Against DataCollatorForWholeWordMask for WordPiece, the offsets collator for BPE (WordPiece
-  offsets also join punctuation to the word before it, which `##` does not). Two neighbouring
-  tokens belong to one of the collator's words iff it never masks one without the other: with
-  p = 0.5 and 40 draws a boundary is missed with probability 1e-12."""
-  ids, with_offsets, unpadded = padded
+  """Against the offsets collator, for byte-level BPE. Two neighbouring tokens belong to one of
+  the collator's words iff it never masks one without the other: with p = 0.5 and 40 draws a
+  boundary is missed with probability 1e-12. WordPiece's reference, DataCollatorForWholeWordMask
+  (`##` pieces join the word before), left transformers in version 5, and WordPiece offsets also
+  join punctuation to the word before it, which `##` does not: its rule is checked on its own
+  by test_the_first_piece_of_every_word_starts_it_and_the_others_continue."""
   if isinstance(tokenizer, transformers.BertTokenizerFast):
-    theirs = collator_masks(wordpiece_collator(tokenizer, 0.5), unpadded, draws=40)
-  else:
-    theirs = collator_masks(offset_collator(tokenizer, 0.5), with_offsets, draws=40)
+    pytest.skip('transformers 5 has no WordPiece whole-word collator to compare with')
+  ids, with_offsets = padded
+  theirs = collator_masks(offset_collator(tokenizer, 0.5), with_offsets, draws=40)
   separate = (theirs[:, :, 1:] != theirs[:, :, :-1]).any(axis=0)
   special = np.isin(ids, tokenizer.all_special_ids)
   ours = masking.word_starts(ids, special, masking.word_start_table(tokenizer), xp=np)[:, 1:]
@@ -249,7 +240,7 @@ def test_masked_token_rate_matches_transformers_within_sampling_error(tokenizer,
   (DataCollatorForWholeWordMask instead fills a budget of round(length * p) tokens per
   sequence, [CLS] and [SEP] counted in the length: on these rows it masks about 0.156 of the
   eligible tokens for p = 0.15.)"""
-  ids, with_offsets, _ = padded
+  ids, with_offsets = padded
   theirs = collator_masks(offset_collator(tokenizer, 0.15), with_offsets, draws=30)
   spec = whole_word_spec(tokenizer)
   ours = np.stack([mask(spec, ids, seed)[2] == 1 for seed in range(30)])
@@ -296,7 +287,7 @@ def test_a_tokenizer_without_word_boundaries_is_a_one_line_user_error(texts):
     masking.masking_spec(tokenizer, 0.15, scheme='whole_word')
   message = str(error.value)
   assert '\n' not in message
-  assert "tokenizer 'PreTrainedTokenizerFast' shows no word boundaries" in message
+  assert f"tokenizer '{type(tokenizer).__name__}' shows no word boundaries" in message
   assert message.endswith('use --config.masking=token')
   assert masking.masking_spec(tokenizer, 0.15).scheme == 'token'  # Token masking is fine.
 
