@@ -25,16 +25,16 @@ class Embeddings(nn.Module):
   """
   config: object
   dtype: layers.Dtype = jnp.float32
+  features: int | None = None  # The tables' width: hidden_size unless given (ALBERT's narrower).
 
   @nn.compact
   def __call__(self, input_ids: Array, positions: int | Array,
                deterministic: bool) -> tuple[Array, Array]:
     cfg = self.config
-    std = cfg.initializer_range
-    word = layers.embed(cfg.vocab_size, cfg.hidden_size, std, 'word_embeddings')
-    position = layers.embed(cfg.max_position_embeddings, cfg.hidden_size, std,
-                            'position_embeddings')
-    token_type = layers.embed(cfg.type_vocab_size, cfg.hidden_size, std, 'token_type_embeddings')
+    std, width = cfg.initializer_range, self.features or cfg.hidden_size
+    word = layers.embed(cfg.vocab_size, width, std, 'word_embeddings')
+    position = layers.embed(cfg.max_position_embeddings, width, std, 'position_embeddings')
+    token_type = layers.embed(cfg.type_vocab_size, width, std, 'token_type_embeddings')
     hidden = word(input_ids).astype(self.dtype) + token_type.embedding[0].astype(self.dtype)
     if isinstance(positions, int):
       rows = position.embedding[positions:positions + input_ids.shape[-1]]

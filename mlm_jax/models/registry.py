@@ -4,8 +4,10 @@ import dataclasses
 from typing import Callable
 
 from mlm_jax.errors import UserError
+from mlm_jax.models import albert
 from mlm_jax.models import bert
 from mlm_jax.models import checkpoint_names
+from mlm_jax.models import distilbert
 from mlm_jax.models import roberta
 
 
@@ -24,6 +26,10 @@ FAMILIES: dict[str, Family] = {
                           roberta.max_positions)
        for model_type, architecture in roberta.ARCHITECTURES.items()},
     'bert': Family(bert.BertForMaskedLM, bert.checkpoint_names, 'BertForMaskedLM'),
+    'distilbert': Family(distilbert.DistilBertForMaskedLM, distilbert.checkpoint_names,
+                         distilbert.ARCHITECTURE, distilbert.max_positions),
+    'albert': Family(albert.AlbertForMaskedLM, albert.checkpoint_names, albert.ARCHITECTURE,
+                     albert.max_positions),
 }
 
 
