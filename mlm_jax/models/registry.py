@@ -6,6 +6,7 @@ from typing import Callable
 from mlm_jax.errors import UserError
 from mlm_jax.models import bert
 from mlm_jax.models import checkpoint_names
+from mlm_jax.models import modernbert
 from mlm_jax.models import roberta
 
 
@@ -24,6 +25,8 @@ FAMILIES: dict[str, Family] = {
                           roberta.max_positions)
        for model_type, architecture in roberta.ARCHITECTURES.items()},
     'bert': Family(bert.BertForMaskedLM, bert.checkpoint_names, 'BertForMaskedLM'),
+    'modernbert': Family(modernbert.ModernBertForMaskedLM, modernbert.checkpoint_names,
+                         'ModernBertForMaskedLM'),
 }
 
 
