@@ -6,6 +6,7 @@ PyTorch parity is in test_modernbert_live.py; these hold where torch is absent.
 """
 
 import functools
+import math
 
 import jax
 import numpy as np
@@ -51,14 +52,13 @@ def _ids(seed: int = 0) -> np.ndarray:
 
 
 @functools.cache
-def _apply(model, train: bool):
-  return jax.jit(lambda params, ids, rng, arrays: model(
-      ids, params=params, train=train, dropout_rng=rng, **arrays).logits)
+def _apply(model):
+  return jax.jit(lambda params, ids, arrays: model(ids, params=params, **arrays).logits)
 
 
-def _logits(model, ids, train=False, dropout_rng=None, **arrays) -> np.ndarray:
-  """The model's logits, compiled (once per model, train and shapes of `arrays`)."""
-  return np.asarray(_apply(model, train)(model.params, ids, dropout_rng, arrays))
+def _logits(model, ids, **arrays) -> np.ndarray:
+  """The model's logits, compiled (once per model and shapes of `arrays`)."""
+  return np.asarray(_apply(model)(model.params, ids, arrays))
 
 
 # --- bad configs: one-line errors when the model is built --------------------------
@@ -101,23 +101,27 @@ def _replaced(ids: np.ndarray, at: int) -> np.ndarray:
   return np.where(np.arange(SEQ) == at, ids % 50 + 3, ids)
 
 
-def test_a_global_layer_reaches_every_token():
-  model = _model(layer_types=[LOCAL, GLOBAL], local_attention=4)
+@pytest.fixture(scope='module')
+def mixed():
+  """A local layer of +-2 keys, then a global one."""
+  return _model(layer_types=[LOCAL, GLOBAL], local_attention=4)
+
+
+def test_a_global_layer_reaches_every_token(mixed):
   ids = _ids()
-  assert np.abs(_logits(model, _replaced(ids, SEQ - 1))[0, 0] - _logits(model, ids)[0, 0]).max() > 0
+  assert np.abs(_logits(mixed, _replaced(ids, SEQ - 1))[0, 0] - _logits(mixed, ids)[0, 0]).max() > 0
 
 
 # --- calls --------------------------------------------------------------------------
 
-def test_documents_packed_with_segment_ids_predict_as_alone():
+def test_documents_packed_with_segment_ids_predict_as_alone(mixed):
   """Document attention, the window included: a packed row equals its documents run alone
   (rotary positions are relative, so the offset does not matter)."""
-  model = _model(layer_types=[LOCAL, GLOBAL], local_attention=4)
   ids = _ids()
   segments = (np.arange(SEQ) >= 10).astype(np.int32)[None]
-  packed = _logits(model, ids, segment_ids=segments)
-  np.testing.assert_allclose(packed[:, :10], _logits(model, ids[:, :10]), rtol=0, atol=1e-5)
-  np.testing.assert_allclose(packed[:, 10:], _logits(model, ids[:, 10:]), rtol=0, atol=1e-5)
+  packed = _logits(mixed, ids, segment_ids=segments)
+  np.testing.assert_allclose(packed[:, :10], _logits(mixed, ids[:, :10]), rtol=0, atol=1e-5)
+  np.testing.assert_allclose(packed[:, 10:], _logits(mixed, ids[:, 10:]), rtol=0, atol=1e-5)
 
 
 @pytest.fixture(scope='module')
@@ -126,29 +130,53 @@ def plain():
 
 
 def test_predict_at_gives_the_rows_of_the_full_logits(plain):
-  model = plain
   ids = np.concatenate([_ids(0), _ids(1)])
   at = np.array([[3, 0, 17], [23, 5, 5]])
-  full = _logits(model, ids)
-  np.testing.assert_allclose(_logits(model, ids, predict_at=at),
+  full = _logits(plain, ids)
+  np.testing.assert_allclose(_logits(plain, ids, predict_at=at),
                              np.take_along_axis(full, at[..., None], axis=1), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize('rate', ['embedding_dropout', 'attention_dropout', 'mlp_dropout'])
-def test_each_dropout_acts_in_training_only(plain, rate):
-  dropped = _model(**{rate: 0.5})
-  ids = _ids()
-  np.testing.assert_array_equal(_logits(dropped, ids), _logits(plain, ids))
-  trained = _logits(dropped, ids, train=True, dropout_rng=jax.random.PRNGKey(1))
-  assert np.abs(trained - _logits(plain, ids)).max() > 1e-3
+def _random_draws(model, ids, train: bool) -> list[tuple[int, ...]]:
+  """The shapes of the random bits the call draws (dropout masks), from its trace."""
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      yield eqn
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (list, tuple)) else [value]:
+          if isinstance(sub, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
+            yield from walk(getattr(sub, 'jaxpr', sub))
+  rng = jax.random.PRNGKey(0) if train else None
+  traced = jax.make_jaxpr(lambda params: model(ids, params=params, train=train,
+                                               dropout_rng=rng).logits)(model.params)
+  return sorted(tuple(eqn.outvars[0].aval.shape) for eqn in walk(traced.jaxpr)
+                if eqn.primitive.name == 'random_bits')
+
+
+# Where PyTorch drops, by the shape dropped (batch 1, 24 tokens, hidden 32, 2 heads,
+# intermediate 40, 2 layers): the embeddings' output; attention probabilities and Wo's output
+# in every layer; the GeGLU product before Wo in every layer.
+DROPPED = {'embedding_dropout': [(1, SEQ, 32)],
+           'attention_dropout': [(1, 2, SEQ, SEQ)] * 2 + [(1, SEQ, 32)] * 2,
+           'mlp_dropout': [(1, SEQ, 40)] * 2}
+
+
+@pytest.mark.parametrize('rate', sorted(DROPPED))
+def test_each_dropout_drops_where_pytorch_does(rate):
+  assert _random_draws(_model(**{rate: 0.5}), _ids(), train=True) == sorted(DROPPED[rate])
+
+
+def test_no_dropout_at_inference():
+  model = _model(**{rate: 0.5 for rate in DROPPED})
+  assert _random_draws(model, _ids(), train=False) == []
 
 
 # --- a fresh model --------------------------------------------------------------------
 
 def _truncated_std(cutoff: float) -> float:
   """The standard deviation of a unit normal truncated to [-cutoff, cutoff]."""
-  from scipy import stats  # pylint: disable=import-outside-toplevel
-  return float(stats.truncnorm(-cutoff, cutoff).std())
+  density = math.exp(-cutoff**2 / 2) / math.sqrt(2 * math.pi)
+  return math.sqrt(1 - 2 * cutoff * density / math.erf(cutoff / math.sqrt(2)))
 
 
 def test_fresh_weights_follow_the_references_truncated_normals():

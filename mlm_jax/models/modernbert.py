@@ -37,8 +37,8 @@ def check_config(config) -> None:
   if unknown:
     raise UserError(f'config.json: layer type {unknown[0]!r} is not a ModernBERT layer; use '
                     f'{GLOBAL!r} or {LOCAL!r}')
-  # PyTorch keeps keys with |query - key| <= local_attention // 2: at 0 a token sees only itself
-  # and below 0 nothing at all, which it computes without complaint.
+  # PyTorch keeps keys with |query - key| <= local_attention // 2: it runs 0 as 1 (each token
+  # sees only itself) and below 0 masks every key, both without complaint.
   if config.local_attention <= 0:
     raise UserError(f'config.json: local_attention={config.local_attention}; the sliding '
                     'window needs at least 1 token (ModernBERT-base has 128)')
@@ -92,8 +92,8 @@ def rotate(x: Array, theta: float) -> Array:
   """Rotary positions 0, 1, ... on [batch, seq, heads, head_dim], in float32 as the reference:
   rotate-half layout (the first half of each head pairs with the second)."""
   dim = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
-  angles = jnp.arange(x.shape[1], dtype=jnp.float32)[:, None] * inv_freq.astype(np.float32)
+  inv_freq = (1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)).astype(np.float32)
+  angles = jnp.arange(x.shape[1], dtype=jnp.float32)[:, None] * inv_freq
   angles = jnp.concatenate([angles, angles], axis=-1)[:, None, :]  # [seq, 1, head_dim]
   x32 = x.astype(jnp.float32)
   first, second = jnp.split(x32, 2, axis=-1)
