@@ -14,6 +14,7 @@ import logging
 from typing import Any, Callable
 
 import flax.struct
+import huggingface_hub.errors
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,7 +43,8 @@ def config_from_dict(config_dict: dict, where: str) -> transformers.PretrainedCo
   registry.family(config_dict.get('model_type', ''))  # One line naming the supported ones.
   try:
     return transformers.AutoConfig.for_model(**config_dict)
-  except (ValueError, TypeError) as e:
+  # transformers 5 validates configs as strict dataclasses (huggingface_hub's errors).
+  except (ValueError, TypeError, huggingface_hub.errors.StrictDataclassError) as e:
     raise UserError(f'{where}: config.json is not a valid {config_dict["model_type"]} config '
                     f'({first_line(e)}); fix or re-save it') from None
 

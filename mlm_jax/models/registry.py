@@ -8,6 +8,7 @@ from mlm_jax.models import albert
 from mlm_jax.models import bert
 from mlm_jax.models import checkpoint_names
 from mlm_jax.models import distilbert
+from mlm_jax.models import modernbert
 from mlm_jax.models import roberta
 
 
@@ -30,6 +31,8 @@ FAMILIES: dict[str, Family] = {
                          distilbert.ARCHITECTURE, distilbert.max_positions),
     'albert': Family(albert.AlbertForMaskedLM, albert.checkpoint_names, albert.ARCHITECTURE,
                      albert.max_positions),
+    'modernbert': Family(modernbert.ModernBertForMaskedLM, modernbert.checkpoint_names,
+                         'ModernBertForMaskedLM'),
 }
 
 

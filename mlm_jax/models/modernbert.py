@@ -1,0 +1,302 @@
+"""ModernBERT (`model_type: modernbert`) as PyTorch transformers 5's `ModernBertForMaskedLM`
+computes it: pre-norm layers with rotary positions, GeGLU MLPs, and attention that is global
+on some layers and a sliding window on the others.
+
+Submodule names are PyTorch's (`model.layers.1.attn.Wqkv` is `model/layers/1/attn/Wqkv`).
+Both config layouts work: transformers 5's `ModernBertConfig` turns a released checkpoint's
+`global_attn_every_n_layers`, `global_rope_theta` and `local_rope_theta` into the
+`layer_types` and `rope_parameters` read here.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlm_jax.errors import UserError
+from mlm_jax.models import checkpoint_names as names
+from mlm_jax.models import layers
+
+Array = jax.Array
+
+GLOBAL, LOCAL = 'full_attention', 'sliding_attention'
+
+
+# ----------------------------------------------------------------------------
+# The config.
+
+def check_config(config) -> None:
+  """One-line errors for configs PyTorch would reject or silently mis-run."""
+  types = list(config.layer_types)
+  if len(types) != config.num_hidden_layers:
+    raise UserError(f'config.json has {len(types)} layer_types for num_hidden_layers='
+                    f'{config.num_hidden_layers}; give one per layer')
+  unknown = sorted(set(types) - {GLOBAL, LOCAL})
+  if unknown:
+    raise UserError(f'config.json: layer type {unknown[0]!r} is not a ModernBERT layer; use '
+                    f'{GLOBAL!r} or {LOCAL!r}')
+  # PyTorch keeps keys with |query - key| <= local_attention // 2: it runs 0 as 1 (each token
+  # sees only itself) and below 0 masks every key, both without complaint.
+  if config.local_attention <= 0:
+    raise UserError(f'config.json: local_attention={config.local_attention}; the sliding '
+                    'window needs at least 1 token (ModernBERT-base has 128)')
+  for layer_type in set(types):
+    rope = config.rope_parameters[layer_type]
+    if rope.get('rope_type', 'default') != 'default':
+      raise UserError(f'config.json: rope_type {rope["rope_type"]!r} ({layer_type}) is not '
+                      "supported; only 'default' rotary embeddings are")
+  if config.hidden_size % config.num_attention_heads:
+    raise UserError(f'config.json: hidden_size={config.hidden_size} is not a multiple of '
+                    f'num_attention_heads={config.num_attention_heads}')
+
+
+def half_window(config) -> int:
+  """Keys a local layer sees on each side: `local_attention` is the whole window, and PyTorch
+  keeps |query - key| <= local_attention // 2 (an odd window is rounded down, 5 as 4)."""
+  return config.local_attention // 2
+
+
+# ----------------------------------------------------------------------------
+# Pieces.
+
+def truncated(config, stddev: float) -> jax.nn.initializers.Initializer:
+  """PyTorch's `trunc_normal_(std, a=-c*std, b=c*std)`: `stddev` is the untruncated normal's."""
+  cutoff = config.initializer_cutoff_factor
+  cutoff = 3.0 if cutoff is None else cutoff  # As the reference's `_init_weights`.
+  return jax.nn.initializers.truncated_normal(stddev, lower=-cutoff, upper=cutoff)
+
+
+def in_std(config) -> float:
+  """Weights that read the residual stream, and the embeddings."""
+  return config.initializer_range
+
+
+def out_std(config) -> float:
+  """Weights that write it (and the head's dense and the decoder), scaled down with depth."""
+  return config.initializer_range / math.sqrt(2.0 * config.num_hidden_layers)
+
+
+def linear(config, features: int, stddev: float, use_bias: bool, dtype: layers.Dtype,
+           name: str) -> nn.Dense:
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=truncated(config, stddev), name=name)
+
+
+def norm(config, dtype: layers.Dtype, name: str) -> nn.LayerNorm:
+  return layers.layer_norm(config.norm_eps, dtype, name, use_bias=config.norm_bias)
+
+
+def rotate(x: Array, theta: float) -> Array:
+  """Rotary positions 0, 1, ... on [batch, seq, heads, head_dim], in float32 as the reference:
+  rotate-half layout (the first half of each head pairs with the second)."""
+  dim = x.shape[-1]
+  inv_freq = (1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)).astype(np.float32)
+  angles = jnp.arange(x.shape[1], dtype=jnp.float32)[:, None] * inv_freq
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, None, :]  # [seq, 1, head_dim]
+  x32 = x.astype(jnp.float32)
+  first, second = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-second, first], axis=-1)
+  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------
+# The encoder.
+
+class Embeddings(nn.Module):
+  """tok_embeddings -> norm -> dropout (no position table: positions are rotary); also
+  returns the float32 word table."""
+  config: object
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids: Array, deterministic: bool) -> tuple[Array, Array]:
+    cfg = self.config
+    table = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=truncated(cfg, in_std(cfg)),
+                     dtype=jnp.float32, param_dtype=jnp.float32, name='tok_embeddings')
+    rows = table(input_ids)
+    if cfg.pad_token_id is not None:
+      # `nn.Embedding(padding_idx=pad)`: the lookup sends the padding row no gradient.
+      rows = jnp.where((input_ids == cfg.pad_token_id)[..., None], jax.lax.stop_gradient(rows),
+                       rows)
+    hidden = norm(cfg, self.dtype, 'norm')(rows.astype(self.dtype))
+    return nn.Dropout(cfg.embedding_dropout)(hidden, deterministic), table.embedding
+
+
+class Attention(nn.Module):
+  """Fused Wqkv, rotary queries and keys, global or sliding-window attention, Wo, dropout."""
+  config: object
+  layer_type: str
+  dtype: layers.Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
+    cfg = self.config
+    heads = cfg.num_attention_heads
+    qkv = linear(cfg, 3 * cfg.hidden_size, in_std(cfg), cfg.attention_bias, self.dtype,
+                 'Wqkv')(hidden)
+    qkv = qkv.reshape(qkv.shape[:-1] + (3, heads, cfg.hidden_size // heads))
+    theta = cfg.rope_parameters[self.layer_type]['rope_theta']
+    query, key = rotate(qkv[..., 0, :, :], theta), rotate(qkv[..., 1, :, :], theta)
+    window = half_window(cfg)
+    out = layers.attend(query, key, qkv[..., 2, :, :], mask, dropout_rate=cfg.attention_dropout,
+                        deterministic=deterministic, dropout_rng=lambda: self.make_rng('dropout'),
+                        implementation=self.attention_impl,
+                        local_window=(window, window) if self.layer_type == LOCAL else None)
+    out = linear(cfg, cfg.hidden_size, out_std(cfg), cfg.attention_bias, self.dtype,
+                 'Wo')(layers.merge_heads(out))
+    return nn.Dropout(cfg.attention_dropout)(out, deterministic)
+
+
+class MLP(nn.Module):
+  """GeGLU: Wi gives [input | gate], act(input) * gate -> dropout -> Wo."""
+  config: object
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    both = linear(cfg, 2 * cfg.intermediate_size, in_std(cfg), cfg.mlp_bias, self.dtype,
+                  'Wi')(hidden)
+    inputs, gate = jnp.split(both, 2, axis=-1)
+    hidden = nn.Dropout(cfg.mlp_dropout)(layers.activation(cfg.hidden_activation)(inputs) * gate,
+                                         deterministic)
+    return linear(cfg, cfg.hidden_size, out_std(cfg), cfg.mlp_bias, self.dtype, 'Wo')(hidden)
+
+
+class Layer(nn.Module):
+  """Pre-norm: x + attn(attn_norm(x)), then + mlp(mlp_norm(x)). Layer 0 has no attn_norm:
+  the embeddings' norm precedes it."""
+  config: object
+  index: int
+  dtype: layers.Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
+    cfg = self.config
+    normed = hidden if self.index == 0 else norm(cfg, self.dtype, 'attn_norm')(hidden)
+    hidden = hidden + Attention(cfg, cfg.layer_types[self.index], self.dtype, self.attention_impl,
+                                name='attn')(normed, mask, deterministic)
+    normed = norm(cfg, self.dtype, 'mlp_norm')(hidden)
+    return hidden + MLP(cfg, self.dtype, name='mlp')(normed, deterministic)
+
+
+class Layers(nn.Module):
+  """The `layers` scope: layers named '0', '1', ... as the reference's ModuleList."""
+  config: object
+  dtype: layers.Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
+    for i in range(self.config.num_hidden_layers):
+      hidden = Layer(self.config, i, self.dtype, self.attention_impl, name=str(i))(
+          hidden, mask, deterministic)
+    return hidden
+
+
+class Backbone(nn.Module):
+  """`ModernBertModel`: embeddings, layers, final_norm -> (hidden states, float32 word table)."""
+  config: object
+  dtype: layers.Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, input_ids: Array, mask: Array | None,
+               deterministic: bool) -> tuple[Array, Array]:
+    hidden, word_table = Embeddings(self.config, self.dtype, name='embeddings')(
+        input_ids, deterministic)
+    hidden = Layers(self.config, self.dtype, self.attention_impl, name='layers')(
+        hidden, mask, deterministic)
+    return norm(self.config, self.dtype, 'final_norm')(hidden), word_table
+
+
+class Head(nn.Module):
+  """`head`: dense (bias per `classifier_bias`), `classifier_activation`, norm."""
+  config: object
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: Array) -> Array:
+    cfg = self.config
+    hidden = linear(cfg, cfg.hidden_size, out_std(cfg), cfg.classifier_bias, self.dtype,
+                    'dense')(hidden)
+    hidden = layers.activation(cfg.classifier_activation)(hidden)
+    return norm(cfg, self.dtype, 'norm')(hidden)
+
+
+class Decoder(nn.Module):
+  """`decoder`: the word table (tied) or its own kernel, plus a bias when `decoder_bias`."""
+  config: object
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: Array, word_table: Array) -> Array:
+    cfg = self.config
+    if cfg.tie_word_embeddings:
+      kernel = word_table.T
+    else:
+      kernel = self.param('kernel', truncated(cfg, out_std(cfg)),
+                          (cfg.hidden_size, cfg.vocab_size), jnp.float32)
+    logits = jnp.dot(hidden, kernel.astype(self.dtype))
+    if cfg.decoder_bias:
+      logits = logits + self.param('bias', nn.initializers.zeros, (cfg.vocab_size,),
+                                   jnp.float32).astype(self.dtype)
+    return logits
+
+
+class ModernBertForMaskedLM(nn.Module):
+  """ModernBERT masked LM; see `bert.BertForMaskedLM` for the call. `predict_at` is the
+  reference's `sparse_prediction`. Positions are 0, 1, ... whatever the padding, as the
+  reference numbers them; `segment_ids` restrict every layer, the window too.
+  The config is checked when the module is built."""
+  config: object
+  dtype: layers.Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  def __post_init__(self):
+    check_config(self.config)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, input_ids: Array, attention_mask: Array | None = None,
+               segment_ids: Array | None = None, predict_at: Array | None = None,
+               deterministic: bool = True) -> Array:
+    mask = layers.combine_masks(layers.padding_mask(attention_mask),
+                                layers.segment_mask(segment_ids))
+    hidden, word_table = Backbone(self.config, self.dtype, self.attention_impl, name='model')(
+        input_ids, mask, deterministic)
+    hidden = Head(self.config, self.dtype, name='head')(
+        layers.gather_positions(hidden, predict_at))
+    return Decoder(self.config, self.dtype, name='decoder')(hidden, word_table)
+
+
+# ----------------------------------------------------------------------------
+# Checkpoint names: PyTorch's (`ModernBertForMaskedLM.state_dict()`) -> this module's parameters.
+
+def checkpoint_names(config) -> names.Table:
+  nb = config.norm_bias
+  backbone = names.embedding('model.embeddings.tok_embeddings', 'model/embeddings/tok_embeddings')
+  backbone |= names.norm('model.embeddings.norm', 'model/embeddings/norm', nb)
+  for i in range(config.num_hidden_layers):
+    t, f = f'model.layers.{i}', f'model/layers/{i}'
+    if i:
+      backbone |= names.norm(f'{t}.attn_norm', f'{f}/attn_norm', nb)
+    backbone |= names.norm(f'{t}.mlp_norm', f'{f}/mlp_norm', nb)
+    for proj in ('attn.Wqkv', 'attn.Wo'):
+      backbone |= names.linear(f'{t}.{proj}', f'{f}/{proj.replace(".", "/")}',
+                               config.attention_bias)
+    for proj in ('mlp.Wi', 'mlp.Wo'):
+      backbone |= names.linear(f'{t}.{proj}', f'{f}/{proj.replace(".", "/")}', config.mlp_bias)
+  backbone |= names.norm('model.final_norm', 'model/final_norm', nb)
+  head = names.linear('head.dense', 'head/dense', config.classifier_bias)
+  head |= names.norm('head.norm', 'head/norm', nb)
+  if config.tie_word_embeddings:  # save_pretrained leaves the tied `decoder.weight` out.
+    head |= names.parameter('decoder.bias', 'decoder/bias') if config.decoder_bias else {}
+  else:
+    head |= names.linear('decoder', 'decoder', config.decoder_bias)
+  duplicates = frozenset({'decoder.weight'}) if config.tie_word_embeddings else frozenset()
+  return names.Table(backbone, head, base_prefix='model', duplicates=duplicates)
