@@ -6,6 +6,7 @@ PyTorch parity is in test_modernbert_live.py; these hold where torch is absent.
 """
 
 import functools
+import json
 import math
 
 import jax
@@ -69,6 +70,16 @@ def test_layer_types_of_another_length_are_refused():
   config.layer_types = [GLOBAL, LOCAL]
   with pytest.raises(UserError, match='2 layer_types for num_hidden_layers=3'):
     FlaxAutoModelForMaskedLM.from_config(config)
+
+
+def test_a_config_json_whose_layer_types_disagree_is_one_line(tmp_path):
+  """What a user meets: transformers' own validation of config.json, as one line."""
+  config = _config(num_hidden_layers=3).to_dict() | {'layer_types': [GLOBAL, LOCAL]}
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(UserError, match=r'config.json is not a valid modernbert config \(.*'
+                     r'`num_hidden_layers` \(3\) must be equal to the number of `layer_types` '
+                     r'\(2\)\); fix or re-save it$'):
+    FlaxAutoModelForMaskedLM.from_pretrained(str(tmp_path))
 
 
 @pytest.mark.parametrize('local_attention', [0, -4])

@@ -22,7 +22,7 @@ import transformers
 from flax import traverse_util
 
 from mlm_jax import storage
-from mlm_jax.errors import UserError, first_line
+from mlm_jax.errors import UserError
 from mlm_jax.models import hf_checkpoint
 from mlm_jax.models import registry
 
@@ -45,8 +45,9 @@ def config_from_dict(config_dict: dict, where: str) -> transformers.PretrainedCo
     return transformers.AutoConfig.for_model(**config_dict)
   # transformers 5 validates configs as strict dataclasses (huggingface_hub's errors).
   except (ValueError, TypeError, huggingface_hub.errors.StrictDataclassError) as e:
+    reason = ' '.join(str(e).split())  # The validators' own words, on one line.
     raise UserError(f'{where}: config.json is not a valid {config_dict["model_type"]} config '
-                    f'({first_line(e)}); fix or re-save it') from None
+                    f'({reason}); fix or re-save it') from None
 
 
 class FlaxAutoModelForMaskedLM:
