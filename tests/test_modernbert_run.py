@@ -1,0 +1,131 @@
+"""ModernBERT through the whole package: configs/modernbert.py with a local tiny checkpoint.
+
+The checkpoint is saved as the hub's is (config.json, model.safetensors and a byte-level BPE
+tokenizer with ModernBERT's [CLS] ... [SEP] template and its special tokens at the end of
+the vocabulary), then trained with the recipe's settings (masking rate 0.3, the wsd
+schedule, document-aware attention) plus whole-word masking and bfloat16, resumed,
+evaluated, exported and used for fill-mask, which must equal PyTorch's pipeline on the
+export where torch is installed.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tokenizers
+import transformers
+from tokenizers import processors
+
+from mlm_jax import checkpoint
+from mlm_jax import infer
+from mlm_jax import masking
+from mlm_jax import metric_writers
+from mlm_jax import train
+from mlm_jax.data import sources
+from mlm_jax.models import FlaxAutoModelForMaskedLM
+from tests.conftest import load_config
+
+SPECIALS = ['[UNK]', '[CLS]', '[SEP]', '[PAD]', '[MASK]']  # ModernBERT's, after the BPE's ids.
+TEXTS = ['the sky is [MASK] because of the sun.', 'why is the [MASK] blue?']
+
+
+def modernbert_style_tokenizer(texts: list[str]) -> transformers.PreTrainedTokenizerFast:
+  bpe = tokenizers.ByteLevelBPETokenizer()
+  bpe.train_from_iterator(texts, vocab_size=400, min_frequency=2, show_progress=False)
+  backend = bpe._tokenizer  # pylint: disable=protected-access
+  backend.add_special_tokens([tokenizers.AddedToken(t, lstrip=t == '[MASK]') for t in SPECIALS])
+  backend.post_processor = processors.TemplateProcessing(
+      single='[CLS]:0 $A:0 [SEP]:0', pair='[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1',
+      special_tokens=[(t, backend.token_to_id(t)) for t in ('[CLS]', '[SEP]')])
+  return transformers.PreTrainedTokenizerFast(
+      tokenizer_object=backend, unk_token='[UNK]', cls_token='[CLS]', sep_token='[SEP]',
+      pad_token='[PAD]', mask_token='[MASK]', model_max_length=128)
+
+
+@pytest.fixture(scope='module')
+def checkpoint_dir(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp('tiny_modernbert'))
+  with open(sources.sample_data_path(), encoding='utf-8') as f:
+    texts = [' '.join(json.loads(line)['answers']['text']) for line in f]
+  tokenizer = modernbert_style_tokenizer(texts)
+  tokenizer.save_pretrained(directory)
+  config = transformers.ModernBertConfig(
+      vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+      num_attention_heads=2, global_attn_every_n_layers=3, local_attention=8,
+      max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+      cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
+      bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
+  FlaxAutoModelForMaskedLM.from_config(config, seed=0).save_pretrained(directory)
+  return directory
+
+
+def recipe(checkpoint_dir, cache_dir):
+  config = load_config('modernbert')
+  config.model_name_or_path = checkpoint_dir
+  config.dataset = ''  # The shipped sample.
+  config.split = 'train[:100]'
+  config.block_size = 32
+  config.masking = 'whole_word'
+  config.dtype = 'bfloat16'
+  config.learning_rate = 3e-3
+  config.warmup_steps = 2
+  config.per_device_batch_size = 8
+  config.num_train_steps = 12
+  config.eval_every_steps = config.checkpoint_every_steps = 6
+  config.log_every_steps = 3
+  config.eval_batch_size = 16
+  config.num_proc = 1
+  config.cache_dir = cache_dir
+  return config
+
+
+@pytest.fixture(scope='module')
+def run(checkpoint_dir, tmp_path_factory):
+  config = recipe(checkpoint_dir, str(tmp_path_factory.mktemp('cache')))
+  workdir = str(tmp_path_factory.mktemp('run'))
+  return config, workdir, train.train_and_evaluate(config, workdir)
+
+
+def test_the_recipe_trains_a_local_modernbert(run):
+  config, workdir, summary = run
+  assert (config.mlm_probability, config.lr_schedule, config.attention_scope) == (
+      0.3, 'wsd', 'document')
+  assert summary['perplexity_after'] < summary['perplexity_before']
+  records = metric_writers.read_metrics(workdir)
+  assert [r['learning_rate'] for r in records if 'loss' in r][-1] < config.learning_rate / 2
+  assert checkpoint.make_manager(workdir, keep=None, create=False).latest_step() == 12
+
+
+def test_whole_word_masking_finds_the_words_of_its_byte_level_tokenizer(run):
+  _, workdir, _ = run
+  tokenizer = infer.load_predictor(workdir).tokenizer
+  starts = masking.word_start_table(tokenizer)
+  ids = tokenizer(' the sky is blue')['input_ids']
+  pieces = tokenizer.convert_ids_to_tokens(ids)
+  assert [bool(starts[i]) for i in ids] == [p.startswith('Ġ') or p in SPECIALS for p in pieces]
+
+
+def test_the_checkpoint_and_the_export_predict_alike(run):
+  _, workdir, _ = run
+  from_checkpoint = infer.fill_mask(infer.load_predictor(workdir), TEXTS, top_k=3)
+  exported = infer.fill_mask(infer.load_predictor(os.path.join(workdir, 'export')), TEXTS,
+                             top_k=3)
+  for [a], [b] in zip(from_checkpoint, exported):
+    assert [f['token'] for f in a] == [f['token'] for f in b]
+    np.testing.assert_allclose([f['score'] for f in a], [f['score'] for f in b], rtol=1e-5)
+
+
+def test_the_export_fills_masks_as_the_pytorch_pipeline(run):
+  pytest.importorskip('torch')
+  _, workdir, _ = run
+  export = os.path.join(workdir, 'export')
+  model, loading = transformers.AutoModelForMaskedLM.from_pretrained(
+      export, output_loading_info=True)
+  assert not loading['missing_keys'] and not loading['unexpected_keys'], loading
+  pipe = transformers.pipeline('fill-mask', model=model, tokenizer=export)
+  for text, [fills] in zip(TEXTS, infer.fill_mask(infer.load_predictor(export), TEXTS, top_k=3)):
+    expected = pipe(text, top_k=3)
+    assert [f['token'] for f in fills] == [f['token'] for f in expected], text
+    np.testing.assert_allclose([f['score'] for f in fills], [f['score'] for f in expected],
+                               rtol=0, atol=1e-4)
