@@ -11,13 +11,15 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-import transformers  # pylint: disable=wrong-import-position
-from safetensors.numpy import load_file  # pylint: disable=wrong-import-position
+# pylint: disable=wrong-import-position
+import transformers
+from safetensors.numpy import load_file
 
-from mlm_jax.models import FlaxAutoModelForMaskedLM  # pylint: disable=wrong-import-position
-from tests.goldens import make_goldens  # pylint: disable=wrong-import-position
-from tests.test_goldens import GOLDENS, golden_params  # pylint: disable=wrong-import-position
-from tests.test_optimizer_golden import NOISE_ONLY, PARAMS_ATOL  # pylint: disable=wrong-import-position
+from mlm_jax.models import FlaxAutoModelForMaskedLM
+from tests.goldens import make_goldens
+from tests.test_goldens import GOLDENS, golden_params
+from tests.test_optimizer_golden import NOISE_ONLY, PARAMS_ATOL
+# pylint: enable=wrong-import-position
 
 # Another thread count sums in another order; the numbers are float32.
 ATOL = 1e-6

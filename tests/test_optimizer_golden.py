@@ -10,6 +10,7 @@ decoupled weight decay and its mask, and where the schedule starts. Each fixture
 weight-decay set is checked against the Trainer's too.
 """
 
+import functools
 import pathlib
 
 import jax
@@ -22,7 +23,7 @@ import pytest
 from mlm_jax import optim
 from mlm_jax.models import FlaxAutoModelForMaskedLM
 from mlm_jax.models import hf_checkpoint
-from tests.test_goldens import GOLDENS, golden_params
+from tests.test_goldens import GOLDENS, compiler_options, golden_params
 
 # Parameters are about 0.1 to 1 and each step moves them by up to the rate, 0.05. Adam gives
 # every entry a step of about the rate whatever its gradient's size, so the float32 rounding
@@ -64,7 +65,7 @@ def trajectory(golden) -> list[dict]:
   model = FlaxAutoModelForMaskedLM.from_pretrained(str(GOLDENS / str(golden['fixture'])))
   tx, _ = optim.make_optimizer(optimizer_config(golden), int(golden['total_steps']))
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=compiler_options())
   def step(params, opt_state, input_ids, labels):
     loss = lambda p: masked_lm_loss(model(input_ids, params=p).logits, labels)
     grads = jax.grad(loss)(params)
