@@ -8,18 +8,13 @@ import optax
 from flax import traverse_util
 
 
-def _is_layer_norm(module_name: str) -> bool:
-  """RoBERTa's `LayerNorm` and `layer_norm`, DistilBERT's `sa_layer_norm`, ALBERT's
-  `full_layer_layer_norm`, ...: as run_mlm_flax, by the module's name."""
-  return 'layernorm' in module_name.lower().replace('_', '')
-
-
 def decay_mask(params: Any) -> Any:
-  """True for the leaves that get weight decay: all but biases and every layer norm's
-  parameters, whatever the model calls its norms (as run_mlm_flax and the Trainer)."""
+  """True for the leaves that get weight decay: all but biases and every norm's parameters,
+  whatever the model calls its norms (RoBERTa's `LayerNorm` and `layer_norm`, DistilBERT's
+  `sa_layer_norm`, ModernBERT's `attn_norm` and `final_norm`, ...), as the Trainer excludes
+  its norm modules. A flax norm's weight is the leaf `scale`, which nothing else is named."""
   flat = traverse_util.flatten_dict(params)
-  mask = {path: path[-1] != 'bias' and not (len(path) > 1 and _is_layer_norm(path[-2]))
-          for path in flat}
+  mask = {path: path[-1] not in ('bias', 'scale') for path in flat}
   return traverse_util.unflatten_dict(mask)
 
 
