@@ -2,7 +2,7 @@
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -46,9 +46,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str):
     try:
       prepared = preparation.prepare(
           config, tokenizer_lib.saved_tokenizer(workdir), report.log,
-          # Before tokenizing: a masking or attention scope the tokenizer cannot serve fails fast.
-          check_tokenizer=lambda tokenizer: (masking.spec_from_config(tokenizer, config),
-                                             document_separator(config, tokenizer)))
+          check_tokenizer=tokenizer_check(config))
     except BaseException:
       failed = True
       raise
@@ -79,8 +77,23 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   global_batch = config.per_device_batch_size * devices * config.grad_accum_steps
   per_epoch = input_pipeline.steps_per_epoch(len(blocks.train), global_batch)
   total = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * per_epoch
-  eval_batch = math.ceil(config.eval_batch_size / devices) * devices
-  return Run(config, workdir, tokenizer, spec, model, blocks, global_batch, eval_batch, total)
+  return Run(config, workdir, tokenizer, spec, model, blocks, global_batch,
+             eval_batch_size(config), total)
+
+
+def tokenizer_check(config: ml_collections.ConfigDict) -> Callable[[Any], None]:
+  """What `preparation.prepare` runs on the tokenizer before tokenizing: a masking or
+  attention scope that the tokenizer cannot serve fails fast."""
+  def check(tokenizer) -> None:
+    masking.spec_from_config(tokenizer, config)
+    document_separator(config, tokenizer)
+  return check
+
+
+def eval_batch_size(config: ml_collections.ConfigDict) -> int:
+  """Rows per eval batch: `eval_batch_size` rounded up to a multiple of the devices."""
+  devices = jax.device_count()
+  return math.ceil(config.eval_batch_size / devices) * devices
 
 
 def document_separator(config: ml_collections.ConfigDict, tokenizer) -> int | None:
