@@ -28,6 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.masked_lm_head = True
   # jax.nn.dot_product_attention's implementation: 'xla' (any device) or 'cudnn' (GPU, bfloat16).
   config.attention_impl = 'xla'
+  # 'block': every token of a block attends to the whole block, as run_mlm does. 'document':
+  # only to the tokens of its own text (the block's texts are cut at the separator the
+  # tokenizer ends each one with), as Llama 3 and ModernBERT pretrain packed sequences.
+  config.attention_scope = 'block'
 
   # Data: `data_files` (local files) wins over `dataset` (hub id or local
   # dataset dir); with both empty the embedded ELI5 sample is used.
@@ -53,7 +57,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.learning_rate = 2e-3
   config.weight_decay = 0.01
   config.warmup_steps = 50
-  config.lr_schedule = 'linear'  # linear | cosine
+  config.lr_schedule = 'linear'  # linear | cosine | wsd (warmup-stable-decay)
+  # wsd: the decay takes the last this fraction of the steps, in (0, 1], ...
+  config.wsd_decay_fraction = 0.1
+  # ... shaped '1-sqrt' (lr * (1 - sqrt(t)), ModernBERT's cooldown) or 'linear'.
+  config.wsd_decay = '1-sqrt'
   config.max_grad_norm = 1.0
   config.num_epochs = 24
   config.num_train_steps = -1  # -1: from num_epochs.

@@ -33,7 +33,7 @@ RESUMABLE_CHANGES = frozenset({
     'model_impl', 'attention_impl'})
 # Keys added to the config since earlier releases: a checkpoint that lacks one was made with
 # the behaviour its default keeps.
-ADDED_KEYS = {}
+ADDED_KEYS = {'wsd_decay_fraction': 0.1, 'wsd_decay': '1-sqrt', 'attention_scope': 'block'}
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:

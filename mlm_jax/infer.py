@@ -44,10 +44,13 @@ class Predictor:
                                                                 None, mask)
 
 
-def load_predictor(model: str, step: int | None = None) -> Predictor:
-  """Loads a training workdir, an HF-format directory or a hub id."""
+def load_predictor(model: str, step: int | None = None, dtype: Any = jnp.float32,
+                   attention_impl: str = 'xla') -> Predictor:
+  """Loads a training workdir, an HF-format directory or a hub id, to compute in `dtype`
+  with `attention_impl` (the parameters stay float32)."""
+  kwargs = dict(dtype=dtype, attention_impl=attention_impl)
   if checkpoint.checkpoint_dir(model).is_dir():
-    return _load_workdir(model, step)
+    return _load_workdir(model, step, **kwargs)
   if step is not None:
     raise UserError(f'--step needs a training workdir, and {model!r} is not one '
                     '(it has no checkpoints/ folder)')
@@ -59,12 +62,12 @@ def load_predictor(model: str, step: int | None = None) -> Predictor:
     if directory.exists():  # A local or bucket folder; anything else is a hub id.
       model = stack.enter_context(storage.local_copy(directory))
     model = hf_checkpoint.local_directory(model)  # A hub id's files, fetched once.
-    flax_model = FlaxAutoModelForMaskedLM.from_pretrained(model)
+    flax_model = FlaxAutoModelForMaskedLM.from_pretrained(model, **kwargs)
     return Predictor(flax_model, flax_model.params,
                      tokenizer_lib.load_pretrained_tokenizer(model))
 
 
-def _load_workdir(workdir: str, step: int | None) -> Predictor:
+def _load_workdir(workdir: str, step: int | None, **kwargs) -> Predictor:
   """A training workdir's checkpoint (parameters only), around its saved model config."""
   config_dir = checkpoint.model_config_dir(workdir)
   if not (config_dir / 'config.json').is_file():
@@ -72,7 +75,7 @@ def _load_workdir(workdir: str, step: int | None) -> Predictor:
                     'not a complete training workdir; pass its export/ or a finished run')
   with storage.local_copy(config_dir) as local:
     config = auto.config_from_dict(hf_checkpoint.read_config_dict(local), str(config_dir))
-  flax_model = FlaxAutoModelForMaskedLM.from_config(config, _do_init=False)
+  flax_model = FlaxAutoModelForMaskedLM.from_config(config, _do_init=False, **kwargs)
   # Onto this host's first device, whatever the topology the checkpoint was saved from.
   params = checkpoint.restore_params(
       workdir, step, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))

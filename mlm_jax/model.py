@@ -42,10 +42,14 @@ def create_model(config, tokenizer) -> FlaxAutoModelForMaskedLM:
     # No parameters yet: `steps.init_train_state` creates them sharded, on the devices.
     model = FlaxAutoModelForMaskedLM.from_config(scratch_model_config(config, tokenizer),
                                                  _do_init=False, **kwargs)
-  if len(tokenizer) > model.config.vocab_size:
-    raise UserError(f'the tokenizer has {len(tokenizer)} tokens but the model only '
-                    f'{model.config.vocab_size}; use the model\'s own tokenizer')
+  check_vocabulary(tokenizer, model.config)
   return model
+
+
+def check_vocabulary(tokenizer, model_config: transformers.PretrainedConfig) -> None:
+  if len(tokenizer) > model_config.vocab_size:
+    raise UserError(f'the tokenizer has {len(tokenizer)} tokens but the model only '
+                    f'{model_config.vocab_size}; use the model\'s own tokenizer')
 
 
 def initial_params(model: FlaxAutoModelForMaskedLM):

@@ -1,8 +1,10 @@
 """The optimizer: AdamW with global-norm clipping, its learning-rate schedule and decay mask."""
 
+import math
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import traverse_util
@@ -19,17 +21,52 @@ def decay_mask(params: Any) -> Any:
 
 
 def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0, then linear or cosine decay to 0 at `total_steps`."""
+  """Linear warmup from 0, then down to 0 at `total_steps`: linear, cosine, or
+  warmup-stable-decay (see `wsd_schedule`)."""
   warmup = min(config.warmup_steps, total_steps)
+  warm = optax.linear_schedule(0.0, config.learning_rate, max(warmup, 1))
+  if config.lr_schedule == 'wsd':
+    return wsd_schedule(warm, warmup, config, total_steps)
   decay_steps = max(total_steps - warmup, 1)
   if config.lr_schedule == 'linear':
     decay = optax.linear_schedule(config.learning_rate, 0.0, decay_steps)
   elif config.lr_schedule == 'cosine':
     decay = optax.cosine_decay_schedule(config.learning_rate, decay_steps)
-  else:  # validation.validate_config allows only the two above.
+  else:  # validation.validate_config allows only the three above.
     raise ValueError(f'unknown lr_schedule {config.lr_schedule!r}')
-  warm = optax.linear_schedule(0.0, config.learning_rate, max(warmup, 1))
   return optax.join_schedules([warm, decay], [warmup])
+
+
+def one_minus_sqrt_schedule(init_value: float, decay_steps: int) -> optax.Schedule:
+  """init_value * (1 - sqrt(t)), t = count / decay_steps clipped to [0, 1]: the cooldown
+  of Hagele et al. (2024) that ModernBERT's training ends with. It stays near the stable
+  rate longer than a linear decay, then drops fast."""
+  def schedule(count):
+    fraction = jnp.clip(jnp.asarray(count, jnp.float32) / decay_steps, 0.0, 1.0)
+    return init_value * (1.0 - jnp.sqrt(fraction))
+  return schedule
+
+
+WSD_DECAYS = {'1-sqrt': one_minus_sqrt_schedule,
+              'linear': lambda init_value, steps: optax.linear_schedule(init_value, 0.0, steps)}
+
+
+def wsd_schedule(warm: optax.Schedule, warmup: int, config: ml_collections.ConfigDict,
+                 total_steps: int) -> optax.Schedule:
+  """Warmup-stable-decay: `warm` over `warmup` steps, the constant peak rate, then a decay
+  to 0 over the last `wsd_decay_fraction` of the run (shaped by `wsd_decay`).
+
+  The stable phase needs no end date, so a run can be extended from any checkpoint taken
+  before its decay (`replan_schedule=True`) and its decay run then: the reason to prefer
+  it over linear or cosine for long pretraining. The decay spans the nearest whole number
+  of steps to the fraction (halves up), at least one, and starts no earlier than the
+  warmup ends.
+  """
+  decay_steps = max(math.floor(config.wsd_decay_fraction * total_steps + 0.5), 1)
+  decay_start = max(warmup, total_steps - decay_steps)
+  decay = WSD_DECAYS[config.wsd_decay](config.learning_rate, max(total_steps - decay_start, 1))
+  stable = optax.constant_schedule(config.learning_rate)
+  return optax.join_schedules([warm, stable, decay], [warmup, decay_start])
 
 
 def make_optimizer(config: ml_collections.ConfigDict,

@@ -2,7 +2,7 @@
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -46,8 +46,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str):
     try:
       prepared = preparation.prepare(
           config, tokenizer_lib.saved_tokenizer(workdir), report.log,
-          # Before tokenizing: a masking the tokenizer cannot serve fails fast.
-          check_tokenizer=lambda tokenizer: masking.spec_from_config(tokenizer, config))
+          check_tokenizer=tokenizer_check(config))
     except BaseException:
       failed = True
       raise
@@ -78,5 +77,39 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   global_batch = config.per_device_batch_size * devices * config.grad_accum_steps
   per_epoch = input_pipeline.steps_per_epoch(len(blocks.train), global_batch)
   total = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * per_epoch
-  eval_batch = math.ceil(config.eval_batch_size / devices) * devices
-  return Run(config, workdir, tokenizer, spec, model, blocks, global_batch, eval_batch, total)
+  return Run(config, workdir, tokenizer, spec, model, blocks, global_batch,
+             eval_batch_size(config), total)
+
+
+def tokenizer_check(config: ml_collections.ConfigDict) -> Callable[[Any], None]:
+  """What `preparation.prepare` runs on the tokenizer before tokenizing: a masking or
+  attention scope that the tokenizer cannot serve fails fast."""
+  def check(tokenizer) -> None:
+    masking.spec_from_config(tokenizer, config)
+    document_separator(config, tokenizer)
+  return check
+
+
+def eval_batch_size(config: ml_collections.ConfigDict) -> int:
+  """Rows per eval batch: `eval_batch_size` rounded up to a multiple of the devices."""
+  devices = jax.device_count()
+  return math.ceil(config.eval_batch_size / devices) * devices
+
+
+def document_separator(config: ml_collections.ConfigDict, tokenizer) -> int | None:
+  """The id that ends every document of a block, for `attention_scope='document'`
+  (`steps.document_ids`); None for 'block'.
+
+  It is the last token the tokenizer appends to a text (RoBERTa's `</s>`, BERT's
+  `[SEP]`), as the preparation encodes each text: a tokenizer that appends no special
+  token leaves documents unseparated, which is a `UserError`.
+  """
+  if config.attention_scope != 'document':
+    return None
+  last = tokenizer.backend_tokenizer.encode('a').ids[-1]
+  if last not in tokenizer.all_special_ids:
+    raise UserError(f'attention_scope=document needs a tokenizer that ends every text with '
+                    f'a separator token (such as </s> or [SEP]), and '
+                    f'{tokenizer.name_or_path or type(tokenizer).__name__!r} does not; '
+                    'use --config.attention_scope=block')
+  return last

@@ -68,17 +68,33 @@ def mask_micro_batches(rng: jax.Array, ids: jax.Array, spec: masking.MaskingSpec
       jnp.arange(ids.shape[0]), ids, special)
 
 
+def document_ids(ids: jax.Array, sep_id: int) -> jax.Array:
+  """Each token's document within its row, for `attention_scope='document'`: the model
+  attends within equal ids (`segment_ids`). A block is cut from texts concatenated as the
+  tokenizer wraps each (RoBERTa `<s> ... </s>`, BERT `[CLS] ... [SEP]`), so a document ends
+  with, and owns, the `sep_id` that closes it; the next one starts after it. Computed in
+  the step: the prepared blocks stay as they are.
+
+  Absolute positions do not restart at each document (BERT and RoBERTa number a block's
+  tokens straight through): RoBERTa's FULL-SENTENCES pretraining packed documents with
+  continuing positions, so pretrained position embeddings have seen offsets past 0.
+  """
+  is_sep = (ids == sep_id).astype(jnp.int32)
+  return jnp.cumsum(is_sep, axis=-1) - is_sep
+
+
 def train_step(state: TrainState, ids: jax.Array, *, apply_fn: Callable,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                spec: masking.MaskingSpec, head_fn: Callable | None = None,
-               max_predictions: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
+               max_predictions: int = 0,
+               sep_id: int | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step over a [grad_accum_steps, rows, length] batch of token ids.
 
   The loss is the mean cross-entropy over all masked tokens of all micro-batches,
   so k accumulated micro-batches give the gradient of one batch k times larger.
   With `head_fn` (see `model.head_fn`) the vocabulary head runs only on the
-  `max_predictions` masked tokens of each row. A non-finite loss or gradient
-  skips the update and is counted.
+  `max_predictions` masked tokens of each row. With `sep_id` attention stays within each
+  document (`document_ids`). A non-finite loss or gradient skips the update and is counted.
 
   Returns the new state and the step's metrics: `sums` (a `metrics.TrainSums`, zero for a
   skipped step, to be added up over a log interval), `nonfinite` (consecutive skipped
@@ -95,17 +111,20 @@ def train_step(state: TrainState, ids: jax.Array, *, apply_fn: Callable,
     labels = jnp.take_along_axis(labels, predict_at, axis=-1)
     weights = jnp.take_along_axis(weights, predict_at, axis=-1)
   total = jnp.maximum(weights.sum(), 1.0)
+  segments = None if sep_id is None else document_ids(ids, sep_id)
 
-  def logits_of(params, micro_inputs, micro_predict_at, rng):
+  def logits_of(params, micro_inputs, micro_predict_at, micro_segments, rng):
     if head_fn is None:
-      return apply_fn(micro_inputs, params=params, train=True, dropout_rng=rng).logits
-    return head_fn(micro_inputs, micro_predict_at, params, True, rng)
+      return apply_fn(micro_inputs, params=params, train=True, dropout_rng=rng,
+                      segment_ids=micro_segments).logits
+    return head_fn(micro_inputs, micro_predict_at, params, True, rng,
+                   segment_ids=micro_segments)
 
   def micro_step(carry, micro):
-    index, micro_inputs, micro_predict_at, micro_labels, micro_weights = micro
+    index, micro_inputs, micro_predict_at, micro_labels, micro_weights, micro_segments = micro
 
     def loss_fn(params):
-      logits = logits_of(params, micro_inputs, micro_predict_at,
+      logits = logits_of(params, micro_inputs, micro_predict_at, micro_segments,
                          jax.random.fold_in(dropout_rng, index))
       loss_sum, correct = metrics_lib.masked_lm_sums(logits, micro_labels, micro_weights)
       return loss_sum / total, (loss_sum, correct)
@@ -118,7 +137,7 @@ def train_step(state: TrainState, ids: jax.Array, *, apply_fn: Callable,
   zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
   (grads, loss_sum, correct), _ = jax.lax.scan(
       micro_step, (zeros, 0.0, 0.0),
-      (jnp.arange(ids.shape[0]), inputs, predict_at, labels, weights))
+      (jnp.arange(ids.shape[0]), inputs, predict_at, labels, weights, segments))
   loss, grad_norm = loss_sum / total, optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -139,12 +158,15 @@ def train_step(state: TrainState, ids: jax.Array, *, apply_fn: Callable,
 
 
 def eval_step(params: Any, ids: jax.Array, row_weights: jax.Array, first_row: jax.Array, *,
-              apply_fn: Callable, spec: masking.MaskingSpec, rng: jax.Array) -> jax.Array:
-  """[loss sum, correct, masked count] of one eval batch under the fixed eval masking."""
+              apply_fn: Callable, spec: masking.MaskingSpec, rng: jax.Array,
+              sep_id: int | None = None) -> jax.Array:
+  """[loss sum, correct, masked count] of one eval batch under the fixed eval masking
+  (attention within each document with `sep_id`, as `train_step`)."""
   special = masking.special_tokens_mask(ids, spec.special_ids)
   inputs, labels, weights = masking.mask_tokens(rng, ids, special, spec, first_row=first_row)
   weights = weights * row_weights[:, None]
-  logits = apply_fn(inputs, params=params, train=False).logits
+  segments = None if sep_id is None else document_ids(ids, sep_id)
+  logits = apply_fn(inputs, params=params, train=False, segment_ids=segments).logits
   loss_sum, correct = metrics_lib.masked_lm_sums(logits, labels, weights)
   return jnp.stack([loss_sum, correct, weights.sum()])
 
@@ -160,12 +182,14 @@ class Steps:
 def compile_steps(apply_fn: Callable, tx: optax.GradientTransformation,
                   schedule: optax.Schedule, spec: masking.MaskingSpec, seed: int,
                   mesh: jax.sharding.Mesh, state_shardings: Any = None,
-                  head_fn: Callable | None = None, max_predictions: int = 0) -> Steps:
+                  head_fn: Callable | None = None, max_predictions: int = 0,
+                  sep_id: int | None = None) -> Steps:
   """jit the steps over `mesh`: the state donated, batches sharded over every device.
 
   `state_shardings` (a TrainState of shardings, see `sharding.state_sharding`)
   defaults to replicated. `head_fn` and `max_predictions` select the masked-only
-  vocabulary head for training; evaluation always scores every masked token.
+  vocabulary head for training; evaluation always scores every masked token. `sep_id`
+  (see `run.document_separator`) keeps attention within documents in both steps.
   """
   replicated = sharding.replicated(mesh)
   if state_shardings is None:
@@ -175,12 +199,12 @@ def compile_steps(apply_fn: Callable, tx: optax.GradientTransformation,
     params_shardings = state_shardings.params
   train = jax.jit(
       functools.partial(train_step, apply_fn=apply_fn, tx=tx, schedule=schedule, spec=spec,
-                        head_fn=head_fn, max_predictions=max_predictions),
+                        head_fn=head_fn, max_predictions=max_predictions, sep_id=sep_id),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh, batch_axis=1)),
       out_shardings=(state_shardings, replicated), donate_argnums=0)
   eval_rng = jax.random.fold_in(jax.random.PRNGKey(seed), EVAL_STREAM)
   evaluate_batch = jax.jit(
-      functools.partial(eval_step, apply_fn=apply_fn, spec=spec, rng=eval_rng),
+      functools.partial(eval_step, apply_fn=apply_fn, spec=spec, rng=eval_rng, sep_id=sep_id),
       in_shardings=(params_shardings, sharding.batch_sharding(mesh),
                     sharding.batch_sharding(mesh), replicated),
       out_shardings=replicated)

@@ -25,7 +25,7 @@ from mlm_jax import sharding
 from mlm_jax import steps as steps_lib
 from mlm_jax import validation
 from mlm_jax import storage
-from mlm_jax.run import Run, prepare
+from mlm_jax.run import Run, document_separator, prepare
 
 
 def _train(run: Run, steps: steps_lib.Steps, state: steps_lib.TrainState,
@@ -76,7 +76,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       head_fn=model_lib.head_fn(run.model) if config.masked_lm_head else None,
       max_predictions=model_lib.max_predictions(
           config.block_size, config.mlm_probability,
-          masking.count_dispersion(run.blocks.train, run.spec)))
+          masking.count_dispersion(run.blocks.train, run.spec)),
+      sep_id=document_separator(config, run.tokenizer))
   state = checkpoint.restore_newest(manager, workdir, state, run.config_record(), report.log)
   start_step = int(sharding.to_host(state.step))
   export_dir = checkpoint.export_dir(workdir)

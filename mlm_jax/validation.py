@@ -10,7 +10,9 @@ from mlm_jax.errors import UserError
 
 DTYPE_NAMES = ('float32', 'bfloat16')  # Computation dtypes (see model.DTYPES).
 ATTENTION_IMPLS = ('xla', 'cudnn')  # jax.nn.dot_product_attention's (see models/layers.py).
-LR_SCHEDULES = ('linear', 'cosine')  # See optim.make_schedule.
+LR_SCHEDULES = ('linear', 'cosine', 'wsd')  # See optim.make_schedule.
+WSD_DECAYS = ('1-sqrt', 'linear')  # The decay of lr_schedule='wsd' (optim.WSD_DECAYS).
+ATTENTION_SCOPES = ('block', 'document')  # See steps.document_ids.
 _AT_LEAST_ONE = ('block_size', 'per_device_batch_size', 'grad_accum_steps', 'eval_batch_size',
                  'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                  'keep_checkpoints', 'num_proc', 'max_nonfinite_steps', 'fsdp',
@@ -46,6 +48,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   from mlm_jax import masking  # pylint: disable=import-outside-toplevel
   masking.check_config(config)  # mlm_probability, the scheme and the 80/10/10 split.
   check_choice('lr_schedule', config.lr_schedule, LR_SCHEDULES)
+  check_choice('wsd_decay', config.wsd_decay, WSD_DECAYS)
+  if not 0 < config.wsd_decay_fraction <= 1:
+    raise UserError(f'wsd_decay_fraction={config.wsd_decay_fraction} must be in (0, 1]: the '
+                    'fraction of the steps the rate decays over; set --config.wsd_decay_fraction')
+  check_choice('attention_scope', config.attention_scope, ATTENTION_SCOPES)
   check_choice('dtype', config.dtype, DTYPE_NAMES)
   check_choice('attention_impl', config.attention_impl, ATTENTION_IMPLS)
   if config.num_train_steps == 0 or config.num_train_steps < -1:

@@ -40,8 +40,9 @@ sys.path.insert(0, str(ROOT))  # `configs.*` imports, as run_train.py allows.
 
 
 # pytest-xdist (`-n`, setup.cfg) hands out whole modules, so a module's fixtures are made once;
-# these modules share the session's `layout_runs`, so they go to one worker together.
-_SAME_WORKER = {'test_multihost': 'test_distributed'}
+# these modules share a session fixture (`layout_runs`; `tiny_run`, which test_train.py trains
+# again in its own worker), so they go to one worker together.
+_SAME_WORKER = {'test_multihost': 'test_distributed', 'test_evaluate': 'test_infer'}
 # The longest group (its multi-process runs take about 2.5 minutes of one worker) is handed out
 # first, so that the other workers' many short modules fill in beside it, not after it.
 _FIRST = 'test_distributed'

@@ -1,8 +1,9 @@
 """The optimizer (`mlm_jax.optim`): which parameters get weight decay, and the schedule.
 
 The decay mask is checked against explicit lists of parameter paths of the models this
-package trains (RoBERTa, BERT, DistilBERT, ALBERT), not against
-a copy of its own rule; the schedule at chosen steps; a resumed run's schedule length.
+package trains (RoBERTa, BERT, DistilBERT, ALBERT), not against a copy of its own rule; the
+schedules at chosen steps (warmup-stable-decay's phases and its 1-sqrt and linear decays
+included); a resumed run's schedule length.
 """
 
 import pytest
@@ -101,6 +102,47 @@ def test_cosine_schedule_is_halfway_down_halfway_through_the_decay():
   schedule = optim.make_schedule(config, total_steps=22)
   assert float(schedule(12)) == pytest.approx(5e-3)
   assert float(schedule(22)) == pytest.approx(0.0, abs=1e-9)
+
+
+def _wsd(total_steps: int, fraction: float, decay: str = '1-sqrt'):
+  config = load_config('tiny_test')  # learning_rate 1e-2, warmup_steps 2.
+  config.lr_schedule, config.wsd_decay_fraction, config.wsd_decay = 'wsd', fraction, decay
+  schedule = optim.make_schedule(config, total_steps)
+  return lambda step: float(schedule(step))
+
+
+def test_wsd_warms_up_then_holds_the_peak_until_the_decay_starts():
+  rate = _wsd(total_steps=20, fraction=0.5)  # Decays over steps 10..20.
+  assert [rate(s) for s in (0, 1, 2, 6, 9, 10)] == pytest.approx(
+      [0.0, 5e-3, 1e-2, 1e-2, 1e-2, 1e-2])
+
+
+def test_wsd_decays_as_one_minus_sqrt_to_zero_at_the_end():
+  rate = _wsd(total_steps=20, fraction=0.5)
+  # t = 2/10 and 5/10 of the way down: lr * (1 - sqrt(t)), not lr * sqrt(1 - t).
+  assert rate(12) == pytest.approx(1e-2 * (1 - 0.2 ** 0.5))
+  assert rate(15) == pytest.approx(1e-2 * (1 - 0.5 ** 0.5))
+  assert rate(20) == pytest.approx(0.0, abs=1e-9)
+  assert rate(25) == pytest.approx(0.0, abs=1e-9)  # Past the end (a longer resumed run).
+
+
+def test_wsd_linear_decay_is_halfway_down_halfway_through():
+  rate = _wsd(total_steps=20, fraction=0.5, decay='linear')
+  assert [rate(s) for s in (10, 15, 20)] == pytest.approx([1e-2, 5e-3, 0.0], abs=1e-9)
+
+
+@pytest.mark.parametrize('total_steps, decay_steps', [(25, 3), (34, 3)])
+def test_wsd_decay_takes_the_fraction_of_the_steps_to_the_nearest_step(total_steps, decay_steps):
+  rate = _wsd(total_steps, fraction=0.1)  # 2.5 steps decay over 3, 3.4 over 3.
+  start = total_steps - decay_steps
+  assert rate(start) == pytest.approx(1e-2)
+  assert rate(start + 1) == pytest.approx(1e-2 * (1 - (1 / decay_steps) ** 0.5))
+
+
+def test_wsd_decay_over_all_the_steps_starts_when_the_warmup_ends():
+  rate = _wsd(total_steps=20, fraction=1.0)  # No stable phase: 18 steps of decay.
+  assert rate(2) == pytest.approx(1e-2)
+  assert rate(11) == pytest.approx(1e-2 * (1 - 0.5 ** 0.5))
 
 
 def test_a_resume_keeps_the_saved_schedule_unless_asked_and_says_which():

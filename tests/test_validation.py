@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from mlm_jax import checkpoint
 from mlm_jax import train
 from mlm_jax import validation
 from mlm_jax.errors import UserError
@@ -30,6 +31,10 @@ from tests.conftest import ROOT, load_config
     ('dtype', 'float16', 'one of float32, bfloat16'),
     ('attention_impl', 'flash', 'one of xla, cudnn'),
     ('num_train_steps', -2, 'or -1 to train for num_epochs'),
+    ('wsd_decay_fraction', 0.0, 'must be in (0, 1]'),
+    ('wsd_decay_fraction', 1.5, 'must be in (0, 1]'),
+    ('wsd_decay', 'sqrt', 'one of 1-sqrt, linear'),
+    ('attention_scope', 'doc', 'one of block, document'),
 ])
 def test_a_bad_value_names_its_key_and_the_fix(key, value, says):
   config = load_config('tiny_test')
@@ -44,6 +49,22 @@ def test_a_bad_value_names_its_key_and_the_fix(key, value, says):
 def test_the_default_and_shipped_configs_are_valid():
   for name in ('default', 'tiny_test', 'eli5_distilroberta'):
     validation.validate_config(load_config(name))
+
+
+# Config keys added after checkpoints were first written (each release adds its own).
+_ADDED_SINCE_FIRST_RELEASE = ('wsd_decay_fraction', 'wsd_decay', 'attention_scope')
+
+
+def test_a_checkpoint_without_the_added_keys_compares_against_their_defaults():
+  """A checkpoint made before a key existed resumes under the key's default only."""
+  default = load_config('default').to_dict()
+  assert checkpoint.ADDED_KEYS == {key: default[key] for key in _ADDED_SINCE_FIRST_RELEASE}
+  current = load_config('tiny_test').to_dict()
+  older = {k: v for k, v in current.items() if k not in _ADDED_SINCE_FIRST_RELEASE}
+  assert checkpoint.config_differences(older, current) == []
+  current['attention_scope'] = 'document'
+  assert checkpoint.config_differences(older, current) == [
+      "attention_scope: 'block' -> 'document'"]
 
 
 def test_a_bad_value_fails_before_data_or_tokenizer(tmp_path):
