@@ -72,6 +72,7 @@ def recipe(checkpoint_dir, cache_dir):
   config.warmup_steps = 2
   config.per_device_batch_size = 8
   config.num_train_steps = 12
+  config.wsd_decay_fraction = 0.5  # The last 6 steps decay: the logged rates show it.
   config.eval_every_steps = config.checkpoint_every_steps = 6
   config.log_every_steps = 3
   config.eval_batch_size = 16
