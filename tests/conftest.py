@@ -128,11 +128,18 @@ def gcs_env():
 def layout_runs(tmp_path_factory) -> dict:
   """`multidevice.LAYOUT_FLAGS` trained on 1 device x 8 rows, on 8 devices x 1 row replicated
   and fsdp=4-sharded (checkpoints at steps 3 and 6), shared by the layout tests; 'born' is
-  the 8-device process's report on a fsdp=4 state as it is created."""
+  the 8-device process's report on a fsdp=4 state as it is created. A local ModernBERT with
+  dropout, whole-word masking and document attention trains on 1 device and on 8 fsdp=4."""
   from mlm_jax import train  # pylint: disable=import-outside-toplevel
   from tests import multidevice  # pylint: disable=import-outside-toplevel
-  runs = {name: tmp_path_factory.mktemp(name) for name in ('one_device', 'replicated', 'fsdp')}
-  assert jax.device_count() == 1  # This process's: the one-device run needs no subprocess.
+  from tests import tiny_models  # pylint: disable=import-outside-toplevel
+  runs = {name: tmp_path_factory.mktemp(name) for name in (
+      'one_device', 'replicated', 'fsdp', 'modernbert_one_device', 'modernbert_fsdp')}
+  modernbert = tiny_models.save_modernbert(str(tmp_path_factory.mktemp('modernbert')), 0.1)
+  assert jax.device_count() == 1  # This process's: the one-device runs need no subprocess.
   train.train_and_evaluate(multidevice.layout_config(8, 1), str(runs['one_device']))
-  born = multidevice.train_layouts(8, [(1, 1, runs['replicated']), (1, 4, runs['fsdp'])])
+  train.train_and_evaluate(multidevice.layout_config(8, 1, modernbert),
+                           str(runs['modernbert_one_device']))
+  born = multidevice.train_layouts(8, [(1, 1, runs['replicated'], ''), (1, 4, runs['fsdp'], ''),
+                                       (1, 4, runs['modernbert_fsdp'], modernbert)])
   return {**runs, 'born': born}

@@ -100,8 +100,10 @@ _LAYOUT = {'split': 'train[:40]', 'model_config.hidden_size': 64,
 LAYOUT_FLAGS = ['--config=configs/tiny_test.py', *(f'--config.{k}={v}' for k, v in _LAYOUT.items())]
 
 
-def layout_config(per_device_batch_size: int = 8, fsdp: int = 1):
-  """The config `LAYOUT_FLAGS` name, with this layout's batch split and fsdp."""
+def layout_config(per_device_batch_size: int = 8, fsdp: int = 1, model_dir: str = ''):
+  """The config `LAYOUT_FLAGS` name, with this layout's batch split and fsdp. With `model_dir`
+  (a local ModernBERT, `tiny_models.save_modernbert`) it fine-tunes that model with whole-word
+  masking and document-aware attention instead."""
   from tests.conftest import load_config  # pylint: disable=import-outside-toplevel
   config = load_config('tiny_test')
   for key, value in _LAYOUT.items():
@@ -111,6 +113,9 @@ def layout_config(per_device_batch_size: int = 8, fsdp: int = 1):
       node = node[parent]
     node[name] = value
   config.per_device_batch_size, config.fsdp = per_device_batch_size, fsdp
+  if model_dir:
+    config.model_name_or_path = model_dir
+    config.masking, config.attention_scope = 'whole_word', 'document'
   return config
 
 _LAYOUT_RUNS = '''
@@ -141,16 +146,16 @@ if jax.device_count() == 8:
       for leaf in jax.tree_util.tree_leaves((state.params, state.opt_state))
       if leaf.size >= 1 << 14]
   del state
-for per_device, fsdp, workdir in {runs!r}:
-  train.train_and_evaluate(layout_config(per_device, fsdp), workdir)
+for per_device, fsdp, workdir, model_dir in {runs!r}:
+  train.train_and_evaluate(layout_config(per_device, fsdp, model_dir), workdir)
 print(json.dumps(report))
 '''
 
 
-def train_layouts(devices: int, runs: list[tuple[int, int, str]]) -> dict:
-  """Trains `LAYOUT_FLAGS` once per (per_device_batch_size, fsdp, workdir), in one process
-  with `devices` devices; with 8, also reports how a fsdp=4 state is born (see above)."""
-  code = _LAYOUT_RUNS.format(runs=[(p, f, str(w)) for p, f, w in runs])
+def train_layouts(devices: int, runs: list[tuple[int, int, str, str]]) -> dict:
+  """Trains `LAYOUT_FLAGS` once per (per_device_batch_size, fsdp, workdir, model_dir), in one
+  process with `devices` devices; with 8, also reports how a fsdp=4 state is born (see above)."""
+  code = _LAYOUT_RUNS.format(runs=[(p, f, str(w), m) for p, f, w, m in runs])
   return json.loads(run_with_devices(code, devices=devices).strip().splitlines()[-1])
 
 

@@ -16,6 +16,10 @@ def test_eight_devices_train_exactly_like_one(layout_runs):
   assert_same_training(layout_runs['replicated'], layout_runs['one_device'])
 
 
+def test_modernbert_on_eight_fsdp_devices_trains_exactly_like_one(layout_runs):
+  assert_same_training(layout_runs['modernbert_one_device'], layout_runs['modernbert_fsdp'])
+
+
 def test_fsdp_sharded_state_trains_exactly_like_replicated(layout_runs):
   assert_same_training(layout_runs['fsdp'], layout_runs['one_device'])
 

@@ -8,56 +8,26 @@ evaluated, exported and used for fill-mask, which must equal PyTorch's pipeline 
 export where torch is installed.
 """
 
-import json
 import os
 
 import numpy as np
 import pytest
-import tokenizers
 import transformers
-from tokenizers import processors
 
 from mlm_jax import checkpoint
 from mlm_jax import infer
 from mlm_jax import masking
 from mlm_jax import metric_writers
 from mlm_jax import train
-from mlm_jax.data import sources
-from mlm_jax.models import FlaxAutoModelForMaskedLM
+from tests import tiny_models
 from tests.conftest import load_config
 
-SPECIALS = ['[UNK]', '[CLS]', '[SEP]', '[PAD]', '[MASK]']  # ModernBERT's, after the BPE's ids.
 TEXTS = ['the sky is [MASK] because of the sun.', 'why is the [MASK] blue?']
-
-
-def modernbert_style_tokenizer(texts: list[str]) -> transformers.PreTrainedTokenizerFast:
-  bpe = tokenizers.ByteLevelBPETokenizer()
-  bpe.train_from_iterator(texts, vocab_size=400, min_frequency=2, show_progress=False)
-  backend = bpe._tokenizer  # pylint: disable=protected-access
-  backend.add_special_tokens([tokenizers.AddedToken(t, lstrip=t == '[MASK]') for t in SPECIALS])
-  backend.post_processor = processors.TemplateProcessing(
-      single='[CLS]:0 $A:0 [SEP]:0', pair='[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1',
-      special_tokens=[(t, backend.token_to_id(t)) for t in ('[CLS]', '[SEP]')])
-  return transformers.PreTrainedTokenizerFast(
-      tokenizer_object=backend, unk_token='[UNK]', cls_token='[CLS]', sep_token='[SEP]',
-      pad_token='[PAD]', mask_token='[MASK]', model_max_length=128)
 
 
 @pytest.fixture(scope='module')
 def checkpoint_dir(tmp_path_factory):
-  directory = str(tmp_path_factory.mktemp('tiny_modernbert'))
-  with open(sources.sample_data_path(), encoding='utf-8') as f:
-    texts = [' '.join(json.loads(line)['answers']['text']) for line in f]
-  tokenizer = modernbert_style_tokenizer(texts)
-  tokenizer.save_pretrained(directory)
-  config = transformers.ModernBertConfig(
-      vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-      num_attention_heads=2, global_attn_every_n_layers=3, local_attention=8,
-      max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
-      cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
-      bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
-  FlaxAutoModelForMaskedLM.from_config(config, seed=0).save_pretrained(directory)
-  return directory
+  return tiny_models.save_modernbert(str(tmp_path_factory.mktemp('tiny_modernbert')))
 
 
 def recipe(checkpoint_dir, cache_dir):
@@ -104,7 +74,7 @@ def test_whole_word_masking_finds_the_words_of_its_byte_level_tokenizer(run):
   starts = masking.word_start_table(tokenizer)
   ids = tokenizer(' the sky is blue')['input_ids']
   pieces = tokenizer.convert_ids_to_tokens(ids)
-  assert [bool(starts[i]) for i in ids] == [p.startswith('Ġ') or p in SPECIALS for p in pieces]
+  assert [bool(starts[i]) for i in ids] == [p.startswith('Ġ') or p in tiny_models.MODERNBERT_SPECIALS for p in pieces]
 
 
 def test_the_checkpoint_and_the_export_predict_alike(run):
