@@ -87,6 +87,10 @@ def attend(query: Array, key: Array, value: Array, mask: Array | None, *,
   query, key]; `local_window` (left, right) keeps keys within that many positions.
   """
   if deterministic or dropout_rate == 0.0:
+    if local_window is not None and local_window[1] != 0:
+      # cuDNN takes a sliding window only with a causal mask (jax raises otherwise): an
+      # encoder's two-sided window goes through XLA, which applies it as a mask.
+      implementation = 'xla'
     return jax.nn.dot_product_attention(
         query, key, value, mask=mask, implementation=ATTENTION_IMPLS[implementation],
         local_window_size=local_window)
