@@ -40,13 +40,12 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
     cfg = self.config
-    linear = lambda name: layers.dense(cfg.hidden_size, self.dtype, cfg.initializer_range, name)
-    project = lambda name: layers.split_heads(linear(name)(hidden), cfg.num_attention_heads)
-    out = layers.attend(project('query'), project('key'), project('value'), mask,
-                        dropout_rate=cfg.attention_probs_dropout_prob, deterministic=deterministic,
-                        dropout_rng=lambda: self.make_rng('dropout'),
-                        implementation=self.attention_impl)
-    out = linear('dense')(layers.merge_heads(out))
+    out = layers.self_attention(
+        self, hidden, mask, names=('query', 'key', 'value'), heads=cfg.num_attention_heads,
+        stddev=cfg.initializer_range, dtype=self.dtype,
+        dropout_rate=cfg.attention_probs_dropout_prob, deterministic=deterministic,
+        implementation=self.attention_impl)
+    out = layers.dense(cfg.hidden_size, self.dtype, cfg.initializer_range, 'dense')(out)
     out = nn.Dropout(cfg.hidden_dropout_prob)(out, deterministic)
     return layers.layer_norm(cfg.layer_norm_eps, self.dtype, 'LayerNorm')(out + hidden)
 
@@ -70,20 +69,6 @@ class Layer(nn.Module):
         out + attended)
 
 
-class InnerLayers(nn.Module):
-  """The `albert_layers` scope of a group: layers named '0', '1', ..., run in order."""
-  config: object
-  dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
-
-  @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
-    for j in range(self.config.inner_group_num):
-      hidden = Layer(self.config, self.dtype, self.attention_impl, name=str(j))(
-          hidden, mask, deterministic)
-    return hidden
-
-
 class LayerGroup(nn.Module):
   config: object
   dtype: layers.Dtype = jnp.float32
@@ -91,7 +76,8 @@ class LayerGroup(nn.Module):
 
   @nn.compact
   def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
-    return InnerLayers(self.config, self.dtype, self.attention_impl, name='albert_layers')(
+    layer = lambda index, name: Layer(self.config, self.dtype, self.attention_impl, name=name)
+    return layers.LayerStack(layer, self.config.inner_group_num, name='albert_layers')(
         hidden, mask, deterministic)
 
 

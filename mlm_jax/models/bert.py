@@ -54,13 +54,11 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
     cfg = self.config
-    project = lambda name: layers.split_heads(layers.dense(
-        cfg.hidden_size, self.dtype, cfg.initializer_range, name)(hidden), cfg.num_attention_heads)
-    out = layers.attend(project('query'), project('key'), project('value'), mask,
-                        dropout_rate=cfg.attention_probs_dropout_prob, deterministic=deterministic,
-                        dropout_rng=lambda: self.make_rng('dropout'),
-                        implementation=self.attention_impl)
-    return layers.merge_heads(out)
+    return layers.self_attention(
+        self, hidden, mask, names=('query', 'key', 'value'), heads=cfg.num_attention_heads,
+        stddev=cfg.initializer_range, dtype=self.dtype,
+        dropout_rate=cfg.attention_probs_dropout_prob, deterministic=deterministic,
+        implementation=self.attention_impl)
 
 
 class DenseResidual(nn.Module):
@@ -112,20 +110,6 @@ class Layer(nn.Module):
     return DenseResidual(self.config, self.dtype, name='output')(inner, attended, deterministic)
 
 
-class Layers(nn.Module):
-  """The `layer` scope: layers named '0', '1', ... as the reference's ModuleList."""
-  config: object
-  dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
-
-  @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
-    for i in range(self.config.num_hidden_layers):
-      hidden = Layer(self.config, self.dtype, self.attention_impl, name=str(i))(
-          hidden, mask, deterministic)
-    return hidden
-
-
 class Encoder(nn.Module):
   config: object
   dtype: layers.Dtype = jnp.float32
@@ -133,7 +117,8 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
-    return Layers(self.config, self.dtype, self.attention_impl, name='layer')(
+    layer = lambda index, name: Layer(self.config, self.dtype, self.attention_impl, name=name)
+    return layers.LayerStack(layer, self.config.num_hidden_layers, name='layer')(
         hidden, mask, deterministic)
 
 

@@ -69,13 +69,11 @@ class MultiHeadSelfAttention(nn.Module):
   @nn.compact
   def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
     cfg = self.config
-    linear = lambda name: layers.dense(cfg.dim, self.dtype, cfg.initializer_range, name)
-    project = lambda name: layers.split_heads(linear(name)(hidden), cfg.n_heads)
-    out = layers.attend(project('q_lin'), project('k_lin'), project('v_lin'), mask,
-                        dropout_rate=cfg.attention_dropout, deterministic=deterministic,
-                        dropout_rng=lambda: self.make_rng('dropout'),
-                        implementation=self.attention_impl)
-    return linear('out_lin')(layers.merge_heads(out))
+    out = layers.self_attention(
+        self, hidden, mask, names=('q_lin', 'k_lin', 'v_lin'), heads=cfg.n_heads,
+        stddev=cfg.initializer_range, dtype=self.dtype, dropout_rate=cfg.attention_dropout,
+        deterministic=deterministic, implementation=self.attention_impl)
+    return layers.dense(cfg.dim, self.dtype, cfg.initializer_range, 'out_lin')(out)
 
 
 class FFN(nn.Module):
@@ -106,20 +104,6 @@ class TransformerBlock(nn.Module):
     return layers.layer_norm(LAYER_NORM_EPS, self.dtype, 'output_layer_norm')(out + attended)
 
 
-class Blocks(nn.Module):
-  """The `layer` scope: blocks named '0', '1', ... as the reference's ModuleList."""
-  config: object
-  dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
-
-  @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
-    for i in range(self.config.n_layers):
-      hidden = TransformerBlock(self.config, self.dtype, self.attention_impl, name=str(i))(
-          hidden, mask, deterministic)
-    return hidden
-
-
 class Transformer(nn.Module):
   config: object
   dtype: layers.Dtype = jnp.float32
@@ -127,7 +111,9 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
-    return Blocks(self.config, self.dtype, self.attention_impl, name='layer')(
+    block = lambda index, name: TransformerBlock(self.config, self.dtype, self.attention_impl,
+                                                 name=name)
+    return layers.LayerStack(block, self.config.n_layers, name='layer')(
         hidden, mask, deterministic)
 
 

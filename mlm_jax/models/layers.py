@@ -61,6 +61,19 @@ def embed(rows: int, features: int, stddev: float, name: str) -> nn.Embed:
                   param_dtype=jnp.float32, name=name)
 
 
+class LayerStack(nn.Module):
+  """A scope of `count` layers named '0', '1', ... (the reference's ModuleList), applied in
+  order; `layer(index, name)` builds layer `index`, each taking (hidden, mask, deterministic)."""
+  layer: Callable[[int, str], nn.Module]
+  count: int
+
+  @nn.compact
+  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
+    for index in range(self.count):
+      hidden = self.layer(index, str(index))(hidden, mask, deterministic)
+    return hidden
+
+
 def padding_mask(attention_mask: Array | None) -> Array | None:
   """[batch, seq] 1/0 -> the boolean [batch, 1, 1, seq] mask of keys each query may see."""
   return None if attention_mask is None else (attention_mask > 0)[:, None, None, :]
@@ -104,6 +117,20 @@ def attend(query: Array, key: Array, value: Array, mask: Array | None, *,
   keep = jax.random.bernoulli(dropout_rng(), 1.0 - dropout_rate, weights.shape)
   weights = jnp.where(keep, weights / np.float32(1.0 - dropout_rate), 0.0).astype(query.dtype)
   return jnp.einsum('BNTS,BSNH->BTNH', weights, value)
+
+
+def self_attention(module: nn.Module, hidden: Array, mask: Array | None, *,
+                   names: tuple[str, str, str], heads: int, stddev: float, dtype: Dtype,
+                   dropout_rate: float, deterministic: bool, implementation: str) -> Array:
+  """Inside `module`'s compact call: the query, key and value projections named `names`
+  (its children, as the reference's), multi-head attention (see `attend`; the dropout draws
+  from `module`'s 'dropout' rng), heads merged back to [batch, seq, width]."""
+  width = hidden.shape[-1]
+  project = lambda name: split_heads(dense(width, dtype, stddev, name)(hidden), heads)
+  out = attend(*(project(name) for name in names), mask, dropout_rate=dropout_rate,
+               deterministic=deterministic, dropout_rng=lambda: module.make_rng('dropout'),
+               implementation=implementation)
+  return merge_heads(out)
 
 
 def window_mask(queries: int, keys: int, window: tuple[int, int]) -> Array:

@@ -184,20 +184,6 @@ class Layer(nn.Module):
     return hidden + MLP(cfg, self.dtype, name='mlp')(normed, deterministic)
 
 
-class Layers(nn.Module):
-  """The `layers` scope: layers named '0', '1', ... as the reference's ModuleList."""
-  config: object
-  dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
-
-  @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
-    for i in range(self.config.num_hidden_layers):
-      hidden = Layer(self.config, i, self.dtype, self.attention_impl, name=str(i))(
-          hidden, mask, deterministic)
-    return hidden
-
-
 class Backbone(nn.Module):
   """`ModernBertModel`: embeddings, layers, final_norm -> (hidden states, float32 word table)."""
   config: object
@@ -209,7 +195,9 @@ class Backbone(nn.Module):
                deterministic: bool) -> tuple[Array, Array]:
     hidden, word_table = Embeddings(self.config, self.dtype, name='embeddings')(
         input_ids, deterministic)
-    hidden = Layers(self.config, self.dtype, self.attention_impl, name='layers')(
+    layer = lambda index, name: Layer(self.config, index, self.dtype, self.attention_impl,
+                                      name=name)
+    hidden = layers.LayerStack(layer, self.config.num_hidden_layers, name='layers')(
         hidden, mask, deterministic)
     return norm(self.config, self.dtype, 'final_norm')(hidden), word_table
 
