@@ -22,6 +22,7 @@ from mlm_jax import metrics as metrics_lib
 from mlm_jax import model as model_lib
 from mlm_jax import optim
 from mlm_jax import sharding
+from mlm_jax import threefry
 
 EVAL_STREAM = 1  # Eval masking draws from fold_in(PRNGKey(seed), EVAL_STREAM), fixed.
 
@@ -167,6 +168,7 @@ def compile_steps(apply_fn: Callable, tx: optax.GradientTransformation,
   defaults to replicated. `head_fn` and `max_predictions` select the masked-only
   vocabulary head for training; evaluation always scores every masked token.
   """
+  threefry.install()  # The same random bits, without a rolled loop per draw on CPU.
   replicated = sharding.replicated(mesh)
   if state_shardings is None:
     state_shardings = replicated
