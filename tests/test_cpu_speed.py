@@ -1,15 +1,27 @@
 """What the CPU speed-ups of the train step must not change (BENCHMARKS.md, *CPU against PyTorch*).
 
 Guards the random bits (Threefry written out on CPU, `mlm_jax.threefry`: the Random123
-known answers, and that the loop is really gone).
+known answers, and that the loop is really gone), and the masked-only head pooled over each
+device's rows (`steps.micro_batch_predictions`, `layers.gather_positions` with groups): its
+bound covers the pool's exact binomial tail, and a step with it computes the full head's
+loss and gradient.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
+import transformers
 from jax.extend.random import threefry_2x32
 
+from mlm_jax import masking
+from mlm_jax import model as model_lib
+from mlm_jax import steps as steps_lib
 from mlm_jax import threefry
+from mlm_jax.models import FlaxAutoModelForMaskedLM
 
 # Random123's known-answer vectors for Threefry-2x32, 20 rounds: (key, counter, output).
 KNOWN_ANSWERS = (((0, 0), (0, 0), (0x6B200159, 0x99BA4EFE)),
@@ -31,3 +43,63 @@ def test_written_out_threefry_gives_the_known_answers(key, counter, expected):
 def test_random_bits_lower_without_a_loop_on_cpu():
   lowered = jax.jit(lambda key: jax.random.bits(key, (4, 8))).lower(jax.random.PRNGKey(0))
   assert 'while' not in lowered.as_text()
+
+
+@pytest.mark.parametrize('rows, length, probability', [(32, 64, 0.15), (8, 128, 0.15),
+                                                       (4, 32, 0.3), (16, 16, 0.15)])
+def test_pooled_bound_covers_the_pools_exact_tail(rows, length, probability):
+  row_bound = model_lib.max_predictions(length, probability)
+  pooled = steps_lib.micro_batch_predictions(rows, length, probability, row_bound)
+  assert model_lib.max_predictions(rows * length, probability) <= pooled < rows * row_bound
+
+
+def test_pooled_bound_of_one_row_is_the_rows_own():
+  assert steps_lib.micro_batch_predictions(1, 64, 0.15, 30) == 30
+
+
+ROWS, LENGTH, VOCAB = 4, 16, 100
+
+
+@pytest.fixture(scope='module')
+def model():
+  config = transformers.RobertaConfig(
+      vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+      intermediate_size=64, max_position_embeddings=LENGTH + 2, type_vocab_size=1,
+      pad_token_id=1, bos_token_id=0, eos_token_id=2)
+  return FlaxAutoModelForMaskedLM.from_config(config, seed=0)
+
+
+def _gradient_and_loss(model, groups: int | None):
+  """One SGD step at rate 1 (the update is the gradient) and its loss: the full head
+  (`groups=None`) or the masked-only head pooled over `groups` groups of rows."""
+  spec = masking.MaskingSpec(mask_token_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=VOCAB)
+  schedule = optax.constant_schedule(1.0)
+  tx = optax.sgd(schedule)
+  step = functools.partial(
+      steps_lib.train_step, apply_fn=model, tx=tx, schedule=schedule, spec=spec,
+      head_fn=None if groups is None else model_lib.head_fn(model),
+      max_predictions=model_lib.max_predictions(LENGTH, spec.probability),
+      prediction_groups=groups or 1)
+  state = steps_lib.create_train_state(model.params, tx, seed=0)
+  ids = np.random.default_rng(0).integers(5, VOCAB, (1, ROWS, LENGTH), dtype=np.int32)
+  new_state, metrics = jax.jit(step)(state, ids)
+  gradient = jax.tree_util.tree_map(lambda b, a: np.asarray(b) - np.asarray(a), state.params,
+                                    new_state.params)
+  sums = metrics['sums']
+  return gradient, float(sums.loss_sum), float(sums.predicted_tokens)
+
+
+@pytest.fixture(scope='module')
+def full_head(model):
+  return _gradient_and_loss(model, None)
+
+
+@pytest.mark.parametrize('groups', [1, 2])
+def test_pooled_masked_head_gives_the_full_heads_loss_and_gradient(model, full_head, groups):
+  full_gradient, full_loss, full_count = full_head
+  gradient, loss, count = _gradient_and_loss(model, groups)
+  assert count == full_count > 0
+  np.testing.assert_allclose(loss, full_loss, rtol=1e-5)
+  jax.tree_util.tree_map(
+      functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-7), gradient,
+      full_gradient)

@@ -117,9 +117,13 @@ def merge_heads(x: Array) -> Array:
 
 
 def gather_positions(hidden: Array, predict_at: Array | None) -> Array:
-  """The rows of `hidden` [batch, seq, features] at token indices `predict_at` [batch, k]."""
+  """The rows of `hidden` [batch, seq, features] at `predict_at` [groups, k] -> [groups, k,
+  features]: indices into each group of batch / groups consecutive rows, flattened. With
+  groups = batch they are each row's token indices; the train step pools the rows each device
+  holds, so that the head runs on their masked tokens together."""
   if predict_at is None:
     return hidden
+  hidden = hidden.reshape(predict_at.shape[0], -1, hidden.shape[-1])
   return jnp.take_along_axis(hidden, predict_at[..., None], axis=1)
 
 
