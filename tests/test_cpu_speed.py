@@ -4,7 +4,8 @@ Guards the random bits (Threefry written out on CPU, `mlm_jax.threefry`: the Ran
 known answers, and that the loop is really gone), and the masked-only head pooled over each
 device's rows (`steps.micro_batch_predictions`, `layers.gather_positions` with groups): its
 bound covers the pool's exact binomial tail, and a step with it computes the full head's
-loss and gradient.
+loss and gradient. The vocabulary bias's gradient is a product with ones
+(`layers.add_vocab_bias`), not XLA:CPU's slow reduction over rows, and the same sum.
 """
 
 import functools
@@ -22,6 +23,7 @@ from mlm_jax import model as model_lib
 from mlm_jax import steps as steps_lib
 from mlm_jax import threefry
 from mlm_jax.models import FlaxAutoModelForMaskedLM
+from mlm_jax.models import layers
 
 # Random123's known-answer vectors for Threefry-2x32, 20 rounds: (key, counter, output).
 KNOWN_ANSWERS = (((0, 0), (0, 0), (0x6B200159, 0x99BA4EFE)),
@@ -55,6 +57,17 @@ def test_pooled_bound_covers_the_pools_exact_tail(rows, length, probability):
 
 def test_pooled_bound_of_one_row_is_the_rows_own():
   assert steps_lib.micro_batch_predictions(1, 64, 0.15, 30) == 30
+
+
+def test_vocabulary_bias_gradient_is_the_column_sum_taken_as_a_product():
+  gradient = np.random.default_rng(0).normal(size=(2, 3, 5)).astype(np.float32)
+  backward = jax.vjp(layers.add_vocab_bias, jnp.zeros((2, 3, 5)), jnp.zeros(5))[1]
+  jaxpr = jax.make_jaxpr(backward)(gradient)
+  logits_gradient, bias_gradient = backward(gradient)
+  np.testing.assert_array_equal(logits_gradient, gradient)
+  np.testing.assert_allclose(bias_gradient, gradient.sum(axis=(0, 1)), rtol=1e-6)
+  primitives = {equation.primitive.name for equation in jaxpr.jaxpr.eqns}
+  assert 'dot_general' in primitives and 'reduce_sum' not in primitives
 
 
 ROWS, LENGTH, VOCAB = 4, 16, 100
@@ -103,3 +116,4 @@ def test_pooled_masked_head_gives_the_full_heads_loss_and_gradient(model, full_h
   jax.tree_util.tree_map(
       functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-7), gradient,
       full_gradient)
+

@@ -138,7 +138,30 @@ def decode(module: nn.Module, hidden: Array, word_table: Array, *, tied: bool, d
   else:
     logits = dense(vocab_size, dtype, stddev, kernel_name, use_bias=False)(hidden)
   bias = module.param(bias_name, nn.initializers.zeros, (vocab_size,), jnp.float32)
-  return logits + bias.astype(dtype)
+  return add_vocab_bias(logits, bias.astype(dtype))
+
+
+@jax.custom_vjp
+def add_vocab_bias(logits: Array, bias: Array) -> Array:
+  """`logits + bias`, whose bias gradient (the sum of the logits' gradient over every row) is
+  a product with a row of ones rather than a reduction over rows: XLA:CPU's YNNPACK reduction
+  over rows slows down 100-fold from about 20,000 columns (a vocabulary's width: 1 s of a 15 s
+  distilroberta-base step), where the product takes milliseconds. The sum is float32."""
+  return logits + bias
+
+
+def _add_vocab_bias_forward(logits: Array, bias: Array) -> tuple[Array, None]:
+  return logits + bias, None
+
+
+def _add_vocab_bias_backward(_, gradient: Array) -> tuple[Array, Array]:
+  rows = gradient.reshape(-1, gradient.shape[-1])
+  ones = jnp.ones((1, rows.shape[0]), rows.dtype)
+  column_sums = jnp.dot(ones, rows, preferred_element_type=jnp.float32)[0]
+  return gradient, column_sums.astype(gradient.dtype)
+
+
+add_vocab_bias.defvjp(_add_vocab_bias_forward, _add_vocab_bias_backward)
 
 
 def segment_mask(segment_ids: Array | None) -> Array | None:
