@@ -144,17 +144,12 @@ def train_step(state: TrainState, ids: jax.Array, *, apply_fn: Callable,
       micro_step, (zeros, 0.0, 0.0),
       (jnp.arange(ids.shape[0]), inputs, predict_at, labels, weights))
   loss, grad_norm = loss_sum / total, optax.tree.norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  params, opt_state = optim.update_if_finite(tx, grads, state.opt_state, state.params, finite)
   keep_if_finite = lambda new, old: jax.tree_util.tree_map(
       lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = state.replace(
-      step=state.step + 1,
-      params=keep_if_finite(params, state.params),
-      opt_state=keep_if_finite(opt_state, state.opt_state),
-      nonfinite=jnp.where(finite, 0, state.nonfinite + 1))
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            nonfinite=jnp.where(finite, 0, state.nonfinite + 1))
   sums = keep_if_finite(metrics_lib.TrainSums(
       loss_sum=loss_sum, correct=correct, predicted_tokens=weights.sum(), masked_tokens=masked,
       grad_norm=grad_norm, updates=jnp.ones(())), metrics_lib.TrainSums.zeros())

@@ -5,13 +5,16 @@ known answers, and that the loop is really gone), and the masked-only head poole
 device's rows (`steps.micro_batch_predictions`, `layers.gather_positions` with groups): its
 bound covers the pool's exact binomial tail, and a step with it computes the full head's
 loss and gradient. The vocabulary bias's gradient is a product with ones
-(`layers.add_vocab_bias`), not XLA:CPU's slow reduction over rows, and the same sum.
+(`layers.add_vocab_bias`), not XLA:CPU's slow reduction over rows, and the same sum. The
+optimizer's one-pass update (`optim.ClippedAdamW.update_if_finite`) is optax's chain, clipped
+or not, and a non-finite step leaves every parameter, moment and count as it was.
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -20,6 +23,7 @@ from jax.extend.random import threefry_2x32
 
 from mlm_jax import masking
 from mlm_jax import model as model_lib
+from mlm_jax import optim
 from mlm_jax import steps as steps_lib
 from mlm_jax import threefry
 from mlm_jax.models import FlaxAutoModelForMaskedLM
@@ -117,3 +121,43 @@ def test_pooled_masked_head_gives_the_full_heads_loss_and_gradient(model, full_h
       functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-7), gradient,
       full_gradient)
 
+
+def _optimizer_and_params():
+  config = ml_collections.ConfigDict(dict(learning_rate=0.1, warmup_steps=0, lr_schedule='linear',
+                                          max_grad_norm=0.5, weight_decay=0.1))
+  tx, _ = optim.make_optimizer(config, total_steps=10)
+  rng = np.random.default_rng(0)
+  params = {'dense': {'kernel': rng.normal(size=(3, 4)), 'bias': rng.normal(size=4)},
+            'LayerNorm': {'scale': rng.normal(size=4)}}
+  return tx, jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+
+
+def _gradients(params, seed: int, scale: float):
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda p: jnp.asarray(rng.normal(size=p.shape) * scale, jnp.float32), params)
+
+
+@pytest.mark.parametrize('scale', [1e-2, 10.0])  # Global norm below, then above max_grad_norm.
+def test_one_pass_update_is_optaxs_chain(scale):
+  tx, params = _optimizer_and_params()
+  opt_state = tx.init(params)
+  fused = jax.jit(tx.update_if_finite)
+  for step in range(3):
+    grads = _gradients(params, step, scale)
+    updates, expected_state = tx.update(grads, opt_state, params)
+    expected_params = optax.apply_updates(params, updates)
+    params, opt_state = fused(grads, opt_state, params, jnp.bool_(True))
+    for got, want in ((params, expected_params), (opt_state, expected_state)):
+      jax.tree_util.tree_map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
+                             got, want)
+
+
+def test_one_pass_update_leaves_a_nonfinite_step_as_it_was():
+  tx, params = _optimizer_and_params()
+  grads = _gradients(params, 0, 1.0)
+  opt_state = tx.update_if_finite(grads, tx.init(params), params, jnp.bool_(True))[1]
+  grads['dense']['kernel'] = grads['dense']['kernel'].at[0, 0].set(jnp.nan)
+  new_params, new_state = jax.jit(tx.update_if_finite)(grads, opt_state, params, jnp.bool_(False))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, (new_params, new_state),
+                         (params, opt_state))
