@@ -5,13 +5,16 @@ known answers, and that the loop is really gone), and the masked-only head poole
 device's rows (`steps.micro_batch_predictions`, `layers.gather_positions` with groups): its
 bound covers the pool's exact binomial tail, and a step with it computes the full head's
 loss and gradient. The vocabulary bias's gradient is a product with ones
-(`layers.add_vocab_bias`), not XLA:CPU's slow reduction over rows, and the same sum. The
+(`layers.add_vocab_bias`), not XLA:CPU's slow reduction over rows, and the same sum.
+`layers.Dense` is flax's `nn.Dense` (parameters, forward, gradients), with no product over the
+leading dimension of both operands on CPU (XLA:CPU's slow path) in its backward. The
 optimizer's one-pass update (`optim.ClippedAdamW.update_if_finite`) is optax's chain, clipped
 or not, and a non-finite step leaves every parameter, moment and count as it was.
 """
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -72,6 +75,30 @@ def test_vocabulary_bias_gradient_is_the_column_sum_taken_as_a_product():
   np.testing.assert_allclose(bias_gradient, gradient.sum(axis=(0, 1)), rtol=1e-6)
   primitives = {equation.primitive.name for equation in jaxpr.jaxpr.eqns}
   assert 'dot_general' in primitives and 'reduce_sum' not in primitives
+
+
+@pytest.mark.parametrize('features', [8, 32])  # Narrower, then wider than the inputs' 16.
+def test_dense_is_flaxs_dense(features):
+  inputs = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 16)), jnp.float32)
+  ours = layers.dense(features, jnp.float32, 0.02, 'dense')
+  flax_dense = nn.Dense(features, param_dtype=jnp.float32, kernel_init=layers.normal(0.02))
+  params = ours.init(jax.random.PRNGKey(0), inputs)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params,
+                         flax_dense.init(jax.random.PRNGKey(0), inputs))
+  np.testing.assert_array_equal(ours.apply(params, inputs), flax_dense.apply(params, inputs))
+  loss = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+  jax.tree_util.tree_map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+                         jax.grad(loss(ours), argnums=(0, 1))(params, inputs),
+                         jax.grad(loss(flax_dense), argnums=(0, 1))(params, inputs))
+
+
+@pytest.mark.parametrize('features', [8, 32])
+def test_dense_backward_has_no_product_over_leading_dimensions_on_cpu(features):
+  inputs = jnp.ones((2, 8, 16))
+  dense = layers.dense(features, jnp.float32, 0.02, 'dense')
+  params = dense.init(jax.random.PRNGKey(0), inputs)
+  backward = jax.jit(jax.grad(lambda p, x: jnp.sum(dense.apply(p, x) ** 2)))
+  assert 'lhs_contracting_dims={0}' not in backward.lower(params, inputs).compile().as_text()
 
 
 ROWS, LENGTH, VOCAB = 4, 16, 100
