@@ -141,17 +141,17 @@ def torch_train_side(shape, torch) -> Side:
   """PyTorch eager RobertaForMaskedLM, the same config, batch and optimizer settings."""
   import transformers  # pylint: disable=import-outside-toplevel
   import train_step  # pylint: disable=import-outside-toplevel
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
   from mlm_jax import optim  # pylint: disable=import-outside-toplevel
   torch.manual_seed(SEED)
   config = train_step.model_config(shape)
   model = transformers.RobertaForMaskedLM(config).train()
   settings = train_step.optimizer_config()
-  no_decay = lambda name: name.endswith('bias') or optim._is_layer_norm(  # pylint: disable=protected-access
-      name.rsplit('.', 2)[-2])
-  groups = [{'params': [p for n, p in model.named_parameters() if not no_decay(n)],
-             'weight_decay': settings.weight_decay},
-            {'params': [p for n, p in model.named_parameters() if no_decay(n)],
-             'weight_decay': 0.0}]
+  named = dict(model.named_parameters())
+  decays = traverse_util.flatten_dict(optim.decay_mask(traverse_util.unflatten_dict(
+      {tuple(name.split('.')): None for name in named})))  # The package's decay mask, by name.
+  groups = [{'params': [p for n, p in named.items() if decays[tuple(n.split('.'))] == decay],
+             'weight_decay': settings.weight_decay if decay else 0.0} for decay in (True, False)]
   optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate, betas=(0.9, 0.999), eps=1e-8)
   warmup = settings.warmup_steps
   scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
