@@ -7,8 +7,8 @@ bound covers the pool's exact binomial tail, and a step with it computes the ful
 loss and gradient. The vocabulary bias's gradient is a product with ones
 (`layers.add_vocab_bias`), not XLA:CPU's slow reduction over rows, and the same sum.
 `layers.Dense` is flax's `nn.Dense` (parameters, forward, gradients), with no product over the
-leading dimension of both operands on CPU (XLA:CPU's slow path) in its backward. The
-optimizer's one-pass update (`optim.ClippedAdamW.update_if_finite`) is optax's chain, clipped
+leading dimension of both operands on CPU (XLA:CPU's slow path) in its backward. Exact GELU
+is computed with erf (PyTorch's form), not XLA's costlier erfc. The optimizer's one-pass update (`optim.ClippedAdamW.update_if_finite`) is optax's chain, clipped
 or not, and a non-finite step leaves every parameter, moment and count as it was.
 """
 
@@ -99,6 +99,12 @@ def test_dense_backward_has_no_product_over_leading_dimensions_on_cpu(features):
   params = dense.init(jax.random.PRNGKey(0), inputs)
   backward = jax.jit(jax.grad(lambda p, x: jnp.sum(dense.apply(p, x) ** 2)))
   assert 'lhs_contracting_dims={0}' not in backward.lower(params, inputs).compile().as_text()
+
+
+def test_gelu_is_exact_gelu_through_erf():
+  x, gelu = jnp.linspace(-8.0, 8.0, 1001), layers.activation('gelu')
+  np.testing.assert_allclose(gelu(x), jax.nn.gelu(x, approximate=False), atol=1e-6)
+  assert 'erfc' not in str(jax.make_jaxpr(jax.grad(lambda x: gelu(x).sum()))(x))
 
 
 ROWS, LENGTH, VOCAB = 4, 16, 100
