@@ -22,18 +22,17 @@ python3 -c 'import jax, jaxlib; print("jax", jax.__version__, "jaxlib", jaxlib._
 for stage in $STAGES; do
   echo "=== $stage"
   case $stage in
-    anchors128)  # The fast bf16 step (the proposed default) against every reference row, profiled.
-      step --dtype=bfloat16 --masked_head --impl=fast --compare --anchors="$ANCHORS" \
-        --json="$OUT/fast_bf16_128.json" --profile="$OUT/profile_fast_bf16_128" ;;
+    anchors128)  # The bf16 step with the masked-only head against every reference row, profiled.
+      step --dtype=bfloat16 --masked_head --compare --anchors="$ANCHORS" \
+        --json="$OUT/bf16_128.json" --profile="$OUT/profile_bf16_128" ;;
     variants128)  # What each lever is worth, at the same shape.
-      step --dtype=bfloat16 --masked_head --json="$OUT/transformers_bf16_128.json"
-      step --dtype=bfloat16 --impl=fast --json="$OUT/fast_bf16_fullhead_128.json"
-      step --masked_head --impl=fast --json="$OUT/fast_f32_128.json"
-      step --json="$OUT/transformers_f32_fullhead_128.json" ;;
+      step --dtype=bfloat16 --json="$OUT/bf16_fullhead_128.json"
+      step --masked_head --json="$OUT/f32_128.json"
+      step --json="$OUT/f32_fullhead_128.json" ;;
     seq512)
-      step --dtype=bfloat16 --masked_head --impl=fast --seq=512 --batch=32 --compare \
-        --anchors="$ANCHORS" --json="$OUT/fast_bf16_512.json" ;;
-    curves)  # float32 vs the bf16 fast step over a few hundred steps of the default run.
+      step --dtype=bfloat16 --masked_head --seq=512 --batch=32 --compare \
+        --anchors="$ANCHORS" --json="$OUT/bf16_512.json" ;;
+    curves)  # float32 vs the bf16 step over a few hundred steps of the default run.
       python3 benchmarks/loss_curves.py --out="$OUT/curves" --steps=400 2>&1 | tail -12 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

@@ -44,6 +44,7 @@ from mlm_jax.data import sources
 from mlm_jax import infer
 from mlm_jax import model as model_lib
 from mlm_jax.data import tokenizer as tokenizer_lib
+from mlm_jax.models import FlaxAutoModelForMaskedLM
 
 SEED = 0
 TOKENIZER_VOCAB = 4096  # configs/default.py's tokenizer_vocab_size.
@@ -111,7 +112,8 @@ def one_mask_texts(answers: Sequence[str], count: int, words: int) -> list[str]:
 
 
 def fresh_predictor(shape: ModelShape, answers: Sequence[str]) -> infer.Predictor:
-  tokenizer = tokenizer_lib.train_bpe_tokenizer(answers, TOKENIZER_VOCAB, model_max_length=model_lib.SCRATCH_MAX_LENGTH)
+  tokenizer = tokenizer_lib.train_bpe_tokenizer(answers, TOKENIZER_VOCAB,
+                                                model_max_length=model_lib.SCRATCH_MAX_LENGTH)
   config = transformers.RobertaConfig(
       vocab_size=shape.vocab or len(tokenizer), hidden_size=shape.hidden,
       num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
@@ -119,7 +121,7 @@ def fresh_predictor(shape: ModelShape, answers: Sequence[str]) -> infer.Predicto
       max_position_embeddings=model_lib.SCRATCH_MAX_LENGTH + tokenizer.pad_token_id + 1,
       type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=tokenizer.pad_token_id,
       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-  model = transformers.FlaxAutoModelForMaskedLM.from_config(config, seed=SEED)
+  model = FlaxAutoModelForMaskedLM.from_config(config, seed=SEED)
   return infer.Predictor(model, model.params, tokenizer)
 
 

@@ -1,8 +1,8 @@
 """Loss curves of the float32 step against a faster variant, on the same data and seed.
 
 Trains the same config twice with `run_train.py` (the package's real loop, data, masking
-and evaluation), once as the reference (float32, transformers' forward) and once as the
-variant (default: bfloat16 computation through `model_impl='fast'`), then plots both
+and evaluation), once as the reference (float32) and once as the variant (default:
+bfloat16 computation, `--attention` picking `config.attention_impl`), then plots both
 train-loss and eval-perplexity curves into one PNG and prints how far apart they are.
 Same seed, so both runs see the same batches, masks and dropout keys: what differs is
 the arithmetic alone, and the gap should be bf16 noise, not a trend.
@@ -18,7 +18,7 @@ import subprocess
 import sys
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-REFERENCE = {'dtype': 'float32', 'model_impl': 'transformers'}
+REFERENCE = {'dtype': 'float32', 'attention_impl': 'xla'}
 
 
 def parse_args() -> tuple[argparse.Namespace, list[str]]:
@@ -27,7 +27,7 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument('--out', required=True, help='folder for the two workdirs and the PNG')
   parser.add_argument('--steps', type=int, default=300)
   parser.add_argument('--dtype', default='bfloat16', help="the variant's config.dtype")
-  parser.add_argument('--impl', default='fast', help="the variant's config.model_impl")
+  parser.add_argument('--attention', default='xla', help="the variant's config.attention_impl")
   args, overrides = parser.parse_known_args()
   return args, overrides  # Extra --config.KEY=VALUE flags go to both runs.
 
@@ -83,9 +83,8 @@ def main() -> None:
   args, overrides = parse_args()
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  variant_fields = {'dtype': args.dtype, 'model_impl': args.impl}
-  names = {'reference': 'float32, transformers',
-           'variant': f'{args.dtype}, {args.impl}'}
+  variant_fields = {'dtype': args.dtype, 'attention_impl': args.attention}
+  names = {'reference': 'float32', 'variant': f'{args.dtype}, {args.attention} attention'}
   curves = {names['reference']: train(args.config, out / 'reference', args.steps, REFERENCE,
                                       overrides),
             names['variant']: train(args.config, out / 'variant', args.steps, variant_fields,

@@ -78,6 +78,8 @@ from mlm_jax import optim
 from mlm_jax import sharding
 from mlm_jax import steps as steps_lib
 from mlm_jax.data import tokenizer as tokenizer_lib
+from mlm_jax.models import FlaxAutoModelForMaskedLM
+from mlm_jax.models import layers
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 ANCHORS = REPO_ROOT.parent / 'shared' / 'bench' / 'anchors.py'
@@ -96,14 +98,14 @@ class Shape:
   batch: int  # Rows per device per step.
   dtype: str = 'float32'
   masked_head: bool = False  # The vocabulary head on masked positions only (config.masked_lm_head).
-  impl: str = 'transformers'  # The model's forward: transformers' module or fast_model's.
+  attention: str = 'xla'  # config.attention_impl: jax.nn.dot_product_attention's 'xla' or 'cudnn'.
   masking: str = 'token'  # config.masking: 'token' or 'whole_word'.
 
   def describe(self) -> str:
     return (f'{self.layers} layers, hidden {self.hidden}, {self.heads} heads, intermediate '
             f'{self.intermediate}, vocab {self.vocab}, seq {self.seq}, batch {self.batch}/device, '
             f'{self.dtype}, {"masked-only" if self.masked_head else "full"} vocabulary head, '
-            f'{self.impl} forward, {self.masking} masking')
+            f'{self.attention} attention, {self.masking} masking')
 
 
 PRESETS = {
@@ -129,9 +131,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(f'--{field}', type=int, default=None)
   parser.add_argument('--dtype', choices=sorted(model_lib.DTYPES), default=None,
                       help='computation dtype (parameters stay float32); default float32')
-  parser.add_argument('--impl', choices=model_lib.IMPLEMENTATIONS, default=None,
-                      help='the forward: transformers\' FlaxRobertaForMaskedLM or '
-                           'mlm_jax.fast_model (same parameters); default transformers')
+  parser.add_argument('--attention', choices=sorted(layers.ATTENTION_IMPLS), default=None,
+                      help='config.attention_impl (cudnn: GPU only); default xla')
   parser.add_argument('--masking', choices=masking.SCHEMES, default=None,
                       help='the masking scheme (config.masking); default token')
   parser.add_argument('--masked_head', action='store_true',
@@ -213,17 +214,17 @@ def build_step(shape: Shape, mesh: jax.sharding.Mesh,
   """(compiled steps, replicated train state, float32 params as initialised)."""
   config = model_config(shape)
   model_lib.check_block_size(shape.seq, config)
-  model = transformers.FlaxAutoModelForMaskedLM.from_config(
-      config, seed=SEED, dtype=model_lib.compute_dtype(shape.dtype))
+  model = FlaxAutoModelForMaskedLM.from_config(
+      config, seed=SEED, dtype=model_lib.compute_dtype(shape.dtype),
+      attention_impl=shape.attention)
   tx, schedule = optim.make_optimizer(optimizer_config(), total_steps)
   state, state_shardings = steps_lib.init_train_state(model, tx, SEED, mesh)
-  apply_fn, head_fn = model_lib.forward_fns(model, shape.impl)
   spec = masking_spec(shape)
   dispersion = masking.count_dispersion(random_ids(shape, 1024, np.random.default_rng(SEED))[0],
                                         spec)
   steps = steps_lib.compile_steps(
-      apply_fn, tx, schedule, spec, SEED, mesh, state_shardings,
-      head_fn=head_fn if shape.masked_head else None,
+      model, tx, schedule, spec, SEED, mesh, state_shardings,
+      head_fn=model_lib.head_fn(model) if shape.masked_head else None,
       max_predictions=model_lib.max_predictions(shape.seq, spec.probability, dispersion))
   return steps, state, model.params
 
@@ -248,8 +249,13 @@ def flop_params(params: Any, vocab: int, hidden: int) -> tuple[int, int]:
 
 
 def head_share(shape: Shape) -> float:
-  """The share of a row's tokens the vocabulary head runs on."""
-  return model_lib.max_predictions(shape.seq, 0.15) / shape.seq if shape.masked_head else 1.0
+  """The share of a device's tokens the vocabulary head runs on: with the masked-only head,
+  the bound of its rows pooled (`steps.micro_batch_predictions`)."""
+  if not shape.masked_head:
+    return 1.0
+  pooled = steps_lib.micro_batch_predictions(
+      shape.batch, shape.seq, 0.15, model_lib.max_predictions(shape.seq, 0.15))
+  return pooled / (shape.batch * shape.seq)
 
 
 def flops_per_token(params: Any, shape: Shape) -> float:

@@ -1,11 +1,18 @@
-"""The optimizer: AdamW with global-norm clipping, its learning-rate schedule and decay mask."""
+"""The optimizer: AdamW with global-norm clipping, its learning-rate schedule and decay mask.
 
+`make_optimizer` returns optax's chain (its state is what checkpoints hold) that also knows
+how to apply itself in one pass per parameter: `update_if_finite` is what the train step
+calls (see `ClippedAdamW`).
+"""
+
+import functools
 import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -69,14 +76,77 @@ def wsd_schedule(warm: optax.Schedule, warmup: int, config: ml_collections.Confi
   return optax.join_schedules([warm, stable, decay], [warmup, decay_start])
 
 
+class ClippedAdamW(optax.GradientTransformation):
+  """`optax.chain(clip_by_global_norm, adamw)`: its `init`, `update` and state, plus
+  `update_if_finite(grads, opt_state, params, finite) -> (params, opt_state)`, the same
+  arithmetic in one elementwise pass per parameter (parameter, moments and gradient read
+  once, each written once) that leaves everything as it was when `finite` is False.
+
+  Written with optax's pieces, XLA:CPU runs the update as several passes over every
+  parameter and moment, and the skip of a non-finite step, a select between the new and the
+  old state, keeps the old state alive beside the new (copies of the largest moments): 550
+  ms for the distilroberta-base word table alone, against 70 ms here. The skip here is in
+  the scalars instead: no learning rate, moments' decay 1 and their gradient weight 0.
+  """
+
+
 def make_optimizer(config: ml_collections.ConfigDict,
-                   total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+                   total_steps: int) -> tuple[ClippedAdamW, optax.Schedule]:
   schedule = make_schedule(config, total_steps)
-  tx = optax.chain(
-      optax.clip_by_global_norm(config.max_grad_norm),
-      optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.weight_decay,
-                  mask=decay_mask))
+  hyper = dict(b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.weight_decay)
+  chain = optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
+                      optax.adamw(schedule, mask=decay_mask, **hyper))
+  tx = ClippedAdamW(chain.init, chain.update)
+  tx.update_if_finite = functools.partial(_clipped_adamw_if_finite, schedule=schedule,
+                                          max_norm=config.max_grad_norm, **hyper)
   return tx, schedule
+
+
+def update_if_finite(tx: optax.GradientTransformation, grads: Any, opt_state: Any, params: Any,
+                     finite: jax.Array) -> tuple[Any, Any]:
+  """(params, opt_state) after `tx`'s update, or as they were where `finite` is False."""
+  fused = getattr(tx, 'update_if_finite', None)
+  if fused is not None:
+    return fused(grads, opt_state, params, finite)
+  updates, new_opt_state = tx.update(grads, opt_state, params)
+  keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+  return keep(optax.apply_updates(params, updates), params), keep(new_opt_state, opt_state)
+
+
+def _clipped_adamw_if_finite(grads, opt_state, params, finite, *, schedule, max_norm, b1, b2, eps,
+                             weight_decay):
+  """`ClippedAdamW.update_if_finite`: optax's operations in optax's order, so that a finite
+  step's results are optax's (to rounding, where the gradient is clipped)."""
+  clip_state, (adam, masked, lr_state) = opt_state
+  norm = optax.tree.norm(grads)
+  count = optax.safe_increment(adam.count)  # The bias corrections' count, as optax's.
+  mu_decay, nu_decay = jnp.where(finite, b1, 1.0), jnp.where(finite, b2, 1.0)
+  mu_weight = jnp.where(finite, np.float32(1 - b1), 0.0)
+  nu_weight = jnp.where(finite, np.float32(1 - b2), 0.0)
+  mu_correction = (1 - b1 ** count).astype(jnp.float32)
+  nu_correction = (1 - b2 ** count).astype(jnp.float32)
+  step_size = jnp.where(finite, -1 * schedule(lr_state.count), 0.0)
+
+  # Clipping multiplies by max_norm / norm where optax divides by the norm, then multiplies:
+  # the same to rounding, and a division per element would be written out as one more pass.
+  clip = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+
+  def leaf(param, mu, nu, grad, decays):
+    grad = jnp.where(finite, grad * clip.astype(grad.dtype), 0.0)  # 0 x NaN would be NaN.
+    mu = mu_weight * grad + mu_decay * mu
+    nu = nu_weight * grad ** 2 + nu_decay * nu
+    update = (mu / mu_correction) / (jnp.sqrt(nu / nu_correction + 0.0) + eps)
+    if decays:
+      update = update + weight_decay * param
+    return param + (step_size.astype(update.dtype) * update).astype(param.dtype), mu, nu
+
+  treedef = jax.tree_util.tree_structure(params)
+  new = treedef.flatten_up_to(jax.tree_util.tree_map(leaf, params, adam.mu, adam.nu, grads,
+                                                     decay_mask(params)))
+  new_params, mu, nu = (treedef.unflatten(list(column)) for column in zip(*new))
+  advance = lambda c: jnp.where(finite, optax.safe_increment(c), c)
+  adam = adam._replace(count=advance(adam.count), mu=mu, nu=nu)
+  return new_params, (clip_state, (adam, masked, lr_state._replace(count=advance(lr_state.count))))
 
 
 def applied_learning_rate(schedule: optax.Schedule, opt_state: Any) -> jax.Array:

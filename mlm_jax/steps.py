@@ -8,6 +8,7 @@ run continues exactly where the interrupted one was.
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -22,6 +23,7 @@ from mlm_jax import metrics as metrics_lib
 from mlm_jax import model as model_lib
 from mlm_jax import optim
 from mlm_jax import sharding
+from mlm_jax import threefry
 
 EVAL_STREAM = 1  # Eval masking draws from fold_in(PRNGKey(seed), EVAL_STREAM), fixed.
 
@@ -83,18 +85,38 @@ def document_ids(ids: jax.Array, sep_id: int) -> jax.Array:
   return jnp.cumsum(is_sep, axis=-1) - is_sep
 
 
+def micro_batch_predictions(rows: int, length: int, probability: float,
+                            row_bound: int) -> int:
+  """Tokens that `rows` rows of `length` pooled predict with the masked-only head, from the
+  bound of one row (`model.max_predictions`): their mean plus sqrt(rows) times the row's
+  margin over its mean, as a sum of independent rows spreads by sqrt(rows) times one row's
+  spread.
+
+  The pool then overflows less often than a row overflows its own bound (its count is
+  closer to normal than a row's), and the head runs on 2.3x fewer tokens than with a bound
+  per row at 32 x 64 tokens (423 instead of 960; the exact 1e-9 bound of the pool is 408).
+  """
+  mean = length * probability
+  pooled = math.ceil(rows * mean + math.sqrt(rows) * (row_bound - mean))
+  return max(1, min(rows * row_bound, pooled))
+
+
 def train_step(state: TrainState, ids: jax.Array, *, apply_fn: Callable,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                spec: masking.MaskingSpec, head_fn: Callable | None = None,
                max_predictions: int = 0,
+               prediction_groups: int = 1,
                sep_id: int | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step over a [grad_accum_steps, rows, length] batch of token ids.
 
   The loss is the mean cross-entropy over all masked tokens of all micro-batches,
   so k accumulated micro-batches give the gradient of one batch k times larger.
-  With `head_fn` (see `model.head_fn`) the vocabulary head runs only on the
-  `max_predictions` masked tokens of each row. With `sep_id` attention stays within each
-  document (`document_ids`). A non-finite loss or gradient skips the update and is counted.
+  With `head_fn` (see `model.head_fn`) the vocabulary head runs only on the masked
+  tokens: those of each of `prediction_groups` groups of a micro-batch's rows (one per
+  device, so that each device's head runs on its own rows) pooled, at most
+  `micro_batch_predictions(rows in the group, ..., max_predictions)` of them. With `sep_id`
+  attention stays within each document (`document_ids`). A non-finite loss or gradient skips
+  the update and is counted.
 
   Returns the new state and the step's metrics: `sums` (a `metrics.TrainSums`, zero for a
   skipped step, to be added up over a log interval), `nonfinite` (consecutive skipped
@@ -106,10 +128,13 @@ def train_step(state: TrainState, ids: jax.Array, *, apply_fn: Callable,
   masked = weights.sum()
   if head_fn is None:
     predict_at = jnp.zeros(ids.shape[:2] + (0,), jnp.int32)  # Unused: every token.
-  else:  # The indices of each row's masked tokens first (weight 1 sorts before 0).
-    predict_at = jax.lax.top_k(weights, max_predictions)[1]
-    labels = jnp.take_along_axis(labels, predict_at, axis=-1)
-    weights = jnp.take_along_axis(weights, predict_at, axis=-1)
+  else:  # Each device's masked tokens first (weight 1 sorts before 0), as flat indices.
+    pooled = lambda x: x.reshape(x.shape[0], prediction_groups, -1)
+    bound = micro_batch_predictions(ids.shape[1] // prediction_groups, ids.shape[2],
+                                    spec.probability, max_predictions)
+    predict_at = jax.lax.top_k(pooled(weights), bound)[1]
+    labels = jnp.take_along_axis(pooled(labels), predict_at, axis=-1)
+    weights = jnp.take_along_axis(pooled(weights), predict_at, axis=-1)
   total = jnp.maximum(weights.sum(), 1.0)
   segments = None if sep_id is None else document_ids(ids, sep_id)
 
@@ -139,17 +164,12 @@ def train_step(state: TrainState, ids: jax.Array, *, apply_fn: Callable,
       micro_step, (zeros, 0.0, 0.0),
       (jnp.arange(ids.shape[0]), inputs, predict_at, labels, weights, segments))
   loss, grad_norm = loss_sum / total, optax.tree.norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  params, opt_state = optim.update_if_finite(tx, grads, state.opt_state, state.params, finite)
   keep_if_finite = lambda new, old: jax.tree_util.tree_map(
       lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = state.replace(
-      step=state.step + 1,
-      params=keep_if_finite(params, state.params),
-      opt_state=keep_if_finite(opt_state, state.opt_state),
-      nonfinite=jnp.where(finite, 0, state.nonfinite + 1))
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            nonfinite=jnp.where(finite, 0, state.nonfinite + 1))
   sums = keep_if_finite(metrics_lib.TrainSums(
       loss_sum=loss_sum, correct=correct, predicted_tokens=weights.sum(), masked_tokens=masked,
       grad_norm=grad_norm, updates=jnp.ones(())), metrics_lib.TrainSums.zeros())
@@ -191,6 +211,7 @@ def compile_steps(apply_fn: Callable, tx: optax.GradientTransformation,
   vocabulary head for training; evaluation always scores every masked token. `sep_id`
   (see `run.document_separator`) keeps attention within documents in both steps.
   """
+  threefry.install()  # The same random bits, without a rolled loop per draw on CPU.
   replicated = sharding.replicated(mesh)
   if state_shardings is None:
     state_shardings = replicated
@@ -199,7 +220,8 @@ def compile_steps(apply_fn: Callable, tx: optax.GradientTransformation,
     params_shardings = state_shardings.params
   train = jax.jit(
       functools.partial(train_step, apply_fn=apply_fn, tx=tx, schedule=schedule, spec=spec,
-                        head_fn=head_fn, max_predictions=max_predictions, sep_id=sep_id),
+                        head_fn=head_fn, max_predictions=max_predictions,
+                        prediction_groups=mesh.size, sep_id=sep_id),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh, batch_axis=1)),
       out_shardings=(state_shardings, replicated), donate_argnums=0)
   eval_rng = jax.random.fold_in(jax.random.PRNGKey(seed), EVAL_STREAM)

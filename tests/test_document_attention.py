@@ -135,7 +135,9 @@ def _step_logits(model, batches, sep_id, step):
       steps.train(steps_lib.create_train_state(params, tx, seed=0), ids[None])
   jax.effects_barrier()
   assert len(recorder.seen) == len(batches)
-  return [(logits, np.take_along_axis(_documents(ids), predict_at, axis=1))
+  # `predict_at` indexes each group of rows pooled (the masked-only head's), flattened.
+  return [(logits, np.take_along_axis(_documents(ids).reshape(len(predict_at), -1), predict_at,
+                                      axis=1))
           for ids, (logits, predict_at) in zip(batches, recorder.seen)]
 
 

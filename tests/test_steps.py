@@ -170,9 +170,9 @@ def test_summarize_train_weighs_every_token_of_the_interval():
 _VOCAB = 37
 
 
-def _token_logits(ids, params, train):
+def _token_logits(ids, params, train, segment_ids=None):
   """A model whose logits depend on the input token: losses differ from token to token."""
-  del train
+  del train, segment_ids
 
   class Output:
     logits = params['table'][ids]

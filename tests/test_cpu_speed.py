@@ -1,0 +1,196 @@
+"""What the CPU speed-ups of the train step must not change (BENCHMARKS.md, *CPU against PyTorch*).
+
+Guards the random bits (Threefry written out on CPU, `mlm_jax.threefry`: the Random123
+known answers, and that the loop is really gone), and the masked-only head pooled over each
+device's rows (`steps.micro_batch_predictions`, `layers.gather_positions` with groups): its
+bound covers the pool's exact binomial tail, and a step with it computes the full head's
+loss and gradient. The vocabulary bias's gradient is a product with ones
+(`layers.add_vocab_bias`), not XLA:CPU's slow reduction over rows, and the same sum.
+`layers.Dense` is flax's `nn.Dense` (parameters, forward, gradients), with no product over the
+leading dimension of both operands on CPU (XLA:CPU's slow path) in its backward. Exact GELU
+is computed with erf (PyTorch's form), not XLA's costlier erfc. The optimizer's one-pass update (`optim.ClippedAdamW.update_if_finite`) is optax's chain, clipped
+or not, and a non-finite step leaves every parameter, moment and count as it was.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+import transformers
+from jax.extend.random import threefry_2x32
+
+from mlm_jax import masking
+from mlm_jax import model as model_lib
+from mlm_jax import optim
+from mlm_jax import steps as steps_lib
+from mlm_jax import threefry
+from mlm_jax.models import FlaxAutoModelForMaskedLM
+from mlm_jax.models import layers
+
+# Random123's known-answer vectors for Threefry-2x32, 20 rounds: (key, counter, output).
+KNOWN_ANSWERS = (((0, 0), (0, 0), (0x6B200159, 0x99BA4EFE)),
+                 ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), (0x1CB996FC, 0xBB002BE7)),
+                 ((0x13198A2E, 0x03707344), (0x243F6A88, 0x85A308D3), (0xC4923A9C, 0x483DF7A0)))
+
+
+@pytest.fixture(scope='module', autouse=True)
+def written_out_threefry():
+  assert threefry.install()
+
+
+@pytest.mark.parametrize('key, counter, expected', KNOWN_ANSWERS)
+def test_written_out_threefry_gives_the_known_answers(key, counter, expected):
+  out = jax.jit(threefry_2x32)(jnp.asarray(key, jnp.uint32), jnp.asarray(counter, jnp.uint32))
+  assert [int(x) for x in out] == list(expected)
+
+
+def test_random_bits_lower_without_a_loop_on_cpu():
+  lowered = jax.jit(lambda key: jax.random.bits(key, (4, 8))).lower(jax.random.PRNGKey(0))
+  assert 'while' not in lowered.as_text()
+
+
+@pytest.mark.parametrize('rows, length, probability', [(32, 64, 0.15), (8, 128, 0.15),
+                                                       (4, 32, 0.3), (16, 16, 0.15)])
+def test_pooled_bound_covers_the_pools_exact_tail(rows, length, probability):
+  row_bound = model_lib.max_predictions(length, probability)
+  pooled = steps_lib.micro_batch_predictions(rows, length, probability, row_bound)
+  assert model_lib.max_predictions(rows * length, probability) <= pooled < rows * row_bound
+
+
+def test_pooled_bound_of_one_row_is_the_rows_own():
+  assert steps_lib.micro_batch_predictions(1, 64, 0.15, 30) == 30
+
+
+def test_vocabulary_bias_gradient_is_the_column_sum_taken_as_a_product():
+  gradient = np.random.default_rng(0).normal(size=(2, 3, 5)).astype(np.float32)
+  backward = jax.vjp(layers.add_vocab_bias, jnp.zeros((2, 3, 5)), jnp.zeros(5))[1]
+  jaxpr = jax.make_jaxpr(backward)(gradient)
+  logits_gradient, bias_gradient = backward(gradient)
+  np.testing.assert_array_equal(logits_gradient, gradient)
+  np.testing.assert_allclose(bias_gradient, gradient.sum(axis=(0, 1)), rtol=1e-6)
+  primitives = {equation.primitive.name for equation in jaxpr.jaxpr.eqns}
+  assert 'dot_general' in primitives and 'reduce_sum' not in primitives
+
+
+@pytest.mark.parametrize('features', [8, 32])  # Narrower, then wider than the inputs' 16.
+def test_dense_is_flaxs_dense(features):
+  inputs = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 16)), jnp.float32)
+  ours = layers.dense(features, jnp.float32, 0.02, 'dense')
+  flax_dense = nn.Dense(features, param_dtype=jnp.float32, kernel_init=layers.normal(0.02))
+  params = ours.init(jax.random.PRNGKey(0), inputs)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params,
+                         flax_dense.init(jax.random.PRNGKey(0), inputs))
+  np.testing.assert_array_equal(ours.apply(params, inputs), flax_dense.apply(params, inputs))
+  loss = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+  jax.tree_util.tree_map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+                         jax.grad(loss(ours), argnums=(0, 1))(params, inputs),
+                         jax.grad(loss(flax_dense), argnums=(0, 1))(params, inputs))
+
+
+@pytest.mark.parametrize('features', [8, 32])
+def test_dense_backward_has_no_product_over_leading_dimensions_on_cpu(features):
+  inputs = jnp.ones((2, 8, 16))
+  dense = layers.dense(features, jnp.float32, 0.02, 'dense')
+  params = dense.init(jax.random.PRNGKey(0), inputs)
+  backward = jax.jit(jax.grad(lambda p, x: jnp.sum(dense.apply(p, x) ** 2)))
+  assert 'lhs_contracting_dims={0}' not in backward.lower(params, inputs).compile().as_text()
+
+
+def test_gelu_is_exact_gelu_through_erf():
+  x, gelu = jnp.linspace(-8.0, 8.0, 1001), layers.activation('gelu')
+  np.testing.assert_allclose(gelu(x), jax.nn.gelu(x, approximate=False), atol=1e-6)
+  assert 'erfc' not in str(jax.make_jaxpr(jax.grad(lambda x: gelu(x).sum()))(x))
+
+
+ROWS, LENGTH, VOCAB = 4, 16, 100
+
+
+@pytest.fixture(scope='module')
+def model():
+  config = transformers.RobertaConfig(
+      vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+      intermediate_size=64, max_position_embeddings=LENGTH + 2, type_vocab_size=1,
+      pad_token_id=1, bos_token_id=0, eos_token_id=2)
+  return FlaxAutoModelForMaskedLM.from_config(config, seed=0)
+
+
+def _gradient_and_loss(model, groups: int | None):
+  """One SGD step at rate 1 (the update is the gradient) and its loss: the full head
+  (`groups=None`) or the masked-only head pooled over `groups` groups of rows."""
+  spec = masking.MaskingSpec(mask_token_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=VOCAB)
+  schedule = optax.constant_schedule(1.0)
+  tx = optax.sgd(schedule)
+  step = functools.partial(
+      steps_lib.train_step, apply_fn=model, tx=tx, schedule=schedule, spec=spec,
+      head_fn=None if groups is None else model_lib.head_fn(model),
+      max_predictions=model_lib.max_predictions(LENGTH, spec.probability),
+      prediction_groups=groups or 1)
+  state = steps_lib.create_train_state(model.params, tx, seed=0)
+  ids = np.random.default_rng(0).integers(5, VOCAB, (1, ROWS, LENGTH), dtype=np.int32)
+  new_state, metrics = jax.jit(step)(state, ids)
+  gradient = jax.tree_util.tree_map(lambda b, a: np.asarray(b) - np.asarray(a), state.params,
+                                    new_state.params)
+  sums = metrics['sums']
+  return gradient, float(sums.loss_sum), float(sums.predicted_tokens)
+
+
+@pytest.fixture(scope='module')
+def full_head(model):
+  return _gradient_and_loss(model, None)
+
+
+@pytest.mark.parametrize('groups', [1, 2])
+def test_pooled_masked_head_gives_the_full_heads_loss_and_gradient(model, full_head, groups):
+  full_gradient, full_loss, full_count = full_head
+  gradient, loss, count = _gradient_and_loss(model, groups)
+  assert count == full_count > 0
+  np.testing.assert_allclose(loss, full_loss, rtol=1e-5)
+  jax.tree_util.tree_map(
+      functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-7), gradient,
+      full_gradient)
+
+
+def _optimizer_and_params():
+  config = ml_collections.ConfigDict(dict(learning_rate=0.1, warmup_steps=0, lr_schedule='linear',
+                                          max_grad_norm=0.5, weight_decay=0.1))
+  tx, _ = optim.make_optimizer(config, total_steps=10)
+  rng = np.random.default_rng(0)
+  params = {'dense': {'kernel': rng.normal(size=(3, 4)), 'bias': rng.normal(size=4)},
+            'LayerNorm': {'scale': rng.normal(size=4)}}
+  return tx, jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+
+
+def _gradients(params, seed: int, scale: float):
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda p: jnp.asarray(rng.normal(size=p.shape) * scale, jnp.float32), params)
+
+
+@pytest.mark.parametrize('scale', [1e-2, 10.0])  # Global norm below, then above max_grad_norm.
+def test_one_pass_update_is_optaxs_chain(scale):
+  tx, params = _optimizer_and_params()
+  opt_state = tx.init(params)
+  fused = jax.jit(tx.update_if_finite)
+  for step in range(3):
+    grads = _gradients(params, step, scale)
+    updates, expected_state = tx.update(grads, opt_state, params)
+    expected_params = optax.apply_updates(params, updates)
+    params, opt_state = fused(grads, opt_state, params, jnp.bool_(True))
+    for got, want in ((params, expected_params), (opt_state, expected_state)):
+      jax.tree_util.tree_map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
+                             got, want)
+
+
+def test_one_pass_update_leaves_a_nonfinite_step_as_it_was():
+  tx, params = _optimizer_and_params()
+  grads = _gradients(params, 0, 1.0)
+  opt_state = tx.update_if_finite(grads, tx.init(params), params, jnp.bool_(True))[1]
+  grads['dense']['kernel'] = grads['dense']['kernel'].at[0, 0].set(jnp.nan)
+  new_params, new_state = jax.jit(tx.update_if_finite)(grads, opt_state, params, jnp.bool_(False))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, (new_params, new_state),
+                         (params, opt_state))
