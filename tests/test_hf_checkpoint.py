@@ -21,6 +21,7 @@ from flax import serialization
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
+from mlm_jax.data import tokenizer as tokenizer_lib
 from mlm_jax.errors import UserError
 from mlm_jax.models import FlaxAutoModelForMaskedLM
 from tests.conftest import ROOT
@@ -246,3 +247,13 @@ def test_parameters_are_float32_when_computing_in_bfloat16(saved):
   assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(model.params)} == {np.dtype('float32')}
   ids = np.arange(3, 13)[None]
   assert model(ids).logits.dtype == jnp.bfloat16
+
+
+def test_a_model_directory_without_tokenizer_files_is_one_line(saved):
+  """A model saved alone (as `save_pretrained` does): transformers 5's AutoTokenizer fails
+  on it deep inside; the run says what is missing and what to pass."""
+  _, directory = saved
+  with pytest.raises(UserError, match=r"has no tokenizer files \(tokenizer.json, "
+                     r"tokenizer_config.json, ...\); save the tokenizer there, or pass "
+                     r"--config.tokenizer_name$"):
+    tokenizer_lib.load_pretrained_tokenizer(directory)
