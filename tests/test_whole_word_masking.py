@@ -317,9 +317,9 @@ def test_the_steps_micro_batches_mask_like_the_whole_batch():
     np.testing.assert_array_equal(np.asarray(part).reshape(full.shape), full, err_msg=name)
 
 
-def _uniform_logits(ids, params, train):
+def _uniform_logits(ids, params, train, segment_ids=None):
   """A 'model' whose logits are `params['vocab']` everywhere."""
-  del train
+  del train, segment_ids
 
   class Output:
     logits = jnp.broadcast_to(params['vocab'], ids.shape + params['vocab'].shape)
