@@ -4,21 +4,25 @@ The checkpoint is saved as the hub's is (config.json, model.safetensors and a by
 tokenizer with ModernBERT's [CLS] ... [SEP] template and its special tokens at the end of
 the vocabulary), then trained with the recipe's settings (masking rate 0.3, the wsd
 schedule, document-aware attention) plus whole-word masking and bfloat16, resumed,
-evaluated, exported and used for fill-mask, which must equal PyTorch's pipeline on the
+evaluated without training, exported and used for fill-mask, which must equal PyTorch's pipeline on the
 export where torch is installed.
 """
 
+import copy
 import os
+import shutil
 
 import numpy as np
 import pytest
 import transformers
 
 from mlm_jax import checkpoint
+from mlm_jax import evaluation
 from mlm_jax import infer
 from mlm_jax import masking
 from mlm_jax import metric_writers
 from mlm_jax import train
+from mlm_jax.errors import UserError
 from tests import tiny_models
 from tests.conftest import load_config
 
@@ -100,3 +104,25 @@ def test_the_export_fills_masks_as_the_pytorch_pipeline(run):
     assert [f['token'] for f in fills] == [f['token'] for f in expected], text
     np.testing.assert_allclose([f['score'] for f in fills], [f['score'] for f in expected],
                                rtol=0, atol=1e-4)
+
+
+def test_evaluation_without_training_gives_the_runs_last_perplexity(run):
+  config, workdir, summary = run
+  figures = evaluation.evaluate_model(config, workdir, log=lambda _: None)
+  assert figures['eval_perplexity'] == pytest.approx(summary['perplexity_after'], rel=1e-6)
+
+
+def test_the_run_resumes_from_its_checkpoint(run, tmp_path):
+  config, workdir, _ = run
+  resumed = str(shutil.copytree(workdir, tmp_path / 'resumed'))
+  longer = copy.deepcopy(config)
+  longer.num_train_steps, longer.replan_schedule = 15, True
+  assert train.train_and_evaluate(longer, resumed)['steps_this_run'] == 3
+
+
+def test_a_block_longer_than_its_positions_is_one_line(checkpoint_dir, tmp_path):
+  config = recipe(checkpoint_dir, str(tmp_path / 'cache'))
+  config.block_size = 65  # The tiny model has 64 positions.
+  with pytest.raises(UserError, match=r'block_size=65 is outside what the model allows '
+                     r'\(1..64\); set --config.block_size to at most 64'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
