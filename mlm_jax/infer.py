@@ -3,8 +3,8 @@
 A model comes from a training workdir (its orbax checkpoint: the latest or a given
 step; its parameters only), an HF-format directory (such as a workdir's export) or a
 hub id. Texts run `batch_size` at a time through one jit-compiled forward pass, results
-streamed out batch by batch; rows and length are bucketed to powers of two so the
-compiled function is reused. A text longer than the model's position embeddings is
+streamed out batch by batch; rows and length are bucketed (`_bucket`) so the compiled
+function is reused. A text longer than the model's position embeddings is
 refused by its number.
 """
 
@@ -38,6 +38,8 @@ class Predictor:
   tokenizer: Any
 
   def __post_init__(self):
+    # On the device once, not sent with every batch (330 MB at distilroberta-base size).
+    self.params = jax.device_put(self.params)
     # One function object per predictor, so the jit cache keyed on it is reused.
     head = model_lib.head_fn(self.model)
     self.logits_fn = lambda params, ids, mask, predict_at: head(ids, predict_at, params, False,
@@ -84,8 +86,13 @@ def _load_workdir(workdir: str, step: int | None, **kwargs) -> Predictor:
 
 
 def _bucket(n: int, minimum: int = 8) -> int:
-  """The next power of two at or above n, so few shapes are compiled."""
-  return max(minimum, 1 << (n - 1).bit_length())
+  """n rounded up to one of 8 sizes per power of two (multiples of 8 up to 64, of 16 up to
+  128, ...), at least `minimum`: padding by at most an eighth of the next power of two, where
+  rounding up to that power pads up to 2x (64 for texts of at most 42 tokens: a third of the
+  forward wasted), and still few compiled shapes."""
+  n = max(n, minimum)
+  step = max(minimum, 1 << max(0, (n - 1).bit_length() - 3))
+  return -(-n // step) * step
 
 
 @functools.partial(jax.jit, static_argnames=('logits_fn', 'top_k'))
@@ -185,8 +192,8 @@ class PaddedBatch:
 
 def padded_batches(tokenizer, encoded: list[list[int]],
                    batch_size: int) -> Iterator[PaddedBatch]:
-  """The texts in order, `batch_size` at a time; rows and length bucketed to powers of two
-  (rows at most `batch_size`) so few shapes are compiled."""
+  """The texts in order, `batch_size` at a time; rows and length bucketed (`_bucket`; rows at
+  most `batch_size`) so few shapes are compiled."""
   for start in range(0, len(encoded), batch_size):
     chunk = encoded[start:start + batch_size]
     mask_at = [np.flatnonzero(np.asarray(seq) == tokenizer.mask_token_id) for seq in chunk]

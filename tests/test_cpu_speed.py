@@ -10,6 +10,7 @@ loss and gradient. The vocabulary bias's gradient is a product with ones
 leading dimension of both operands on CPU (XLA:CPU's slow path) in its backward. Exact GELU
 is computed with erf (PyTorch's form), not XLA's costlier erfc. The optimizer's one-pass update (`optim.ClippedAdamW.update_if_finite`) is optax's chain, clipped
 or not, and a non-finite step leaves every parameter, moment and count as it was.
+Fill-mask pads to one of 8 lengths per power of two (`infer._bucket`).
 """
 
 import functools
@@ -24,6 +25,7 @@ import pytest
 import transformers
 from jax.extend.random import threefry_2x32
 
+from mlm_jax import infer
 from mlm_jax import masking
 from mlm_jax import model as model_lib
 from mlm_jax import optim
@@ -194,3 +196,12 @@ def test_one_pass_update_leaves_a_nonfinite_step_as_it_was():
   new_params, new_state = jax.jit(tx.update_if_finite)(grads, opt_state, params, jnp.bool_(False))
   jax.tree_util.tree_map(np.testing.assert_array_equal, (new_params, new_state),
                          (params, opt_state))
+
+
+def test_fill_mask_pads_by_at_most_an_eighth_of_the_next_power_of_two():
+  assert infer._bucket(42) == 48 and infer._bucket(5) == 8 and infer._bucket(1, minimum=1) == 1
+  for n in range(1, 513):
+    next_power = 1 << (n - 1).bit_length()
+    assert n <= infer._bucket(n) < n + max(8, next_power // 8)
+  assert len({infer._bucket(n) for n in range(1, 513)}) <= 48  # Few compiled shapes.
+
