@@ -41,6 +41,7 @@ def _print_fills(texts, fills, as_json: bool) -> None:
 
 def main(argv):
   del argv
+  cli.use_compilation_cache()  # A model seen before runs without compiling again.
   cli.quiet_libraries()
   def fill_and_print():
     texts, fills = cli.fill_mask(FLAGS.model, FLAGS.text, FLAGS.input_file, FLAGS.top_k,

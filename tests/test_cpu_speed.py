@@ -10,7 +10,8 @@ loss and gradient. The vocabulary bias's gradient is a product with ones
 leading dimension of both operands on CPU (XLA:CPU's slow path) in its backward. Exact GELU
 is computed with erf (PyTorch's form), not XLA's costlier erfc. The optimizer's one-pass update (`optim.ClippedAdamW.update_if_finite`) is optax's chain, clipped
 or not, and a non-finite step leaves every parameter, moment and count as it was.
-Fill-mask pads to one of 8 lengths per power of two (`infer._bucket`).
+Fill-mask pads to one of 8 lengths per power of two (`infer._bucket`), and its entry point
+keeps JAX's compiled programs in the package's cache folder (`cli.use_compilation_cache`).
 """
 
 import functools
@@ -25,6 +26,7 @@ import pytest
 import transformers
 from jax.extend.random import threefry_2x32
 
+from mlm_jax import cli
 from mlm_jax import infer
 from mlm_jax import masking
 from mlm_jax import model as model_lib
@@ -205,3 +207,24 @@ def test_fill_mask_pads_by_at_most_an_eighth_of_the_next_power_of_two():
     assert n <= infer._bucket(n) < n + max(8, next_power // 8)
   assert len({infer._bucket(n) for n in range(1, 513)}) <= 48  # Few compiled shapes.
 
+
+@pytest.fixture
+def no_compilation_cache():
+  saved = jax.config.jax_compilation_cache_dir
+  jax.config.update('jax_compilation_cache_dir', None)
+  yield
+  jax.config.update('jax_compilation_cache_dir', saved)
+
+
+def test_compilation_cache_is_in_the_package_cache_folder(no_compilation_cache, monkeypatch,
+                                                          tmp_path):
+  monkeypatch.setenv('MLM_JAX_CACHE', str(tmp_path))
+  cli.use_compilation_cache()
+  assert jax.config.jax_compilation_cache_dir == f'{tmp_path}/jax'
+
+
+def test_a_named_compilation_cache_wins(no_compilation_cache, monkeypatch, tmp_path):
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path / 'named'))
+  monkeypatch.setenv('MLM_JAX_CACHE', str(tmp_path))
+  cli.use_compilation_cache()
+  assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'named')
