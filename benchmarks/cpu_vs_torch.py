@@ -286,6 +286,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f'{torch.__version__} ({torch.get_num_threads()} threads), transformers '
         f'{transformers.__version__}; load average {load_average()}', flush=True)
   report = {'cores': os.cpu_count(), 'load_average_before': load_average()}
+  if report['load_average_before'][0] > os.cpu_count() / 2:
+    print(f'warning: other work is running (load average {report["load_average_before"][0]} on '
+          f'{os.cpu_count()} cores); PyTorch\'s threads slow down many-fold when the cores are '
+          'oversubscribed, so the ratios below say little', flush=True)
   for name in args.only:
     report[name] = (compare_fill_mask(args, torch) if name == 'fill-mask'
                     else compare_train(name, args, torch))
