@@ -25,8 +25,8 @@ is ours over theirs (above 1: the project is faster).
     `fill-mask` pipeline on the same directory (`batch_size=64`). Steady state: the first
     call of each side (ours compiles) is untimed.
 
-PyTorch runs with as many threads as the machine has cores (`torch.set_num_threads`), JAX on
-its CPU client, which uses every core. Torch is imported by this script only; without it the
+PyTorch runs with as many threads as the process has cores (`torch.set_num_threads`; `taskset`
+narrows them), JAX on its CPU client. Torch is imported by this script only; without it the
 script says so in one line and exits with status 2.
 
   python benchmarks/cpu_vs_torch.py                           # all four, a few minutes
@@ -55,6 +55,8 @@ import numpy as np
 GOALS = {'train-small': 1.3, 'train-small-full': None, 'train-base': 1.3, 'fill-mask': 1.5}
 COMPARISONS = tuple(GOALS)
 SEED = 0
+# The cores this process may run on (`taskset` narrows them); PyTorch gets a thread per core.
+CORES = len(os.sched_getaffinity(0))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -281,14 +283,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   import transformers  # pylint: disable=import-outside-toplevel
   warnings.filterwarnings('ignore', message='Some donated buffers were not usable')
   transformers.utils.logging.set_verbosity_error()
-  torch.set_num_threads(os.cpu_count())
-  print(f'{os.cpu_count()} CPU cores; jax {jax.__version__} ({jax.devices()[0].platform}), torch '
+  torch.set_num_threads(CORES)
+  print(f'{CORES} CPU cores; jax {jax.__version__} ({jax.devices()[0].platform}), torch '
         f'{torch.__version__} ({torch.get_num_threads()} threads), transformers '
         f'{transformers.__version__}; load average {load_average()}', flush=True)
-  report = {'cores': os.cpu_count(), 'load_average_before': load_average()}
-  if report['load_average_before'][0] > os.cpu_count() / 2:
+  report = {'cores': CORES, 'load_average_before': load_average()}
+  if report['load_average_before'][0] > CORES / 2:
     print(f'warning: other work is running (load average {report["load_average_before"][0]} on '
-          f'{os.cpu_count()} cores); PyTorch\'s threads slow down many-fold when the cores are '
+          f'{CORES} cores); PyTorch\'s threads slow down many-fold when the cores are '
           'oversubscribed, so the ratios below say little', flush=True)
   for name in args.only:
     report[name] = (compare_fill_mask(args, torch) if name == 'fill-mask'

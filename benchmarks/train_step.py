@@ -18,8 +18,10 @@ FLOPs the step executes (the standard full-model accounting, as in ../shared/ben
 with the head counted where it runs):
   flops_per_token = 6 * (N_body + N_head * head_share) + 12 * layers * seq * hidden
   N_body = every parameter outside the embedding tables and the LM head (encoder layers with
-      their biases and LayerNorms); N_head = the LM head's dense + LayerNorm + output bias +
-      the vocabulary projection (vocab * hidden: the decoder, tied to the word embeddings).
+      their biases and LayerNorms) but the last layer's past its attention's query, key and
+      value; N_head = those (which with the masked-only head run on its rows alone,
+      `layers.LayerStack`) + the LM head's dense + LayerNorm + output bias + the vocabulary
+      projection (vocab * hidden: the decoder, tied to the word embeddings).
   6 * N is the forward (2) + backward (4) matmul FLOPs per token; the second term is the
   attention scores (Q K^T) and context (A V): 2 * 2 * seq * hidden per token per layer
   forward, times 3 for forward + backward. head_share is 1 for the full head (the step
@@ -243,9 +245,12 @@ def flop_params(params: Any, vocab: int, hidden: int) -> tuple[int, int]:
   """(N_body, N_head) of the docstring."""
   flat = traverse_util.flatten_dict(params)
   size = lambda keep: sum(int(np.prod(v.shape)) for path, v in flat.items() if keep(path))
-  body = size(lambda path: 'embeddings' not in path and 'lm_head' not in path)
+  layer = lambda path: path[path.index('layer') + 1] if 'layer' in path else None
+  last = str(max(int(layer(path)) for path in flat if layer(path) is not None))
+  on_rows = lambda path: 'lm_head' in path or (layer(path) == last and 'self' not in path)
+  body = size(lambda path: 'embeddings' not in path and not on_rows(path))
   untied = any('decoder' in path for path in flat)  # An untied head counts itself below.
-  return body, size(lambda path: 'lm_head' in path) + (0 if untied else vocab * hidden)
+  return body, size(on_rows) + (0 if untied else vocab * hidden)
 
 
 def head_share(shape: Shape) -> float:
@@ -459,7 +464,8 @@ def print_report(r: dict, steps: int) -> None:
         f'(1/5/15 min) {r["load_average_before"]} before, {r["load_average_after"]} after')
   print(f'shape: {shape.describe()}')
   print(f'params: {r["params"] / 1e6:.2f}M total, N = {r["flop_params"] / 1e6:.2f}M for FLOPs '
-        f'(the head\'s counted on {head_share(shape):.0%} of the tokens, where it runs); '
+        f'(the head and the last layer past its attention counted on {head_share(shape):.0%} of '
+        f'the tokens, where they run); '
         f'{r["flops_per_token"] / 1e6:,.1f} MFLOP/token executed (6N + 12*L*s*h)')
   print(f'first step (compile + run): {r["first_step_s"]:.2f} s')
   print(f'step time ({steps} synced steps): median {r["step_ms_median"]:.2f} ms, '

@@ -8,13 +8,17 @@ loss and gradient. The vocabulary bias's gradient is a product with ones
 (`layers.add_vocab_bias`), not XLA:CPU's slow reduction over rows, and the same sum.
 `layers.Dense` is flax's `nn.Dense` (parameters, forward, gradients), with no product over the
 leading dimension of both operands on CPU (XLA:CPU's slow path) in its backward. Exact GELU
-is computed with erf (PyTorch's form), not XLA's costlier erfc. The optimizer's one-pass update (`optim.ClippedAdamW.update_if_finite`) is optax's chain, clipped
+is computed with erf (PyTorch's form), not XLA's costlier erfc. With `predict_at` the last
+encoder layer of every family but ALBERT computes only those rows past its attention
+(`layers.LayerStack`), with the whole layer's logits there, dropout on too (the same draws).
+The optimizer's one-pass update (`optim.ClippedAdamW.update_if_finite`) is optax's chain, clipped
 or not, and a non-finite step leaves every parameter, moment and count as it was.
 Fill-mask pads to one of 8 lengths per power of two (`infer._bucket`), and its entry point
 keeps JAX's compiled programs in the package's cache folder (`cli.use_compilation_cache`).
 """
 
 import functools
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -141,6 +145,38 @@ def _gradient_and_loss(model, groups: int | None):
                                     new_state.params)
   sums = metrics['sums']
   return gradient, float(sums.loss_sum), float(sums.predicted_tokens)
+
+
+GOLDENS = pathlib.Path(__file__).resolve().parent / 'goldens'
+# One fixture per family whose last layer computes only the predicted rows (ALBERT's shared
+# layers do not); each is PyTorch's tiny checkpoint, dropout 0.1 (ModernBERT's set below).
+ROW_FAMILIES = ('bert', 'roberta', 'distilbert', 'modernbert')
+
+
+@pytest.mark.parametrize('family', ROW_FAMILIES)
+def test_last_layer_on_the_predicted_rows_gives_the_whole_layers_logits_dropout_on(family):
+  """Breaks if a family's row path drops other units than the whole layer does (a dropout mask
+  drawn over the rows alone), or skips a part of the last layer."""
+  model = FlaxAutoModelForMaskedLM.from_pretrained(str(GOLDENS / family))
+  if family == 'modernbert':
+    model.config.attention_dropout = model.config.mlp_dropout = 0.1
+  length = 12  # Within every fixture's positions (RoBERTa's start after the padding id).
+  ids = np.random.default_rng(1).integers(5, model.config.vocab_size, (ROWS, length), np.int32)
+  attention_mask = np.ones_like(ids)
+  attention_mask[1, 10:] = 0
+  predict_at = np.array([[1, 5], [0, 9], [3, 3], [11, 2]], np.int32)
+
+  def logits(predict_at):
+    return model(ids, attention_mask=attention_mask, train=True, predict_at=predict_at,
+                 dropout_rng=jax.random.key(3)).logits
+  at, full = jax.jit(logits)(predict_at), jax.jit(logits)(None)
+  assert np.isfinite(full).all()
+  np.testing.assert_allclose(at, np.take_along_axis(np.asarray(full), predict_at[..., None], 1),
+                             rtol=1e-5, atol=1e-5)
+  shapes = {v.aval.shape for eqn in jax.make_jaxpr(logits)(predict_at).jaxpr.eqns
+            for v in eqn.outvars}
+  width = getattr(model.config, 'intermediate_size', None) or model.config.hidden_dim
+  assert (ROWS, 2, width) in shapes  # The last feed-forward runs on the 2 rows of each row.
 
 
 @pytest.fixture(scope='module')

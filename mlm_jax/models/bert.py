@@ -62,15 +62,18 @@ class SelfAttention(nn.Module):
 
 
 class DenseResidual(nn.Module):
-  """dense -> dropout -> LayerNorm(x + residual): the reference's SelfOutput and Output."""
+  """dense -> dropout -> LayerNorm(x + residual): the reference's SelfOutput and Output; the
+  rows at `predict_at` of a [batch, seq] layer (`full_shape`) where given (`layers.Dropout`)."""
   config: object
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, hidden: Array, residual: Array, deterministic: bool) -> Array:
+  def __call__(self, hidden: Array, residual: Array, deterministic: bool,
+               predict_at: Array | None = None, full_shape: tuple[int, ...] = ()) -> Array:
     cfg = self.config
     hidden = layers.dense(cfg.hidden_size, self.dtype, cfg.initializer_range, 'dense')(hidden)
-    hidden = nn.Dropout(cfg.hidden_dropout_prob)(hidden, deterministic)
+    hidden = layers.Dropout(cfg.hidden_dropout_prob, name='Dropout_0')(
+        hidden, deterministic, predict_at, full_shape)
     return layers.layer_norm(cfg.layer_norm_eps, self.dtype, 'LayerNorm')(hidden + residual)
 
 
@@ -80,10 +83,14 @@ class Attention(nn.Module):
   attention_impl: str = 'xla'
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
+  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+               predict_at: Array | None = None) -> Array:
+    """[batch, seq, hidden]; with `predict_at` only those rows go on past the attention."""
     attended = SelfAttention(self.config, self.dtype, self.attention_impl, name='self')(
         hidden, mask, deterministic)
-    return DenseResidual(self.config, self.dtype, name='output')(attended, hidden, deterministic)
+    return DenseResidual(self.config, self.dtype, name='output')(
+        layers.gather_positions(attended, predict_at), layers.gather_positions(hidden, predict_at),
+        deterministic, predict_at, hidden.shape)
 
 
 class Intermediate(nn.Module):
@@ -103,11 +110,13 @@ class Layer(nn.Module):
   attention_impl: str = 'xla'
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
+  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+               predict_at: Array | None = None) -> Array:
     attended = Attention(self.config, self.dtype, self.attention_impl, name='attention')(
-        hidden, mask, deterministic)
+        hidden, mask, deterministic, predict_at)
     inner = Intermediate(self.config, self.dtype, name='intermediate')(attended)
-    return DenseResidual(self.config, self.dtype, name='output')(inner, attended, deterministic)
+    return DenseResidual(self.config, self.dtype, name='output')(
+        inner, attended, deterministic, predict_at, hidden.shape)
 
 
 class Encoder(nn.Module):
@@ -116,25 +125,27 @@ class Encoder(nn.Module):
   attention_impl: str = 'xla'
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
+  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+               predict_at: Array | None = None) -> Array:
     layer = lambda index, name: Layer(self.config, self.dtype, self.attention_impl, name=name)
     return layers.LayerStack(layer, self.config.num_hidden_layers, name='layer')(
-        hidden, mask, deterministic)
+        hidden, mask, deterministic, predict_at)
 
 
 class Backbone(nn.Module):
-  """Embeddings + encoder (no pooler): (hidden states, float32 word table)."""
+  """Embeddings + encoder (no pooler): (hidden states, float32 word table); the hidden states
+  at `predict_at` only where it is given (`layers.gather_positions`, `layers.LayerStack`)."""
   config: object
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, input_ids: Array, positions: int | Array, mask: Array | None,
-               deterministic: bool) -> tuple[Array, Array]:
+               deterministic: bool, predict_at: Array | None = None) -> tuple[Array, Array]:
     hidden, word_table = Embeddings(self.config, self.dtype, name='embeddings')(
         input_ids, positions, deterministic)
     hidden = Encoder(self.config, self.dtype, self.attention_impl, name='encoder')(
-        hidden, mask, deterministic)
+        hidden, mask, deterministic, predict_at)
     return hidden, word_table
 
 
@@ -186,8 +197,7 @@ class BertForMaskedLM(nn.Module):
     mask = layers.combine_masks(layers.padding_mask(attention_mask),
                                 layers.segment_mask(segment_ids))
     hidden, word_table = Backbone(self.config, self.dtype, self.attention_impl, name='bert')(
-        input_ids, 0, mask, deterministic)
-    hidden = layers.gather_positions(hidden, predict_at)
+        input_ids, 0, mask, deterministic, predict_at)
     return _Cls(self.config, self.dtype, name='cls')(hidden, word_table)
 
 

@@ -67,12 +67,15 @@ class MultiHeadSelfAttention(nn.Module):
   attention_impl: str = 'xla'
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
+  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+               predict_at: Array | None = None) -> Array:
+    """[batch, seq, dim]; with `predict_at` only those rows go through out_lin."""
     cfg = self.config
     out = layers.self_attention(
         self, hidden, mask, names=('q_lin', 'k_lin', 'v_lin'), heads=cfg.n_heads,
         stddev=cfg.initializer_range, dtype=self.dtype, dropout_rate=cfg.attention_dropout,
         deterministic=deterministic, implementation=self.attention_impl)
+    out = layers.gather_positions(out, predict_at)
     return layers.dense(cfg.dim, self.dtype, cfg.initializer_range, 'out_lin')(out)
 
 
@@ -82,12 +85,15 @@ class FFN(nn.Module):
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, hidden: Array, deterministic: bool) -> Array:
+  def __call__(self, hidden: Array, deterministic: bool, predict_at: Array | None = None,
+               full_shape: tuple[int, ...] = ()) -> Array:
+    """Rows at `predict_at` of a [batch, seq] layer (`full_shape`) where given."""
     cfg = self.config
     hidden = layers.dense(cfg.hidden_dim, self.dtype, cfg.initializer_range, 'lin1')(hidden)
     hidden = layers.activation(cfg.activation)(hidden)
     hidden = layers.dense(cfg.dim, self.dtype, cfg.initializer_range, 'lin2')(hidden)
-    return nn.Dropout(cfg.dropout)(hidden, deterministic)
+    return layers.Dropout(cfg.dropout, name='Dropout_0')(hidden, deterministic, predict_at,
+                                                         full_shape)
 
 
 class TransformerBlock(nn.Module):
@@ -96,11 +102,14 @@ class TransformerBlock(nn.Module):
   attention_impl: str = 'xla'
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
+  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+               predict_at: Array | None = None) -> Array:
     attended = MultiHeadSelfAttention(self.config, self.dtype, self.attention_impl,
-                                      name='attention')(hidden, mask, deterministic)
-    attended = layers.layer_norm(LAYER_NORM_EPS, self.dtype, 'sa_layer_norm')(attended + hidden)
-    out = FFN(self.config, self.dtype, name='ffn')(attended, deterministic)
+                                      name='attention')(hidden, mask, deterministic, predict_at)
+    attended = layers.layer_norm(LAYER_NORM_EPS, self.dtype, 'sa_layer_norm')(
+        attended + layers.gather_positions(hidden, predict_at))
+    out = FFN(self.config, self.dtype, name='ffn')(attended, deterministic, predict_at,
+                                                   hidden.shape)
     return layers.layer_norm(LAYER_NORM_EPS, self.dtype, 'output_layer_norm')(out + attended)
 
 
@@ -110,26 +119,28 @@ class Transformer(nn.Module):
   attention_impl: str = 'xla'
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
+  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+               predict_at: Array | None = None) -> Array:
     block = lambda index, name: TransformerBlock(self.config, self.dtype, self.attention_impl,
                                                  name=name)
     return layers.LayerStack(block, self.config.n_layers, name='layer')(
-        hidden, mask, deterministic)
+        hidden, mask, deterministic, predict_at)
 
 
 class DistilBert(nn.Module):
-  """Embeddings + transformer: (hidden states, float32 word table)."""
+  """Embeddings + transformer: (hidden states, float32 word table); those at `predict_at`
+  only where it is given (`layers.LayerStack`)."""
   config: object
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
 
   @nn.compact
-  def __call__(self, input_ids: Array, mask: Array | None,
-               deterministic: bool) -> tuple[Array, Array]:
+  def __call__(self, input_ids: Array, mask: Array | None, deterministic: bool,
+               predict_at: Array | None = None) -> tuple[Array, Array]:
     hidden, word_table = Embeddings(self.config, self.dtype, name='embeddings')(
         input_ids, deterministic)
     hidden = Transformer(self.config, self.dtype, self.attention_impl, name='transformer')(
-        hidden, mask, deterministic)
+        hidden, mask, deterministic, predict_at)
     return hidden, word_table
 
 
@@ -159,8 +170,7 @@ class DistilBertForMaskedLM(nn.Module):
     mask = layers.combine_masks(layers.padding_mask(attention_mask),
                                 layers.segment_mask(segment_ids))
     hidden, word_table = DistilBert(cfg, self.dtype, self.attention_impl, name='distilbert')(
-        input_ids, mask, deterministic)
-    hidden = layers.gather_positions(hidden, predict_at)
+        input_ids, mask, deterministic, predict_at)
     hidden = layers.dense(cfg.dim, self.dtype, cfg.initializer_range, 'vocab_transform')(hidden)
     hidden = layers.activation(cfg.activation)(hidden)
     hidden = layers.layer_norm(LAYER_NORM_EPS, self.dtype, 'vocab_layer_norm')(hidden)

@@ -127,15 +127,42 @@ def embed(rows: int, features: int, stddev: float, name: str) -> nn.Embed:
 
 class LayerStack(nn.Module):
   """A scope of `count` layers named '0', '1', ... (the reference's ModuleList), applied in
-  order; `layer(index, name)` builds layer `index`, each taking (hidden, mask, deterministic)."""
+  order; `layer(index, name)` builds layer `index`, each taking (hidden, mask, deterministic).
+
+  With `predict_at` (see `gather_positions`) the last layer is also given it and returns only
+  those rows: with the masked-only head (and in fill-mask) nothing else of its output is used,
+  and past its attention (every token still attends to every token) its per-token work, three
+  quarters of a layer, is done for the predicted rows alone.
+  """
   layer: Callable[[int, str], nn.Module]
   count: int
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
+  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+               predict_at: Array | None = None) -> Array:
     for index in range(self.count):
-      hidden = self.layer(index, str(index))(hidden, mask, deterministic)
+      rows = {} if predict_at is None or index < self.count - 1 else {'predict_at': predict_at}
+      hidden = self.layer(index, str(index))(hidden, mask, deterministic, **rows)
     return hidden
+
+
+class Dropout(nn.Module):
+  """`nn.Dropout` (the same draws where it is named as that was: `Dropout_0`, ...), which can
+  drop `inputs` that are the rows at `predict_at` of a [batch, seq, features] tensor: the mask
+  is then drawn over that whole shape (`full_shape`) and gathered, so that a layer computing
+  only the predicted rows drops exactly what the whole layer dropped there."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, inputs: Array, deterministic: bool, predict_at: Array | None = None,
+               full_shape: tuple[int, ...] | None = None) -> Array:
+    if self.rate == 0.0 or deterministic:
+      return inputs
+    keep_prob = 1.0 - self.rate
+    keep = jax.random.bernoulli(self.make_rng('dropout'), p=keep_prob,
+                                shape=inputs.shape if predict_at is None else full_shape)
+    keep = gather_positions(keep, predict_at)
+    return jax.lax.select(keep, inputs / keep_prob, jnp.zeros_like(inputs))
 
 
 def padding_mask(attention_mask: Array | None) -> Array | None:

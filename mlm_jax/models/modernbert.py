@@ -132,7 +132,9 @@ class Attention(nn.Module):
   attention_impl: str = 'xla'
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
+  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+               predict_at: Array | None = None) -> Array:
+    """[batch, seq, hidden]; with `predict_at` only those rows go through Wo."""
     cfg = self.config
     heads = cfg.num_attention_heads
     qkv = linear(cfg, 3 * cfg.hidden_size, in_std(cfg), cfg.attention_bias, self.dtype,
@@ -146,8 +148,9 @@ class Attention(nn.Module):
                         implementation=self.attention_impl,
                         local_window=(window, window) if self.layer_type == LOCAL else None)
     out = linear(cfg, cfg.hidden_size, out_std(cfg), cfg.attention_bias, self.dtype,
-                 'Wo')(layers.merge_heads(out))
-    return nn.Dropout(cfg.attention_dropout)(out, deterministic)
+                 'Wo')(layers.gather_positions(layers.merge_heads(out), predict_at))
+    return layers.Dropout(cfg.attention_dropout, name='Dropout_0')(
+        out, deterministic, predict_at, hidden.shape)
 
 
 class MLP(nn.Module):
@@ -156,13 +159,16 @@ class MLP(nn.Module):
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, hidden: Array, deterministic: bool) -> Array:
+  def __call__(self, hidden: Array, deterministic: bool, predict_at: Array | None = None,
+               full_shape: tuple[int, ...] = ()) -> Array:
+    """Rows at `predict_at` of a [batch, seq] layer (`full_shape`) where given."""
     cfg = self.config
     both = linear(cfg, 2 * cfg.intermediate_size, in_std(cfg), cfg.mlp_bias, self.dtype,
                   'Wi')(hidden)
     inputs, gate = jnp.split(both, 2, axis=-1)
-    hidden = nn.Dropout(cfg.mlp_dropout)(layers.activation(cfg.hidden_activation)(inputs) * gate,
-                                         deterministic)
+    hidden = layers.Dropout(cfg.mlp_dropout, name='Dropout_0')(
+        layers.activation(cfg.hidden_activation)(inputs) * gate, deterministic, predict_at,
+        full_shape[:-1] + (cfg.intermediate_size,))
     return linear(cfg, cfg.hidden_size, out_std(cfg), cfg.mlp_bias, self.dtype, 'Wo')(hidden)
 
 
@@ -175,30 +181,35 @@ class Layer(nn.Module):
   attention_impl: str = 'xla'
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
+  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+               predict_at: Array | None = None) -> Array:
     cfg = self.config
+    full_shape = hidden.shape
     normed = hidden if self.index == 0 else norm(cfg, self.dtype, 'attn_norm')(hidden)
-    hidden = hidden + Attention(cfg, cfg.layer_types[self.index], self.dtype, self.attention_impl,
-                                name='attn')(normed, mask, deterministic)
+    hidden = layers.gather_positions(hidden, predict_at) + Attention(
+        cfg, cfg.layer_types[self.index], self.dtype, self.attention_impl, name='attn')(
+            normed, mask, deterministic, predict_at)
     normed = norm(cfg, self.dtype, 'mlp_norm')(hidden)
-    return hidden + MLP(cfg, self.dtype, name='mlp')(normed, deterministic)
+    return hidden + MLP(cfg, self.dtype, name='mlp')(normed, deterministic, predict_at,
+                                                     full_shape)
 
 
 class Backbone(nn.Module):
-  """`ModernBertModel`: embeddings, layers, final_norm -> (hidden states, float32 word table)."""
+  """`ModernBertModel`: embeddings, layers, final_norm -> (hidden states, float32 word table);
+  the hidden states at `predict_at` only where it is given (`layers.LayerStack`)."""
   config: object
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
 
   @nn.compact
-  def __call__(self, input_ids: Array, mask: Array | None,
-               deterministic: bool) -> tuple[Array, Array]:
+  def __call__(self, input_ids: Array, mask: Array | None, deterministic: bool,
+               predict_at: Array | None = None) -> tuple[Array, Array]:
     hidden, word_table = Embeddings(self.config, self.dtype, name='embeddings')(
         input_ids, deterministic)
     layer = lambda index, name: Layer(self.config, index, self.dtype, self.attention_impl,
                                       name=name)
     hidden = layers.LayerStack(layer, self.config.num_hidden_layers, name='layers')(
-        hidden, mask, deterministic)
+        hidden, mask, deterministic, predict_at)
     return norm(self.config, self.dtype, 'final_norm')(hidden), word_table
 
 
@@ -256,9 +267,8 @@ class ModernBertForMaskedLM(nn.Module):
     mask = layers.combine_masks(layers.padding_mask(attention_mask),
                                 layers.segment_mask(segment_ids))
     hidden, word_table = Backbone(self.config, self.dtype, self.attention_impl, name='model')(
-        input_ids, mask, deterministic)
-    hidden = Head(self.config, self.dtype, name='head')(
-        layers.gather_positions(hidden, predict_at))
+        input_ids, mask, deterministic, predict_at)
+    hidden = Head(self.config, self.dtype, name='head')(hidden)
     return Decoder(self.config, self.dtype, name='decoder')(hidden, word_table)
 
 

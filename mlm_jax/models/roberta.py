@@ -69,8 +69,7 @@ class RobertaForMaskedLM(nn.Module):
     mask = layers.combine_masks(layers.padding_mask(attention_mask),
                                 layers.segment_mask(segment_ids))
     hidden, word_table = bert.Backbone(cfg, self.dtype, self.attention_impl, name='roberta')(
-        input_ids, positions, mask, deterministic)
-    hidden = layers.gather_positions(hidden, predict_at)
+        input_ids, positions, mask, deterministic, predict_at)
     return LMHead(cfg, self.dtype, name='lm_head')(hidden, word_table)
 
 
