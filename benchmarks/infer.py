@@ -22,6 +22,7 @@ Usage:
   python benchmarks/infer.py --shape=distilroberta-base       # distilroberta-base size
   python benchmarks/infer.py --model=runs/tiny                # a training workdir
   python benchmarks/infer.py --model=runs/tiny/export --repeats=20 --json=/tmp/infer.json
+  python benchmarks/infer.py --model=DIR --compilation_cache  # twice: the first call, cached
 """
 
 import os
@@ -40,6 +41,7 @@ from typing import Sequence
 import jax
 import transformers
 
+from mlm_jax import cli
 from mlm_jax.data import sources
 from mlm_jax import infer
 from mlm_jax import model as model_lib
@@ -78,6 +80,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--repeats', type=int, default=10, help='timed steady-state calls')
   parser.add_argument('--top_k', type=int, default=5)
   parser.add_argument('--json', default=None, metavar='PATH', help='write the results here')
+  parser.add_argument('--compilation_cache', action='store_true',
+                      help="use run_infer.py's persistent compilation cache "
+                           '(cli.use_compilation_cache): run twice, the second first call reads it')
   args = parser.parse_args(argv)
   if min(args.batch, args.words, args.repeats) < 1 or args.words < 3:
     parser.error('--batch and --repeats must be at least 1, --words at least 3')
@@ -167,6 +172,8 @@ def measure(predictor: infer.Predictor, texts: Sequence[str], top_k: int,
 
 def main(argv: Sequence[str] | None = None) -> dict:
   args = parse_args(argv)
+  if args.compilation_cache:
+    cli.use_compilation_cache()
   load_before = load_average()
   answers = sample_answers()
   texts = one_mask_texts(answers, args.batch, args.words)
