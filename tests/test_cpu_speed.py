@@ -9,7 +9,7 @@ loss and gradient. The vocabulary bias's gradient is a product with ones
 `layers.Dense` is flax's `nn.Dense` (parameters, forward, gradients), with no product over the
 leading dimension of both operands on CPU (XLA:CPU's slow path) in its backward. Exact GELU
 is computed with erf (PyTorch's form), not XLA's costlier erfc. With `predict_at` the last
-encoder layer of every family but ALBERT computes only those rows past its attention
+encoder layer of every family computes only those rows past its attention
 (`layers.LayerStack`), with the whole layer's logits there, dropout on too (the same draws).
 The optimizer's one-pass update (`optim.ClippedAdamW.update_if_finite`) is optax's chain, clipped
 or not, and a non-finite step leaves every parameter, moment and count as it was.
@@ -148,9 +148,9 @@ def _gradient_and_loss(model, groups: int | None):
 
 
 GOLDENS = pathlib.Path(__file__).resolve().parent / 'goldens'
-# One fixture per family whose last layer computes only the predicted rows (ALBERT's shared
-# layers do not); each is PyTorch's tiny checkpoint, dropout 0.1 (ModernBERT's set below).
-ROW_FAMILIES = ('bert', 'roberta', 'distilbert', 'modernbert')
+# One fixture per family, PyTorch's tiny checkpoint, dropout 0.1 (ALBERT's and ModernBERT's,
+# 0 by default, set below).
+ROW_FAMILIES = ('albert', 'bert', 'roberta', 'distilbert', 'modernbert')
 
 
 @pytest.mark.parametrize('family', ROW_FAMILIES)
@@ -160,6 +160,8 @@ def test_last_layer_on_the_predicted_rows_gives_the_whole_layers_logits_dropout_
   model = FlaxAutoModelForMaskedLM.from_pretrained(str(GOLDENS / family))
   if family == 'modernbert':
     model.config.attention_dropout = model.config.mlp_dropout = 0.1
+  if family == 'albert':
+    model.config.attention_probs_dropout_prob = model.config.hidden_dropout_prob = 0.1
   length = 12  # Within every fixture's positions (RoBERTa's start after the padding id).
   ids = np.random.default_rng(1).integers(5, model.config.vocab_size, (ROWS, length), np.int32)
   attention_mask = np.ones_like(ids)

@@ -38,16 +38,21 @@ class Attention(nn.Module):
   attention_impl: str = 'xla'
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
+  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+               predict_at: Array | None = None) -> Array:
+    """[batch, seq, hidden]; with `predict_at` only those rows go on past the attention."""
     cfg = self.config
     out = layers.self_attention(
         self, hidden, mask, names=('query', 'key', 'value'), heads=cfg.num_attention_heads,
         stddev=cfg.initializer_range, dtype=self.dtype,
         dropout_rate=cfg.attention_probs_dropout_prob, deterministic=deterministic,
         implementation=self.attention_impl)
-    out = layers.dense(cfg.hidden_size, self.dtype, cfg.initializer_range, 'dense')(out)
-    out = nn.Dropout(cfg.hidden_dropout_prob)(out, deterministic)
-    return layers.layer_norm(cfg.layer_norm_eps, self.dtype, 'LayerNorm')(out + hidden)
+    out = layers.dense(cfg.hidden_size, self.dtype, cfg.initializer_range, 'dense')(
+        layers.gather_positions(out, predict_at))
+    out = layers.Dropout(cfg.hidden_dropout_prob, name='Dropout_0')(
+        out, deterministic, predict_at, hidden.shape)
+    return layers.layer_norm(cfg.layer_norm_eps, self.dtype, 'LayerNorm')(
+        out + layers.gather_positions(hidden, predict_at))
 
 
 class Layer(nn.Module):
@@ -58,10 +63,11 @@ class Layer(nn.Module):
   attention_impl: str = 'xla'
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
+  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+               predict_at: Array | None = None) -> Array:
     cfg = self.config
     attended = Attention(cfg, self.dtype, self.attention_impl, name='attention')(
-        hidden, mask, deterministic)
+        hidden, mask, deterministic, predict_at)
     out = layers.dense(cfg.intermediate_size, self.dtype, cfg.initializer_range, 'ffn')(attended)
     out = layers.activation(cfg.hidden_act)(out)
     out = layers.dense(cfg.hidden_size, self.dtype, cfg.initializer_range, 'ffn_output')(out)
@@ -75,26 +81,31 @@ class LayerGroup(nn.Module):
   attention_impl: str = 'xla'
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
+  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+               predict_at: Array | None = None) -> Array:
     layer = lambda index, name: Layer(self.config, self.dtype, self.attention_impl, name=name)
     return layers.LayerStack(layer, self.config.inner_group_num, name='albert_layers')(
-        hidden, mask, deterministic)
+        hidden, mask, deterministic, predict_at)
 
 
 class LayerGroups(nn.Module):
   """The `albert_layer_groups` scope: groups '0', '1', ..., each called for its share of the
-  `num_hidden_layers` (the same parameters every time)."""
+  `num_hidden_layers` (the same parameters every time); the last call computes only the rows
+  at `predict_at` past its attention where it is given (`layers.LayerStack`)."""
   config: object
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
+  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+               predict_at: Array | None = None) -> Array:
     cfg = self.config
     groups = [LayerGroup(cfg, self.dtype, self.attention_impl, name=str(g))
               for g in range(cfg.num_hidden_groups)]
+    last = cfg.num_hidden_layers - 1
     for i in range(cfg.num_hidden_layers):
-      hidden = groups[group_of_layer(cfg, i)](hidden, mask, deterministic)
+      hidden = groups[group_of_layer(cfg, i)](hidden, mask, deterministic,
+                                              predict_at if i == last else None)
     return hidden
 
 
@@ -105,28 +116,30 @@ class Encoder(nn.Module):
   attention_impl: str = 'xla'
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
+  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+               predict_at: Array | None = None) -> Array:
     cfg = self.config
     hidden = layers.dense(cfg.hidden_size, self.dtype, cfg.initializer_range,
                           'embedding_hidden_mapping_in')(hidden)
     return LayerGroups(cfg, self.dtype, self.attention_impl, name='albert_layer_groups')(
-        hidden, mask, deterministic)
+        hidden, mask, deterministic, predict_at)
 
 
 class Albert(nn.Module):
-  """Embeddings + encoder (no pooler): (hidden states, float32 word table)."""
+  """Embeddings + encoder (no pooler): (hidden states, float32 word table); those at
+  `predict_at` only where it is given."""
   config: object
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
 
   @nn.compact
-  def __call__(self, input_ids: Array, mask: Array | None,
-               deterministic: bool) -> tuple[Array, Array]:
+  def __call__(self, input_ids: Array, mask: Array | None, deterministic: bool,
+               predict_at: Array | None = None) -> tuple[Array, Array]:
     cfg = self.config
     hidden, word_table = bert.Embeddings(cfg, self.dtype, cfg.embedding_size, name='embeddings')(
         input_ids, 0, deterministic)
     hidden = Encoder(cfg, self.dtype, self.attention_impl, name='encoder')(
-        hidden, mask, deterministic)
+        hidden, mask, deterministic, predict_at)
     return hidden, word_table
 
 
@@ -159,8 +172,7 @@ class AlbertForMaskedLM(nn.Module):
     mask = layers.combine_masks(layers.padding_mask(attention_mask),
                                 layers.segment_mask(segment_ids))
     hidden, word_table = Albert(self.config, self.dtype, self.attention_impl, name='albert')(
-        input_ids, mask, deterministic)
-    hidden = layers.gather_positions(hidden, predict_at)
+        input_ids, mask, deterministic, predict_at)
     return MLMHead(self.config, self.dtype, name='predictions')(hidden, word_table)
 
 
