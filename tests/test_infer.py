@@ -3,7 +3,8 @@
 Guards the predictions (the softmax of the model called directly, the PyTorch pipeline's
 tokens, scores and sequences), the sources (a workdir's checkpoints, parameters only, an
 export), bounded batches whose size never changes a text's fills, the model's length
-limit, and one-line errors for bad texts, targets, steps and paths.
+limit, one-line errors for bad texts, targets, steps and paths, and that the command line
+compiles nothing for a model it has seen before.
 """
 
 import copy
@@ -322,9 +323,9 @@ def test_targets_none_of_which_are_in_the_vocabulary_are_a_user_error(predictor)
 # The command line.
 
 
-def _run_infer(*args):
+def _run_infer(*args, env: dict | None = None):
   return subprocess.run([sys.executable, str(ROOT / 'run_infer.py'), *args], cwd=ROOT,
-                        env=dict(os.environ), capture_output=True, text=True, timeout=600,
+                        env=env or dict(os.environ), capture_output=True, text=True, timeout=600,
                         check=False)
 
 
@@ -372,6 +373,20 @@ def test_cli_text_without_mask_exits_2_with_a_one_line_error(workdir):
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith('error:') and 'no mask token' in last
   assert 'Traceback' not in result.stderr
+
+
+def test_cli_run_on_a_model_seen_before_compiles_nothing(workdir, tmp_path):
+  """Every program the first run compiles lands in `$MLM_JAX_CACHE/jax` (the tests' own
+  JAX_COMPILATION_CACHE_DIR unset), and the second run adds none: it compiled nothing anew.
+  Breaks if run_infer.py stops using the cache."""
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  env['MLM_JAX_CACHE'] = str(tmp_path)
+  programs = lambda: sorted(p.name for p in (tmp_path / 'jax').iterdir())
+  assert _run_infer(f'--model={workdir}', f'--text={TEXT}', env=env).returncode == 0
+  first = programs()
+  assert first
+  assert _run_infer(f'--model={workdir}', f'--text={TEXT}', env=env).returncode == 0
+  assert programs() == first
 
 
 # ----------------------------------------------------------------------------
