@@ -43,8 +43,8 @@ sys.path.insert(0, str(ROOT))  # `configs.*` imports, as run_train.py allows.
 
 
 # pytest-xdist (`-n`, setup.cfg) hands out whole modules, so a module's fixtures are made once;
-# these modules share a session fixture (`layout_runs`; `tiny_run`, which test_train.py trains
-# again in its own worker), so they go to one worker together.
+# these modules share a session fixture (`layout_runs` and `two_host_run`; `tiny_run`, which
+# test_train.py trains again in its own worker), so they go to one worker together.
 _SAME_WORKER = {'test_multihost': 'test_distributed', 'test_evaluate': 'test_infer'}
 # The longest group (its multi-process runs take about 2.5 minutes of one worker) is handed out
 # first, so that the other workers' many short modules fill in beside it, not after it.
@@ -146,3 +146,23 @@ def layout_runs(tmp_path_factory) -> dict:
   born = multidevice.train_layouts(8, [(1, 1, runs['replicated'], ''), (1, 4, runs['fsdp'], ''),
                                        (1, 4, runs['modernbert_fsdp'], modernbert)])
   return {**runs, 'born': born}
+
+
+@pytest.fixture(scope='session')
+def two_host_run(tmp_path_factory) -> dict:
+  """`multidevice.HOSTS_FLAGS` trained uninterrupted by 2 processes x 2 devices on 127.0.0.1,
+  and by this process on 1 device x 8 rows: {'hosts': workdir, 'outputs': [(stdout, stderr)]
+  of the hosts, 'one_device': workdir}. test_distributed.py checks that the hosts train as one
+  process does; test_multihost.py that hosts stopped by SIGTERM resume to the hosts' result
+  (one run serves both: a 2-host run costs half a minute of CPU, mostly start-up)."""
+  from mlm_jax import train  # pylint: disable=import-outside-toplevel
+  from tests import multidevice  # pylint: disable=import-outside-toplevel
+  hosts, one_device = tmp_path_factory.mktemp('hosts') / 'run', tmp_path_factory.mktemp('one')
+  assert jax.device_count() == 1
+  train.train_and_evaluate(multidevice.hosts_config_on_one_device(), str(one_device))
+  address = f'127.0.0.1:{multidevice.free_port()}'
+  outputs = multidevice.run_hosts(
+      [[sys.executable, 'run_train.py', *multidevice.HOSTS_FLAGS, f'--workdir={hosts}',
+        f'--coordinator_address={address}', '--num_processes=2', f'--process_id={index}']
+       for index in range(2)], devices=2, timeout=900)  # A hang guard, not a time limit.
+  return {'hosts': hosts, 'outputs': outputs, 'one_device': one_device}
