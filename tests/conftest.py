@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -43,12 +44,15 @@ sys.path.insert(0, str(ROOT))  # `configs.*` imports, as run_train.py allows.
 
 
 # pytest-xdist (`-n`, setup.cfg) hands out whole modules, so a module's fixtures are made once;
-# these modules share a session fixture (`layout_runs` and `two_host_run`; `tiny_run`, which
-# test_train.py trains again in its own worker), so they go to one worker together.
-_SAME_WORKER = {'test_multihost': 'test_distributed', 'test_evaluate': 'test_infer'}
-# The longest group (its multi-process runs take about 2.5 minutes of one worker) is handed out
-# first, so that the other workers' many short modules fill in beside it, not after it.
-_FIRST = 'test_distributed'
+# these modules share a session fixture (`layout_runs` and `two_host_run`; `tiny_run` and
+# `tiny_run_copy`), so they go to one worker together.
+_SAME_WORKER = {'test_multihost': 'test_distributed', 'test_evaluate': 'test_infer',
+                'test_reliability': 'test_infer', 'test_train': 'test_infer'}
+# The longest groups, longest first (one core: the multi-process runs about 190 s, the tiny
+# run's users about 130 s, no other module over 30 s), are handed out first so that the many
+# short modules fill in beside them, not after them. setup.cfg's --no-loadscope-reorder keeps
+# this order: by default xdist hands out the groups with the most tests first.
+_FIRST = ('test_distributed', 'test_infer')
 
 
 @pytest.hookimpl(tryfirst=True)  # Before xdist's own hook, which reads the marks.
@@ -58,7 +62,9 @@ def pytest_collection_modifyitems(items):
     module = item.module.__name__.rsplit('.', 1)[-1]
     groups[item] = _SAME_WORKER.get(module, module)
     item.add_marker(pytest.mark.xdist_group(groups[item]))
-  items.sort(key=lambda item: groups[item] != _FIRST)  # Stable: modules stay contiguous.
+  # Stable: modules stay contiguous, the others in their order.
+  items.sort(key=lambda item: _FIRST.index(groups[item]) if groups[item] in _FIRST
+             else len(_FIRST))
 
 
 def load_config(name: str = 'tiny_test'):
@@ -77,15 +83,34 @@ def tiny_config(tmp_path):
 
 
 @pytest.fixture(scope='session')
-def tiny_run(tmp_path_factory):
-  """A finished run of the tiny config, shared read-only: (config, workdir, summary).
-
-  Checkpoints at steps 10 and 20 and an export.
-  """
+def _tiny_run_as_trained(tmp_path_factory):
+  """The tiny config trained once: (config, workdir, summary); nothing reads this workdir but
+  the fixtures below, so it stays as training left it."""
   from mlm_jax import train  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path_factory.mktemp('tiny_run'))
   config = load_config('tiny_test')
   return config, workdir, train.train_and_evaluate(config, workdir)
+
+
+@pytest.fixture(scope='session')
+def tiny_run(_tiny_run_as_trained, tmp_path_factory):
+  """A finished run of the tiny config, shared read-only: (config, workdir, summary).
+
+  Checkpoints at steps 10 and 20 and an export.
+  """
+  config, trained, summary = _tiny_run_as_trained
+  workdir = str(tmp_path_factory.mktemp('tiny_run_shared') / 'run')
+  shutil.copytree(trained, workdir)
+  return config, workdir, summary
+
+
+@pytest.fixture
+def tiny_run_copy(_tiny_run_as_trained, tmp_path) -> pathlib.Path:
+  """A private copy of the finished tiny run as training left it, for a test to damage or
+  extend (the tests that share `tiny_run` may leave files in theirs: curves.png...)."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(_tiny_run_as_trained[1], workdir)
+  return workdir
 
 
 GCS_BUCKET = 'test-bucket'

@@ -112,21 +112,13 @@ def test_second_signal_exits_at_once_without_saving(signalled_runs):
   assert _latest_step(workdir) is None
 
 
-@pytest.fixture(scope='module')
-def _finished_run_template(tmp_path_factory):
-  """A tiny run with checkpoints at steps 10 and 20, trained once per module."""
-  workdir = tmp_path_factory.mktemp('finished')
-  train.train_and_evaluate(load_config('tiny_test'), str(workdir))
-  assert sorted(checkpoint.make_manager(str(workdir), None, create=False).all_steps()) == [10, 20]
-  return workdir
-
-
 @pytest.fixture
-def finished_run(_finished_run_template, tmp_path):
-  """A private copy of the finished run, for a test to damage or extend."""
-  workdir = tmp_path / 'run'
-  shutil.copytree(_finished_run_template, workdir)
-  return load_config('tiny_test'), workdir
+def finished_run(tiny_run_copy):
+  """A private copy of the tiny run (conftest.py; checkpoints at steps 10 and 20), for a test
+  to damage or extend: (its config, workdir)."""
+  assert sorted(checkpoint.make_manager(str(tiny_run_copy), None, create=False).all_steps()) == [
+      10, 20]
+  return load_config('tiny_test'), tiny_run_copy
 
 
 def test_a_half_written_checkpoint_is_ignored(finished_run, capsys):
