@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,11 +27,14 @@ os.environ['JAX_COMPILATION_CACHE_DIR'] = os.path.join(_CACHE, 'jax')
 os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
 # The tests compile hundreds of small programs and run each a few times: LLVM's optimisation
-# of the CPU code costs more than it saves (test_steps.py: 81 s with it, 46 s without).
-# Comparisons between runs are unaffected: both sides of each are compiled alike.
-_NO_LLVM_OPT = '--xla_backend_optimization_level=0'
-if _NO_LLVM_OPT not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {_NO_LLVM_OPT}".strip()
+# of the CPU code costs more than it saves (test_steps.py: 81 s with it, 46 s without), and
+# XLA:CPU's newer fusion emitters take longer to compile than its older ones (test_steps.py
+# 49 s -> 38 s, test_cpu_speed.py 36 s -> 25 s, one core). Comparisons between runs are
+# unaffected: both sides of each are compiled alike, and the golden fixtures' tolerances hold
+# (test_goldens.py compiled this way already). Subprocesses inherit these flags.
+for _flag in ('--xla_backend_optimization_level=0', '--xla_cpu_use_fusion_emitters=false'):
+  if _flag.split('=')[0] not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 
 import jax  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
@@ -40,12 +44,15 @@ sys.path.insert(0, str(ROOT))  # `configs.*` imports, as run_train.py allows.
 
 
 # pytest-xdist (`-n`, setup.cfg) hands out whole modules, so a module's fixtures are made once;
-# these modules share a session fixture (`layout_runs`; `tiny_run`, which test_train.py trains
-# again in its own worker), so they go to one worker together.
-_SAME_WORKER = {'test_multihost': 'test_distributed', 'test_evaluate': 'test_infer'}
-# The longest group (its multi-process runs take about 2.5 minutes of one worker) is handed out
-# first, so that the other workers' many short modules fill in beside it, not after it.
-_FIRST = 'test_distributed'
+# these modules share a session fixture (`layout_runs` and `two_host_run`; `tiny_run` and
+# `tiny_run_copy`), so they go to one worker together.
+_SAME_WORKER = {'test_multihost': 'test_distributed', 'test_evaluate': 'test_infer',
+                'test_reliability': 'test_infer', 'test_train': 'test_infer'}
+# The longest groups, longest first (one core: the multi-process runs about 190 s, the tiny
+# run's users about 130 s, no other module over 30 s), are handed out first so that the many
+# short modules fill in beside them, not after them. setup.cfg's --no-loadscope-reorder keeps
+# this order: by default xdist hands out the groups with the most tests first.
+_FIRST = ('test_distributed', 'test_infer')
 
 
 @pytest.hookimpl(tryfirst=True)  # Before xdist's own hook, which reads the marks.
@@ -55,7 +62,9 @@ def pytest_collection_modifyitems(items):
     module = item.module.__name__.rsplit('.', 1)[-1]
     groups[item] = _SAME_WORKER.get(module, module)
     item.add_marker(pytest.mark.xdist_group(groups[item]))
-  items.sort(key=lambda item: groups[item] != _FIRST)  # Stable: modules stay contiguous.
+  # Stable: modules stay contiguous, the others in their order.
+  items.sort(key=lambda item: _FIRST.index(groups[item]) if groups[item] in _FIRST
+             else len(_FIRST))
 
 
 def load_config(name: str = 'tiny_test'):
@@ -74,15 +83,34 @@ def tiny_config(tmp_path):
 
 
 @pytest.fixture(scope='session')
-def tiny_run(tmp_path_factory):
-  """A finished run of the tiny config, shared read-only: (config, workdir, summary).
-
-  Checkpoints at steps 10 and 20 and an export.
-  """
+def _tiny_run_as_trained(tmp_path_factory):
+  """The tiny config trained once: (config, workdir, summary); nothing reads this workdir but
+  the fixtures below, so it stays as training left it."""
   from mlm_jax import train  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path_factory.mktemp('tiny_run'))
   config = load_config('tiny_test')
   return config, workdir, train.train_and_evaluate(config, workdir)
+
+
+@pytest.fixture(scope='session')
+def tiny_run(_tiny_run_as_trained, tmp_path_factory):
+  """A finished run of the tiny config, shared read-only: (config, workdir, summary).
+
+  Checkpoints at steps 10 and 20 and an export.
+  """
+  config, trained, summary = _tiny_run_as_trained
+  workdir = str(tmp_path_factory.mktemp('tiny_run_shared') / 'run')
+  shutil.copytree(trained, workdir)
+  return config, workdir, summary
+
+
+@pytest.fixture
+def tiny_run_copy(_tiny_run_as_trained, tmp_path) -> pathlib.Path:
+  """A private copy of the finished tiny run as training left it, for a test to damage or
+  extend (the tests that share `tiny_run` may leave files in theirs: curves.png...)."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(_tiny_run_as_trained[1], workdir)
+  return workdir
 
 
 GCS_BUCKET = 'test-bucket'
@@ -143,3 +171,23 @@ def layout_runs(tmp_path_factory) -> dict:
   born = multidevice.train_layouts(8, [(1, 1, runs['replicated'], ''), (1, 4, runs['fsdp'], ''),
                                        (1, 4, runs['modernbert_fsdp'], modernbert)])
   return {**runs, 'born': born}
+
+
+@pytest.fixture(scope='session')
+def two_host_run(tmp_path_factory) -> dict:
+  """`multidevice.HOSTS_FLAGS` trained uninterrupted by 2 processes x 2 devices on 127.0.0.1,
+  and by this process on 1 device x 8 rows: {'hosts': workdir, 'outputs': [(stdout, stderr)]
+  of the hosts, 'one_device': workdir}. test_distributed.py checks that the hosts train as one
+  process does; test_multihost.py that hosts stopped by SIGTERM resume to the hosts' result
+  (one run serves both: a 2-host run costs half a minute of CPU, mostly start-up)."""
+  from mlm_jax import train  # pylint: disable=import-outside-toplevel
+  from tests import multidevice  # pylint: disable=import-outside-toplevel
+  hosts, one_device = tmp_path_factory.mktemp('hosts') / 'run', tmp_path_factory.mktemp('one')
+  assert jax.device_count() == 1
+  train.train_and_evaluate(multidevice.hosts_config_on_one_device(), str(one_device))
+  address = f'127.0.0.1:{multidevice.free_port()}'
+  outputs = multidevice.run_hosts(
+      [[sys.executable, 'run_train.py', *multidevice.HOSTS_FLAGS, f'--workdir={hosts}',
+        f'--coordinator_address={address}', '--num_processes=2', f'--process_id={index}']
+       for index in range(2)], devices=2, timeout=900)  # A hang guard, not a time limit.
+  return {'hosts': hosts, 'outputs': outputs, 'one_device': one_device}

@@ -99,19 +99,42 @@ _LAYOUT = {'split': 'train[:40]', 'model_config.hidden_size': 64,
            'eval_every_steps': 6, 'checkpoint_every_steps': 3}
 LAYOUT_FLAGS = ['--config=configs/tiny_test.py', *(f'--config.{k}={v}' for k, v in _LAYOUT.items())]
 
+# The hosts runs (`conftest.two_host_run`, the SIGTERM scenario of test_multihost.py): 2 rows
+# per device, so 2 hosts x 2 devices make 8 rows; long enough that a signal lands mid-run; a
+# checkpoint only when stopped and at the end. 12 steps, not more: 2 hosts and 1 device round
+# differently and Adam amplifies that, past `assert_same_training`'s tolerance beyond about
+# 20 steps (measured, the worst parameter's share of it: 0.11 after 6 steps, 0.10 after 12,
+# 0.36 after 20, 0.78 after 24).
+_HOSTS = {**_LAYOUT, 'num_train_steps': 12, 'eval_every_steps': 12,
+          'checkpoint_every_steps': 1000, 'per_device_batch_size': 2}
+HOSTS_FLAGS = ['--config=configs/tiny_test.py', *(f'--config.{k}={v}' for k, v in _HOSTS.items())]
 
-def layout_config(per_device_batch_size: int = 8, fsdp: int = 1, model_dir: str = ''):
-  """The config `LAYOUT_FLAGS` name, with this layout's batch split and fsdp. With `model_dir`
-  (a local ModernBERT, `tiny_models.save_modernbert`) it fine-tunes that model with whole-word
-  masking and document-aware attention instead."""
+
+def _tiny_config(settings: dict):
+  """configs/tiny_test.py with `settings` ({'a.b': value}) set, as `--config.a.b=value` does."""
   from tests.conftest import load_config  # pylint: disable=import-outside-toplevel
   config = load_config('tiny_test')
-  for key, value in _LAYOUT.items():
+  for key, value in settings.items():
     *parents, name = key.split('.')
     node = config
     for parent in parents:
       node = node[parent]
     node[name] = value
+  return config
+
+
+def hosts_config_on_one_device():
+  """The training `HOSTS_FLAGS` name, on 1 device x 8 rows."""
+  config = _tiny_config(_HOSTS)
+  config.per_device_batch_size = 8
+  return config
+
+
+def layout_config(per_device_batch_size: int = 8, fsdp: int = 1, model_dir: str = ''):
+  """The config `LAYOUT_FLAGS` name, with this layout's batch split and fsdp. With `model_dir`
+  (a local ModernBERT, `tiny_models.save_modernbert`) it fine-tunes that model with whole-word
+  masking and document-aware attention instead."""
+  config = _tiny_config(_LAYOUT)
   config.per_device_batch_size, config.fsdp = per_device_batch_size, fsdp
   if model_dir:
     config.model_name_or_path = model_dir

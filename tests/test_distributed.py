@@ -8,8 +8,7 @@ import subprocess
 import sys
 
 from tests.conftest import ROOT
-from tests.multidevice import LAYOUT_FLAGS, assert_same_training, cluster_env, free_port
-from tests.multidevice import run_hosts
+from tests.multidevice import assert_same_training, cluster_env
 
 
 def test_eight_devices_train_exactly_like_one(layout_runs):
@@ -39,24 +38,15 @@ def test_the_train_state_is_born_sharded(layout_runs):
                                    for spec, fraction in born['fractions'])
 
 
-# The layout runs' training with 2 rows per device: 2 hosts x 2 devices x 2 = 8 rows.
-_CLI_FLAGS = [*LAYOUT_FLAGS, '--config.per_device_batch_size=2']
-
-
-def test_two_hosts_reach_the_same_loss_as_one_host(layout_runs, tmp_path):
+def test_two_hosts_reach_the_same_loss_as_one_host(two_host_run):
   """2 processes x 2 devices on 127.0.0.1 train as one process does (here: 1 device x 8 rows;
   the 8-device test above shows the device count of one process does not matter)."""
-  multi = tmp_path / 'multi'
-  address = f'127.0.0.1:{free_port()}'
-  outputs = run_hosts([[sys.executable, 'run_train.py', *_CLI_FLAGS, f'--workdir={multi}',
-                        f'--coordinator_address={address}', '--num_processes=2',
-                        f'--process_id={index}'] for index in range(2)], devices=2,
-                       timeout=900)  # A hang guard, not a time limit.
+  outputs = two_host_run['outputs']
   assert '4 device(s)' in outputs[0][0]
   own_lines = [line for line in outputs[1][0].splitlines()
                if 'Gloo' not in line and 'peer ranks' not in line]
   assert not own_lines  # Only process 0 prints (gloo's own connection lines aside).
-  assert_same_training(multi, layout_runs['one_device'])
+  assert_same_training(two_host_run['hosts'], two_host_run['one_device'])
 
 
 def test_a_detected_cluster_that_cannot_be_joined_is_a_one_line_error(tmp_path):

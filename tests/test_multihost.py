@@ -16,14 +16,8 @@ import pytest
 from mlm_jax import checkpoint
 from mlm_jax import infer
 from mlm_jax import metric_writers
-from tests.multidevice import LAYOUT_FLAGS, assert_same_training, finish, start_hosts
-
-# Long enough that a signal lands mid-run; a checkpoint only when stopped and at the end.
-_LONG = ['--config=configs/tiny_test.py', '--config.split=train[:40]',
-         '--config.model_config.hidden_size=64', '--config.model_config.hidden_dropout_prob=0.1',
-         '--config.num_train_steps=24', '--config.eval_every_steps=24',
-         '--config.checkpoint_every_steps=1000', '--config.log_every_steps=1',
-         '--config.per_device_batch_size=2']
+from tests.multidevice import HOSTS_FLAGS, LAYOUT_FLAGS, assert_same_training, finish
+from tests.multidevice import start_hosts
 
 
 def _interrupted_copy(straight, target):
@@ -71,12 +65,13 @@ def test_hosts_set_a_corrupt_checkpoint_aside_once_and_restore_the_same_step(
 
 @pytest.fixture(scope='module')
 def sigterm_to_one_host(tmp_path_factory):
-  """2 hosts, SIGTERM to process 1 only once training is under way; then the rerun.
+  """2 hosts (`HOSTS_FLAGS`: 12 steps, a checkpoint only when stopped and at the end), SIGTERM
+  to process 1 only once training is under way; then the rerun.
 
   Returns (workdir, [(status, stderr)] of the stopped hosts).
   """
   workdir = tmp_path_factory.mktemp('sigterm') / 'run'
-  processes = start_hosts([*_LONG, f'--workdir={workdir}'])
+  processes = start_hosts([*HOSTS_FLAGS, f'--workdir={workdir}'])
   try:
     deadline = time.time() + 240
     while not any(r['step'] >= 3 for r in metric_writers.read_metrics(str(workdir))):
@@ -86,7 +81,7 @@ def sigterm_to_one_host(tmp_path_factory):
   finally:
     outputs = finish(processes, timeout=120)
   stopped = [(p.returncode, stderr) for p, (_, stderr) in zip(processes, outputs)]
-  rerun = start_hosts([*_LONG, f'--workdir={workdir}'])
+  rerun = start_hosts([*HOSTS_FLAGS, f'--workdir={workdir}'])
   for p, (_, stderr) in zip(rerun, finish(rerun)):
     assert p.returncode == 0, stderr[-3000:]
   return workdir, stopped
@@ -108,14 +103,11 @@ def test_sigterm_to_one_host_stops_every_host_at_the_same_step(sigterm_to_one_ho
 
 
 def test_hosts_stopped_by_sigterm_resume_to_the_uninterrupted_result(sigterm_to_one_host,
-                                                                      tmp_path):
-  """The same 2 hosts never interrupted: the same reduction order, so equal leaf by leaf
-  (another layout differs by float32 rounding, which Adam amplifies over 60 steps in the
-  attention key biases, whose true gradient is zero)."""
+                                                                      two_host_run):
+  """The same 2 hosts never interrupted (conftest's `two_host_run`, the same flags): the same
+  reduction order, so equal leaf by leaf, the attention key biases too (another layout differs
+  by float32 rounding, which Adam amplifies in those biases, whose true gradient is zero)."""
   workdir, _ = sigterm_to_one_host
-  straight = start_hosts([*_LONG, f'--workdir={tmp_path}'])
-  for p, (_, stderr) in zip(straight, finish(straight)):
-    assert p.returncode == 0, stderr[-3000:]
   for a, b in zip(*(jax.tree_util.tree_leaves(infer.load_predictor(str(w)).params)
-                    for w in (workdir, tmp_path))):
+                    for w in (workdir, two_host_run['hosts']))):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
