@@ -43,9 +43,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `configs.*` imports, as run_train.py allows.
 
 
-# pytest-xdist (`-n`, setup.cfg) hands out whole modules, so a module's fixtures are made once;
-# these modules share a session fixture (`layout_runs` and `two_host_run`; `tiny_run` and
-# `tiny_run_copy`), so they go to one worker together.
+# pytest-xdist (`-n`, setup.cfg) hands out whole modules (the scheduler below), so a module's
+# fixtures are made once; these modules share a session fixture (`layout_runs` and
+# `two_host_run`; `tiny_run` and `tiny_run_copy`), so they go to one worker together.
 _SAME_WORKER = {'test_multihost': 'test_distributed', 'test_evaluate': 'test_infer',
                 'test_reliability': 'test_infer', 'test_train': 'test_infer'}
 # The longest groups, longest first (one core: the multi-process runs about 190 s, the tiny
@@ -55,15 +55,33 @@ _SAME_WORKER = {'test_multihost': 'test_distributed', 'test_evaluate': 'test_inf
 _FIRST = ('test_distributed', 'test_infer')
 
 
-@pytest.hookimpl(tryfirst=True)  # Before xdist's own hook, which reads the marks.
+def _group(nodeid: str) -> str:
+  """The worker group of a test: its module's name, or the module whose fixtures it shares."""
+  module = nodeid.split('::', 1)[0].rsplit('/', 1)[-1].removesuffix('.py')
+  return _SAME_WORKER.get(module, module)
+
+
+def pytest_xdist_make_scheduler(config, log):
+  """`--dist loadgroup` with the groups above, read from the test ids.
+
+  xdist's own loadgroup groups by `xdist_group` marks, which it passes on by appending them to
+  the test ids, and pytest 9.2's ids no longer take that (pytest-xdist issue #1386): every test
+  went to any worker, each worker made the shared runs again (one core: 780 s, not 610 s).
+  """
+  if config.getvalue('dist') != 'loadgroup':
+    return None  # xdist's own scheduler for another --dist.
+  from xdist.scheduler import LoadScopeScheduling  # pylint: disable=import-outside-toplevel
+
+  class ModuleGroupScheduling(LoadScopeScheduling):
+    def _split_scope(self, nodeid: str) -> str:
+      return _group(nodeid)
+
+  return ModuleGroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(items):
-  groups = {}
-  for item in items:
-    module = item.module.__name__.rsplit('.', 1)[-1]
-    groups[item] = _SAME_WORKER.get(module, module)
-    item.add_marker(pytest.mark.xdist_group(groups[item]))
   # Stable: modules stay contiguous, the others in their order.
-  items.sort(key=lambda item: _FIRST.index(groups[item]) if groups[item] in _FIRST
+  items.sort(key=lambda item: _FIRST.index(_group(item.nodeid)) if _group(item.nodeid) in _FIRST
              else len(_FIRST))
 
 
