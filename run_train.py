@@ -35,6 +35,7 @@ def main(argv):
   del argv
   cli.run_user_facing(lambda: validation.validate_config(FLAGS.config))  # In the first second.
   cli.quiet_libraries()
+  cli.use_compilation_cache()  # A rerun or a resumed run starts without compiling again.
   cli.run_user_facing(
       lambda: cli.train(FLAGS.config, FLAGS.workdir, FLAGS.coordinator_address,
                         FLAGS.num_processes, FLAGS.process_id,

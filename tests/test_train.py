@@ -2,12 +2,16 @@
 
 Guards what a run writes (checkpoints with their data cursor, schedule length and config;
 the export; metrics with the interval's token-weighted means and the rate applied), that
-training lowers the loss, exact resume after SIGKILL, the PyTorch export, fine-tuning
-from a local model (safetensors, or PyTorch .bin weights through torch), and the closing hub upload's failure path.
+training lowers the loss, exact resume after SIGKILL (compiling nothing the killed run had
+compiled: `run_train.py` keeps JAX's programs in the package's cache folder), the PyTorch
+export, fine-tuning from a local model (safetensors, or PyTorch .bin weights through torch),
+and the closing hub upload's failure path.
 Step-level numbers are in test_steps.py, the optimizer in test_optim.py.
 """
 
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -118,8 +122,8 @@ def test_export_loads_in_pytorch_with_the_same_logits(trained):
                              rtol=1e-4, atol=1e-4)
 
 
-def _run_train_cli(*args, timeout=900):
-  env = dict(os.environ, PYTHONUNBUFFERED='1')
+def _run_train_cli(*args, timeout=900, env=None):
+  env = env or dict(os.environ, PYTHONUNBUFFERED='1')
   return subprocess.run([sys.executable, str(ROOT / 'run_train.py'), *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout, check=False)
 
@@ -140,15 +144,22 @@ def _final_params(workdir):
 @pytest.fixture(scope='module')
 def killed_and_resumed(tmp_path_factory):
   """The tiny run logging every step, SIGKILLed after its first checkpoint and run again
-  with the same command: (workdir, the step it resumed from, the second run's stdout).
+  with the same command: (workdir, the step it resumed from, the second run's stdout, the
+  compiled programs in the package's cache folder after the first run and after the second).
 
   Saving every 2 steps and logging every step change when state is written and metrics
-  logged, not what is trained.
+  logged, not what is trained. Both runs keep their programs where run_train.py puts them
+  by default, `$MLM_JAX_CACHE/jax` in a folder of this fixture's (the tests' own
+  JAX_COMPILATION_CACHE_DIR unset).
   """
   workdir = tmp_path_factory.mktemp('killed')
   common = ['--config=configs/tiny_test.py', '--config.checkpoint_every_steps=2',
             '--config.log_every_steps=1', f'--workdir={workdir}']
-  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  env['PYTHONUNBUFFERED'] = '1'
+  programs_dir = pathlib.Path(env['MLM_JAX_CACHE']) / 'jax'
+  shutil.rmtree(programs_dir, ignore_errors=True)
+  programs = lambda: sorted(p.name for p in programs_dir.glob('*'))
   killed = subprocess.Popen([sys.executable, str(ROOT / 'run_train.py'), *common], cwd=ROOT,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
@@ -161,14 +172,15 @@ def killed_and_resumed(tmp_path_factory):
     killed.wait(timeout=60)
   killed_at = checkpoint.make_manager(str(workdir), keep=None, create=False).latest_step()
   assert killed_at is not None and killed_at < 20
-  result = _run_train_cli(*common)
+  compiled_by_the_first = programs()
+  result = _run_train_cli(*common, env=env)
   assert result.returncode == 0, result.stderr[-2000:]
-  return str(workdir), killed_at, result.stdout
+  return str(workdir), killed_at, result.stdout, (compiled_by_the_first, programs())
 
 
 def test_run_killed_mid_training_resumes_to_the_same_parameters(trained, killed_and_resumed):
   _, straight, _ = trained
-  resumed, killed_at, stdout = killed_and_resumed
+  resumed, killed_at, stdout, _ = killed_and_resumed
   assert f'Resuming from the checkpoint at step {killed_at}' in stdout
   for a, b in zip(_final_params(resumed), _final_params(straight)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -244,3 +256,11 @@ def test_plot_writes_curves_png(trained):
   assert path == os.path.join(workdir, 'curves.png')
   with open(path, 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_resumed_run_compiles_nothing_the_killed_run_did_not(killed_and_resumed):
+  """run_train.py keeps JAX's compiled programs in the package's cache folder, so a run
+  resumed after a preemption (or any rerun) reads them back instead of compiling."""
+  compiled_by_the_first, after_the_second = killed_and_resumed[3]
+  assert compiled_by_the_first
+  assert after_the_second == compiled_by_the_first
