@@ -149,8 +149,8 @@ def killed_and_resumed(tmp_path_factory):
 
   Saving every 2 steps and logging every step change when state is written and metrics
   logged, not what is trained. Both runs keep their programs where run_train.py puts them
-  by default, `$MLM_JAX_CACHE/jax` in a folder of this fixture's (the tests' own
-  JAX_COMPILATION_CACHE_DIR unset).
+  by default, `$MLM_JAX_CACHE/jax` (in the tests' cache folder, emptied first: nothing else
+  writes there, as the tests' own JAX_COMPILATION_CACHE_DIR, unset here, wins elsewhere).
   """
   workdir = tmp_path_factory.mktemp('killed')
   common = ['--config=configs/tiny_test.py', '--config.checkpoint_every_steps=2',
