@@ -10,8 +10,8 @@
 # travels to the GPU machine). STAGES: a subset of the stages below (default all), run in the
 # order given: the most wanted first, so that a run cut short leaves the rest for a rerun.
 # PACK: a folder to receive the few files worth bringing back (the device returns at most 8):
-# summary.txt, summary.json, loss_curves.png and results.tgz (every JSON, the profile summaries
-# and the HLO; not the raw traces).
+# summary.json, loss_curves.png and results.tgz (every JSON, the profile summaries and the HLO;
+# not the raw traces); `gpu_summary.py OUT --pack DIR` does the same after a run cut short.
 # DRY_RUN=1: tiny shapes and 2 steps everywhere (the ModernBERT stage and the curves too), no
 # nvidia-smi, and the anchors.py rows only where torch imports (eager only: torch.compile on
 # CPU takes minutes); it checks the plumbing, not the figures.
@@ -23,8 +23,9 @@
 #   variants128 ~1.5 min  three jax variants
 #   seq512      ~0.7 min  torch eager rows only (COMPILE=0), our bf16 step
 #   curves      ~1   min  two 200-step runs of the default config
-# Each stage prints its elapsed seconds; wrap the command in `timeout 570` so that a run over
-# its estimate still returns its log, and rerun the missing stages with STAGES.
+# Each stage prints its elapsed seconds; wrap the command in `timeout 540` so that a run over
+# its estimate still returns its log (then pack with gpu_summary.py), and rerun the missing
+# stages with STAGES.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to a folder for the results}
@@ -91,13 +92,5 @@ for stage in $STAGES; do
   echo "=== $stage done in $((SECONDS - start)) s"
 done
 
-python3 benchmarks/gpu_summary.py "$OUT" | tee "$OUT/summary.txt" || status=1
-if [ -n "$PACK" ]; then
-  mkdir -p "$PACK"
-  cp "$OUT/summary.txt" "$OUT/summary.json" "$PACK/"
-  [ -f "$OUT/curves/loss_curves.png" ] && cp "$OUT/curves/loss_curves.png" "$PACK/"
-  tar czf "$PACK/results.tgz" --exclude='*.pb' --exclude='*.pb.gz' --exclude='checkpoints' \
-    --exclude='export' -C "$OUT" .
-  ls -l "$PACK"
-fi
+python3 benchmarks/gpu_summary.py "$OUT" ${PACK:+--pack "$PACK"} || status=1
 exit $status

@@ -2,12 +2,20 @@
 to the reference rows, and the loss curves' gap. It goes last because a device run returns
 only the end of its output; it is also written to FOLDER/summary.json.
 
+--pack DIR copies what is worth bringing back from a device machine (which returns at most
+8 files) into DIR: summary.json, loss_curves.png and results.tgz (the folder without the raw
+profiler traces and the curves' checkpoints). Run on its own after gpu.sh, it packs what a
+run cut short by `timeout` left.
+
   python benchmarks/gpu_summary.py /tmp/gpu
+  python benchmarks/gpu_summary.py /tmp/gpu --pack $OUT
 """
 
+import argparse
 import json
 import pathlib
-import sys
+import shutil
+import tarfile
 
 
 def load(folder: pathlib.Path) -> dict[str, dict]:
@@ -50,8 +58,27 @@ def curves(folder: pathlib.Path) -> dict | None:
   return json.loads(path.read_text()) if path.is_file() else None
 
 
+# Left out of results.tgz: large, and not read back (the profile's top ops are in the JSON).
+UNPACKED = ('.pb', '.pb.gz', '.tfevents', 'checkpoints', 'export')
+
+
+def pack(folder: pathlib.Path, into: pathlib.Path) -> None:
+  into.mkdir(parents=True, exist_ok=True)
+  for path in (folder / 'summary.json', folder / 'curves' / 'loss_curves.png'):
+    if path.is_file():
+      shutil.copy(path, into)
+  keep = lambda info: None if any(part in info.name for part in UNPACKED) else info
+  with tarfile.open(into / 'results.tgz', 'w:gz') as tar:
+    tar.add(folder, arcname=folder.name, filter=keep)
+  print(f'packed into {into}: {sorted(p.name for p in into.iterdir())}')
+
+
 def main() -> None:
-  folder = pathlib.Path(sys.argv[1])
+  parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
+  parser.add_argument('folder', type=pathlib.Path)
+  parser.add_argument('--pack', type=pathlib.Path, default=None, metavar='DIR')
+  args = parser.parse_args()
+  folder = args.folder
   rows = [row(name, r) for name, r in load(folder).items()]
   print_table(rows)
   gap = curves(folder)
@@ -60,6 +87,8 @@ def main() -> None:
           f'{gap["max_abs_loss_gap"]:.4f}, mean {gap["mean_abs_loss_gap"]:.4f}; final eval '
           f'perplexity {gap["final_eval_perplexity"]}')
   (folder / 'summary.json').write_text(json.dumps({'rows': rows, 'curves': gap}, indent=1))
+  if args.pack:
+    pack(folder, args.pack)
 
 
 if __name__ == '__main__':
