@@ -1,8 +1,8 @@
 """Throughput of the package's real train step, and of the host input pipeline that feeds it.
 
 The step is `mlm_jax.steps.compile_steps(...).train`: on-device masking, forward and
-backward through a `FlaxAutoModelForMaskedLM` (RoBERTa, random init, sized from the
-flags), the package's optimizer (clip + AdamW with the decay mask) and the non-finite
+backward through a `FlaxAutoModelForMaskedLM` (RoBERTa, or ModernBERT with
+--preset=modernbert-base; random init, sized from the flags), the package's optimizer (clip + AdamW with the decay mask) and the non-finite
 guard, jit-compiled over the package's mesh (`sharding.make_mesh(--fsdp)`) with the state
 created sharded by `steps.init_train_state` and donated. Its input is a [grad_accum_steps=1, rows, seq]
 batch of random token ids placed with `sharding.shard_batch(..., batch_axis=1)`, as the
@@ -25,12 +25,16 @@ with the head counted where it runs):
   6 * N is the forward (2) + backward (4) matmul FLOPs per token; the second term is the
   attention scores (Q K^T) and context (A V): 2 * 2 * seq * hidden per token per layer
   forward, times 3 for forward + backward. head_share is 1 for the full head (the step
-  computes every position's logits) and max_predictions(seq, 0.15) / seq with
+  computes every position's logits) and max_predictions(seq, rate) / seq with
   --masked_head (the head runs on that many gathered tokens per row, masked or not): MFU
   counts what the step computes, not the full head it no longer runs.
-  MFU = tokens/s per device * flops_per_token / (peak_tflops * 1e12), with the peak
-  from --peak_tflops (default 790 bf16 TFLOP/s on GPU, the anchors' figure; on other
-  platforms MFU is only printed when --peak_tflops is given).
+  ModernBERT's names differ (layers/N/attn/Wqkv and attn_norm run on every token, head and
+  decoder on the head's rows) but the count is the same, except that a local layer's
+  attention term counts its window's keys (min(window, seq)) instead of seq, as anchors.py
+  does (XLA's attention still computes every logit: MFU counts the model's work).
+  MFU = tokens/s per device * flops_per_token / (peak * 1e12), once per peak of
+  --peak_tflops (default on GPU: 790 bf16 TFLOP/s, the anchors' figure, and 989, the
+  datasheet's dense bf16; on other platforms MFU is only printed when --peak_tflops is given).
 
 The host pipeline figure is how many batches per second `input_pipeline.train_batches`
 + `sharding.shard_batch` produce at this shape from a synthetic array of
@@ -38,8 +42,8 @@ The host pipeline figure is how many batches per second `input_pipeline.train_ba
 step's consumption rate (steps/s, from the median step) says whether the host keeps up
 (> 1) or starves the device (< 1).
 
-`--compare` runs ../shared/bench/anchors.py (modes jax and torch, each a subprocess, at
-this --batch, --seq and --steps) before this process touches the accelerator, so each
+`--compare` runs ../shared/bench/anchors.py (mode torch for RoBERTa, torch-modernbert for
+ModernBERT, or --anchor_modes; each a subprocess, at this --batch, --seq and --steps) before this process touches the accelerator, so each
 gets the whole GPU; anchors.py's own environment knobs (VARIANTS, COMPILE, NODROP) pass
 through. The ratio printed per row is our back-to-back tokens/s per device over the row's.
 
@@ -48,6 +52,7 @@ Usage:
   python benchmarks/train_step.py                               # distilroberta-base shape, float32
   python benchmarks/train_step.py --dtype=bfloat16 --steps=50 --json=/tmp/step.json
   python benchmarks/train_step.py --compare                     # + anchors.py rows (GPU)
+  python benchmarks/train_step.py --preset=modernbert-base --dtype=bfloat16 --masked_head --compare
   python benchmarks/train_step.py --preset=cpu-small --layers=4 --batch=64   # flags override a preset
   python benchmarks/train_step.py --preset=cpu-small --masking=whole_word    # vs token masking
 """
@@ -102,22 +107,52 @@ class Shape:
   masked_head: bool = False  # The vocabulary head on masked positions only (config.masked_lm_head).
   attention: str = 'xla'  # config.attention_impl: jax.nn.dot_product_attention's 'xla' or 'cudnn'.
   masking: str = 'token'  # config.masking: 'token' or 'whole_word'.
+  model_type: str = 'roberta'  # 'roberta' or 'modernbert' (the registry's model_type).
+  mask_probability: float = 0.15  # config.mlm_probability (ModernBERT trains with 0.3).
+  window: int = 128  # ModernBERT's local_attention: the whole sliding window, in tokens.
+  global_every: int = 3  # ModernBERT's global_attn_every_n_layers.
 
   def describe(self) -> str:
-    return (f'{self.layers} layers, hidden {self.hidden}, {self.heads} heads, intermediate '
-            f'{self.intermediate}, vocab {self.vocab}, seq {self.seq}, batch {self.batch}/device, '
-            f'{self.dtype}, {"masked-only" if self.masked_head else "full"} vocabulary head, '
-            f'{self.attention} attention, {self.masking} masking')
+    family = self.model_type
+    if self.model_type == 'modernbert':
+      family += f' (window {self.window}, global every {self.global_every})'
+    return (f'{family}, {self.layers} layers, hidden {self.hidden}, {self.heads} heads, '
+            f'intermediate {self.intermediate}, vocab {self.vocab}, seq {self.seq}, batch '
+            f'{self.batch}/device, {self.dtype}, {"masked-only" if self.masked_head else "full"} '
+            f'vocabulary head, {self.attention} attention, {self.masking} masking at '
+            f'{self.mask_probability:g}')
+
+  def keys_per_layer(self) -> list[int]:
+    """Keys each query attends to, per layer: a local layer sees its window (as anchors.py
+    counts it; XLA's attention still computes every [seq, seq] logit, cuDNN's need not)."""
+    if self.model_type != 'modernbert':
+      return [self.seq] * self.layers
+    return [self.seq if i % self.global_every == 0 else min(self.window, self.seq)
+            for i in range(self.layers)]
 
 
 PRESETS = {
     'distilroberta-base': Shape(layers=6, hidden=768, heads=12, intermediate=3072, vocab=50265,
                                 seq=128, batch=128),
+    # ModernBERT-base's encoder (answerdotai/ModernBERT-base's config.json) at anchors.py
+    # torch-modernbert's shape: 8 x 1024 tokens, masking rate 0.3 as it was pretrained.
+    'modernbert-base': Shape(layers=22, hidden=768, heads=12, intermediate=1152, vocab=50368,
+                             seq=1024, batch=8, model_type='modernbert', mask_probability=0.3),
     'cpu-small': Shape(layers=2, hidden=128, heads=4, intermediate=512, vocab=4096, seq=64,
                        batch=32),
 }
-# The one shape anchors.py measures (its batch and sequence length are settable).
-ANCHOR_DIMS = dict(layers=6, hidden=768, heads=12, intermediate=3072, vocab=50265)
+# The shapes anchors.py measures (their batch and sequence length are settable), and its modes
+# that measure them. Its `jax` mode (transformers' Flax RoBERTa) needs transformers < 5: pass
+# --anchor_modes=jax,torch where that is installed (fetch-wheels.sh --flax-anchor).
+ANCHOR_DIMS = {
+    'roberta': dict(layers=6, hidden=768, heads=12, intermediate=3072, vocab=50265),
+    'modernbert': dict(layers=22, hidden=768, heads=12, intermediate=1152, vocab=50368,
+                       window=128, global_every=3),
+}
+ANCHOR_MODES = {'roberta': 'torch', 'modernbert': 'torch-modernbert'}
+# Per-device bf16 peaks MFU is given against on GPU: anchors.py's measured 790 TFLOP/s and the
+# H100/H200 datasheet's dense 989.
+GPU_PEAKS_TFLOPS = (GPU_PEAK_TFLOPS, 989.0)
 
 
 # ----------------------------------------------------------------------------
@@ -129,8 +164,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--preset', choices=sorted(PRESETS), default='distilroberta-base',
                       help='base shape; the shape flags below override its fields')
-  for field in ('layers', 'hidden', 'heads', 'intermediate', 'vocab', 'seq', 'batch'):
+  for field in ('layers', 'hidden', 'heads', 'intermediate', 'vocab', 'seq', 'batch', 'window',
+                'global_every'):
     parser.add_argument(f'--{field}', type=int, default=None)
+  parser.add_argument('--mask_probability', type=float, default=None,
+                      help="masking rate; default the preset's (0.15, ModernBERT 0.3)")
   parser.add_argument('--dtype', choices=sorted(model_lib.DTYPES), default=None,
                       help='computation dtype (parameters stay float32); default float32')
   parser.add_argument('--attention', choices=sorted(layers.ATTENTION_IMPLS), default=None,
@@ -143,8 +181,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help='devices per fsdp group (sharding.make_mesh); 1 = data parallel')
   parser.add_argument('--steps', type=int, default=20, help='timed steps (each way)')
   parser.add_argument('--warmup', type=int, default=3, help='untimed steps, the first compiles')
-  parser.add_argument('--peak_tflops', type=float, default=None,
-                      help=f'per-device peak for MFU; default {GPU_PEAK_TFLOPS:g} on GPU')
+  parser.add_argument('--peak_tflops', type=float, nargs='+', default=None,
+                      help='per-device peak(s) for MFU, one figure each; default '
+                           f'{" ".join(f"{p:g}" for p in GPU_PEAKS_TFLOPS)} on GPU')
   parser.add_argument('--pipeline_blocks', type=int, default=20_000,
                       help='blocks in the synthetic array the host pipeline draws from')
   parser.add_argument('--pipeline_batches', type=int, default=200,
@@ -154,6 +193,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--anchors', type=pathlib.Path, default=ANCHORS,
                       help='the reference script (default: ../shared/bench/anchors.py beside '
                            'the repository; a copy inside it where only the repository travels)')
+  parser.add_argument('--anchor_modes', default=None,
+                      help='anchors.py modes to run, comma-separated; default torch for '
+                           'RoBERTa, torch-modernbert for ModernBERT')
   parser.add_argument('--force', action='store_true',
                       help='--compare even off GPU or at a shape other than the anchors\'')
   parser.add_argument('--json', default=None, metavar='PATH', help='write the results here')
@@ -168,8 +210,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_shape(args: argparse.Namespace) -> Shape:
-  overrides = {field.name: getattr(args, field.name) for field in dataclasses.fields(Shape)
-               if getattr(args, field.name) is not None}
+  # model_type has no flag: a preset picks the family.
+  overrides = {field.name: getattr(args, field.name, None) for field in dataclasses.fields(Shape)
+               if getattr(args, field.name, None) is not None}
   return dataclasses.replace(PRESETS[args.preset], **overrides)
 
 
@@ -177,13 +220,29 @@ def resolve_shape(args: argparse.Namespace) -> Shape:
 # The step, built from the package.
 
 
-def model_config(shape: Shape) -> transformers.RobertaConfig:
+def model_config(shape: Shape) -> transformers.PretrainedConfig:
+  return (modernbert_config if shape.model_type == 'modernbert' else roberta_config)(shape)
+
+
+def roberta_config(shape: Shape) -> transformers.RobertaConfig:
   """RoBERTa as `model.scratch_model_config` builds it, with the tokenizer's special ids."""
   return transformers.RobertaConfig(
       vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
       num_attention_heads=shape.heads, intermediate_size=shape.intermediate,
       max_position_embeddings=model_lib.SCRATCH_MAX_LENGTH + 2,  # After pad id 1, as RoBERTa.
       type_vocab_size=1, layer_norm_eps=1e-5, bos_token_id=0, pad_token_id=1, eos_token_id=2)
+
+
+def modernbert_config(shape: Shape) -> transformers.ModernBertConfig:
+  """ModernBERT as answerdotai/ModernBERT-base's config.json has it (8192 positions, the
+  config's defaults otherwise), sized from the shape. Its special ids are the BPE tokenizer's
+  (pad 0), which `masking_spec` also uses: random ids avoid them either way."""
+  return transformers.ModernBertConfig(
+      vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+      num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+      local_attention=shape.window, global_attn_every_n_layers=shape.global_every,
+      max_position_embeddings=max(8192, shape.seq), pad_token_id=0, bos_token_id=1,
+      eos_token_id=2, cls_token_id=1, sep_token_id=2)
 
 
 def optimizer_config() -> ml_collections.ConfigDict:
@@ -207,7 +266,7 @@ def masking_spec(shape: Shape) -> masking.MaskingSpec:
   table[list(special)] = True
   return masking.MaskingSpec(
       mask_token_id=tokenizer_lib.SPECIAL_TOKENS.index('<mask>'), special_ids=special,
-      vocab_size=shape.vocab, probability=0.15, scheme=shape.masking,
+      vocab_size=shape.vocab, probability=shape.mask_probability, scheme=shape.masking,
       word_starts=np.packbits(table).tobytes() if shape.masking == 'whole_word' else b'')
 
 
@@ -241,15 +300,31 @@ def random_ids(shape: Shape, rows: int, rng: np.random.Generator) -> np.ndarray:
 # FLOPs.
 
 
+# Parameter-path names, RoBERTa's and ModernBERT's: the encoder layers' container, what a
+# layer runs on every token even with the masked-only head (its attention's inputs), and what
+# runs on the head's rows alone past the layers.
+LAYER_CONTAINERS = ('layer', 'layers')
+ATTENTION_INPUTS = ('self', 'Wqkv', 'attn_norm')
+HEAD_NAMES = ('lm_head', 'head', 'decoder', 'final_norm')
+
+
+def _layer_index(path: tuple[str, ...]) -> int | None:
+  for name in LAYER_CONTAINERS:
+    if name in path:
+      return int(path[path.index(name) + 1])
+  return None
+
+
 def flop_params(params: Any, vocab: int, hidden: int) -> tuple[int, int]:
   """(N_body, N_head) of the docstring."""
   flat = traverse_util.flatten_dict(params)
   size = lambda keep: sum(int(np.prod(v.shape)) for path, v in flat.items() if keep(path))
-  layer = lambda path: path[path.index('layer') + 1] if 'layer' in path else None
-  last = str(max(int(layer(path)) for path in flat if layer(path) is not None))
-  on_rows = lambda path: 'lm_head' in path or (layer(path) == last and 'self' not in path)
+  last = max(i for i in map(_layer_index, flat) if i is not None)
+  on_rows = lambda path: (any(name in path for name in HEAD_NAMES) or (
+      _layer_index(path) == last and not any(name in path for name in ATTENTION_INPUTS)))
   body = size(lambda path: 'embeddings' not in path and not on_rows(path))
-  untied = any('decoder' in path for path in flat)  # An untied head counts itself below.
+  # A tied decoder is the word table, outside the sum; an untied one counts itself there.
+  untied = any('decoder' in path and path[-1] == 'kernel' for path in flat)
   return body, size(on_rows) + (0 if untied else vocab * hidden)
 
 
@@ -258,22 +333,23 @@ def head_share(shape: Shape) -> float:
   the bound of its rows pooled (`steps.micro_batch_predictions`)."""
   if not shape.masked_head:
     return 1.0
+  rate = shape.mask_probability
   pooled = steps_lib.micro_batch_predictions(
-      shape.batch, shape.seq, 0.15, model_lib.max_predictions(shape.seq, 0.15))
+      shape.batch, shape.seq, rate, model_lib.max_predictions(shape.seq, rate))
   return pooled / (shape.batch * shape.seq)
 
 
 def flops_per_token(params: Any, shape: Shape) -> float:
   """The FLOPs per token the step executes (see the module docstring)."""
   body, head = flop_params(params, shape.vocab, shape.hidden)
-  attention = 12 * shape.layers * shape.seq * shape.hidden
+  attention = 12 * sum(shape.keys_per_layer()) * shape.hidden
   return 6 * (body + head * head_share(shape)) + attention
 
 
-def default_peak_tflops(platform: str, given: float | None) -> float | None:
-  if given is not None:
-    return given
-  return GPU_PEAK_TFLOPS if platform == 'gpu' else None
+def default_peaks(platform: str, given: list[float] | None) -> list[float]:
+  if given:
+    return list(given)
+  return list(GPU_PEAKS_TFLOPS) if platform == 'gpu' else []
 
 
 # ----------------------------------------------------------------------------
@@ -394,20 +470,27 @@ def compare_skip_reason(shape: Shape, platform: str, force: bool,
   if force:
     return None
   if platform != 'gpu':
-    return (f'the reference rows need a GPU (anchors.py torch mode uses CUDA, and its jax mode '
-            f'is the distilroberta-base shape); this is {platform}. --force runs them anyway')
-  mismatched = {k: (getattr(shape, k), v) for k, v in ANCHOR_DIMS.items()
-                if getattr(shape, k) != v}
+    return (f'the reference rows are GPU figures (anchors.py\'s torch modes use CUDA where '
+            f'there is one); this is {platform}. --force runs them anyway')
+  mismatched = anchor_mismatch(shape)
   if mismatched:
-    return (f'anchors.py measures only the distilroberta-base dims {ANCHOR_DIMS}; this shape '
-            f'differs in {mismatched}. --force runs them anyway')
+    return (f'anchors.py measures only the {shape.model_type} dims '
+            f'{ANCHOR_DIMS[shape.model_type]}; this shape differs in {mismatched}. --force runs '
+            'them anyway')
   return None
 
 
-def run_anchors(shape: Shape, steps: int, anchors: pathlib.Path) -> dict[str, dict]:
-  """{row name: {step_ms, ktok_s, mfu}} from anchors.py's jax and torch modes, one device each."""
+def anchor_mismatch(shape: Shape) -> dict[str, tuple]:
+  """{field: (ours, the anchors')} where this shape is not the one anchors.py measures."""
+  return {k: (getattr(shape, k), v) for k, v in ANCHOR_DIMS[shape.model_type].items()
+          if getattr(shape, k) != v}
+
+
+def run_anchors(shape: Shape, steps: int, anchors: pathlib.Path,
+                modes: Sequence[str]) -> dict[str, dict]:
+  """{row name: {step_ms, ktok_s, ...}} from anchors.py's `modes`, each a subprocess."""
   rows = {}
-  for mode in ('jax', 'torch'):
+  for mode in modes:
     with tempfile.TemporaryDirectory() as out:
       env = dict(os.environ, B=str(shape.batch), L=str(shape.seq), STEPS=str(steps), OUT=out)
       print(f'--- anchors.py {mode} (B={shape.batch} L={shape.seq} STEPS={steps})', flush=True)
@@ -426,15 +509,17 @@ def run_anchors(shape: Shape, steps: int, anchors: pathlib.Path) -> dict[str, di
 
 
 def results(shape: Shape, device: jax.Device, num_devices: int, times: StepTimes,
-            fpt: float, n_flop_params: int, n_params: int, peak_tflops: float | None,
+            fpt: float, n_flop_params: int, n_params: int, peaks: list[float],
             pipeline_batches_s: float, peak_bytes: int | None, load_before: list[float],
             masking_ms: float) -> dict:
   tokens_per_step = shape.batch * num_devices * shape.seq
   tps_median = tokens_per_step / (times.median_ms / 1e3)
   tps_b2b = tokens_per_step / (times.back_to_back_ms / 1e3)
 
-  def mfu(tps: float) -> float | None:
-    return None if peak_tflops is None else tps / num_devices * fpt / (peak_tflops * 1e12)
+  def mfu(tps: float, peak: float | None) -> float | None:
+    return None if peak is None else tps / num_devices * fpt / (peak * 1e12)
+
+  first = peaks[0] if peaks else None  # mfu_median / mfu_back_to_back: as before, one peak.
 
   steps_per_s = 1e3 / times.median_ms
   return {
@@ -446,7 +531,10 @@ def results(shape: Shape, device: jax.Device, num_devices: int, times: StepTimes
       'step_ms_back_to_back': times.back_to_back_ms, 'step_ms_synced': times.synced_ms,
       'masking_ms': masking_ms,
       'tokens_per_s_median': tps_median, 'tokens_per_s_back_to_back': tps_b2b,
-      'peak_tflops': peak_tflops, 'mfu_median': mfu(tps_median), 'mfu_back_to_back': mfu(tps_b2b),
+      'peak_tflops': first, 'mfu_median': mfu(tps_median, first),
+      'mfu_back_to_back': mfu(tps_b2b, first),
+      'mfu': {f'{peak:g}': {'median': mfu(tps_median, peak), 'back_to_back': mfu(tps_b2b, peak)}
+              for peak in peaks},
       'peak_device_bytes': peak_bytes, 'host_peak_rss_bytes': host_peak_rss(),
       'pipeline_batches_per_s': pipeline_batches_s, 'steps_per_s': steps_per_s,
       'pipeline_to_step_ratio': pipeline_batches_s / steps_per_s,
@@ -476,11 +564,11 @@ def print_report(r: dict, steps: int) -> None:
         f'{r["tokens_per_s_back_to_back"]:,.0f} (back-to-back)')
   achieved = r['tokens_per_s_back_to_back'] / r['num_devices'] * r['flops_per_token'] / 1e12
   print(f'achieved (back-to-back): {achieved:.4g} TFLOP/s per device')
-  if r['peak_tflops'] is None:
+  if not r['mfu']:
     print('MFU: n/a (pass --peak_tflops)')
-  else:
-    print(f'MFU of {r["peak_tflops"]:g} TFLOP/s/device: {r["mfu_median"] * 100:.2f}% (median '
-          f'step), {r["mfu_back_to_back"] * 100:.2f}% (back-to-back)')
+  for peak, mfu in r['mfu'].items():
+    print(f'MFU of {peak} TFLOP/s/device: {mfu["median"] * 100:.2f}% (median '
+          f'step), {mfu["back_to_back"] * 100:.2f}% (back-to-back)')
   print(f'peak device memory: {_gib(r["peak_device_bytes"])}; '
         f'host peak RSS: {_gib(r["host_peak_rss_bytes"])}')
   print(f'host pipeline (train_batches + shard_batch): {r["pipeline_batches_per_s"]:,.0f} '
@@ -493,9 +581,10 @@ def print_comparison(r: dict, rows: dict[str, dict]) -> dict[str, float]:
   ours = r['tokens_per_s_back_to_back'] / r['num_devices']
   print(f'ours vs anchors.py (tokens/s per device, back-to-back; ours {ours / 1e3:,.2f} ktok/s, '
         f'{r["shape"]["dtype"]}):')
-  if any(r['shape'][k] != v for k, v in ANCHOR_DIMS.items()):
-    print(f'  note: the anchors ran their own dims {ANCHOR_DIMS}, not this shape: the ratios are '
-          'not like for like')
+  shape = Shape(**r['shape'])
+  if anchor_mismatch(shape):
+    print(f'  note: the anchors ran their own dims {ANCHOR_DIMS[shape.model_type]}, not this '
+          'shape: the ratios are not like for like')
   ratios = {}
   for name, row in rows.items():
     ratios[name] = ours / (row['ktok_s'] * 1e3)
@@ -517,7 +606,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if reason:
       print(f'--compare skipped: {reason}', flush=True)
     else:
-      anchors = run_anchors(shape, args.steps, args.anchors)
+      modes = (args.anchor_modes or ANCHOR_MODES[shape.model_type]).split(',')
+      anchors = run_anchors(shape, args.steps, args.anchors, modes)
 
   load_before = load_average()
   mesh = sharding.make_mesh(args.fsdp)
@@ -540,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   pipeline = host_pipeline_rate(shape, mesh, args.pipeline_blocks, args.pipeline_batches)
 
   report = results(shape, device, mesh.size, times, fpt, n_flop_params, n_params,
-                   default_peak_tflops(device.platform, args.peak_tflops), pipeline, peak_bytes,
+                   default_peaks(device.platform, args.peak_tflops), pipeline, peak_bytes,
                    load_before, masking_ms)
   print_report(report, args.steps)
   if profile is not None:
