@@ -77,6 +77,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return args
 
 
+def cpu_model() -> str:
+  """The CPU's model name and widest vector extension: the ratios depend on it (on AVX-512
+  PyTorch's oneDNN products outpace XLA's; on AVX2 they did not), and machines change."""
+  try:
+    info = pathlib.Path('/proc/cpuinfo').read_text()
+  except OSError:
+    return 'unknown CPU'
+  name = next((line.split(':', 1)[1].strip() for line in info.splitlines()
+               if line.startswith('model name')), 'unknown CPU')
+  return f"{name}, {'AVX-512' if ' avx512f' in info else 'AVX2' if ' avx2' in info else 'no AVX2'}"
+
+
 def load_average() -> list[float]:
   return [round(x, 2) for x in os.getloadavg()]
 
@@ -284,10 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   warnings.filterwarnings('ignore', message='Some donated buffers were not usable')
   transformers.utils.logging.set_verbosity_error()
   torch.set_num_threads(CORES)
-  print(f'{CORES} CPU cores; jax {jax.__version__} ({jax.devices()[0].platform}), torch '
+  print(f'{CORES} CPU cores ({cpu_model()}); jax {jax.__version__} ({jax.devices()[0].platform}), torch '
         f'{torch.__version__} ({torch.get_num_threads()} threads), transformers '
         f'{transformers.__version__}; load average {load_average()}', flush=True)
-  report = {'cores': CORES, 'load_average_before': load_average()}
+  report = {'cores': CORES, 'cpu': cpu_model(), 'load_average_before': load_average()}
   if report['load_average_before'][0] > CORES / 2:
     print(f'warning: other work is running (load average {report["load_average_before"][0]} on '
           f'{CORES} cores); PyTorch\'s threads slow down many-fold when the cores are '
