@@ -516,10 +516,8 @@ def results(shape: Shape, device: jax.Device, num_devices: int, times: StepTimes
   tps_median = tokens_per_step / (times.median_ms / 1e3)
   tps_b2b = tokens_per_step / (times.back_to_back_ms / 1e3)
 
-  def mfu(tps: float, peak: float | None) -> float | None:
-    return None if peak is None else tps / num_devices * fpt / (peak * 1e12)
-
-  first = peaks[0] if peaks else None  # mfu_median / mfu_back_to_back: as before, one peak.
+  def mfu(tps: float, peak: float) -> float:
+    return tps / num_devices * fpt / (peak * 1e12)
 
   steps_per_s = 1e3 / times.median_ms
   return {
@@ -531,8 +529,6 @@ def results(shape: Shape, device: jax.Device, num_devices: int, times: StepTimes
       'step_ms_back_to_back': times.back_to_back_ms, 'step_ms_synced': times.synced_ms,
       'masking_ms': masking_ms,
       'tokens_per_s_median': tps_median, 'tokens_per_s_back_to_back': tps_b2b,
-      'peak_tflops': first, 'mfu_median': mfu(tps_median, first),
-      'mfu_back_to_back': mfu(tps_b2b, first),
       'mfu': {f'{peak:g}': {'median': mfu(tps_median, peak), 'back_to_back': mfu(tps_b2b, peak)}
               for peak in peaks},
       'peak_device_bytes': peak_bytes, 'host_peak_rss_bytes': host_peak_rss(),
