@@ -35,6 +35,9 @@ DRY_RUN=${DRY_RUN:-0}
 PACK=${PACK:-}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# JAX's compiled programs kept outside OUT (not packed), on the machine's disk: a rerun of the
+# stages a timeout cut short, on the still-warm machine, compiles nothing the first run did.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-${TMPDIR:-/tmp}/mlm_jax_gpu_cache}
 
 if [ "$DRY_RUN" = 1 ]; then
   STEPS=2 CURVE_STEPS=6

@@ -1,0 +1,47 @@
+"""What `benchmarks/cpu_vs_torch.py` promises beyond its timings: torch stays out of the default
+install, so without torch the script says so in one line and exits with status 2 (no
+traceback); where torch is present, its matrix-products comparison runs and reports the
+rates of both sides and their ratio. Timings themselves are never asserted here.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+HAS_TORCH = importlib.util.find_spec('torch') is not None
+
+
+def cpu_vs_torch(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'cpu_vs_torch.py'), *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.mark.skipif(HAS_TORCH, reason='torch is installed here: the torch-less path is CI\'s')
+def test_without_torch_it_says_so_in_one_line_and_exits_2():
+  result = cpu_vs_torch('--only=products')
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip().count('\n') == 0, result.stderr
+  assert 'torch' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_an_unknown_comparison_is_refused_by_name():
+  result = cpu_vs_torch('--only=products,train-huge')
+  assert result.returncode == 2
+  assert 'train-huge' in result.stderr
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason='needs torch (pip install torch==2.13.0, CPU build)')
+def test_products_comparison_reports_both_sides_rates_and_their_ratio(tmp_path):
+  report_path = tmp_path / 'vs.json'
+  result = cpu_vs_torch('--only=products', '--rounds=1', '--steps=1', f'--json={report_path}')
+  assert result.returncode == 0, result.stderr
+  products = json.loads(report_path.read_text())['products']
+  assert len(products) == 5
+  for name, row in products.items():
+    assert row['ours_GFLOP/s'] > 0 and row['theirs_GFLOP/s'] > 0, name
+    assert row['ratio'] == pytest.approx(row['ours_GFLOP/s'] / row['theirs_GFLOP/s'])
