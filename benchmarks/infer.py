@@ -116,6 +116,14 @@ def one_mask_texts(answers: Sequence[str], count: int, words: int) -> list[str]:
   return texts
 
 
+def varied_mask_texts(answers: Sequence[str], count: int, fewest: int, most: int) -> list[str]:
+  """`count` one-mask texts of `fewest` to `most` words, lengths spread evenly in an order
+  that mixes short and long (as texts read from a file come)."""
+  span = most - fewest + 1
+  return [one_mask_texts(answers[i:] + answers[:i], 1, fewest + (i * 37) % span)[0]
+          for i in range(count)]
+
+
 def fresh_predictor(shape: ModelShape, answers: Sequence[str]) -> infer.Predictor:
   tokenizer = tokenizer_lib.train_bpe_tokenizer(answers, TOKENIZER_VOCAB,
                                                 model_max_length=model_lib.SCRATCH_MAX_LENGTH)

@@ -2,10 +2,11 @@
 
 A model comes from a training workdir (its orbax checkpoint: the latest or a given
 step; its parameters only), an HF-format directory (such as a workdir's export) or a
-hub id. Texts run `batch_size` at a time through one jit-compiled forward pass, results
-streamed out batch by batch; rows and length are bucketed (`_bucket`) so the compiled
-function is reused. A text longer than the model's position embeddings is
-refused by its number.
+hub id. Texts run `batch_size` at a time through one jit-compiled forward pass; within each
+window of `SORTED_BATCHES` batches' texts, texts of similar length share a batch, and the
+results stream out window by window in the texts' order. Rows and length are bucketed
+(`_bucket`) so the compiled function is reused. A text longer than the model's position
+embeddings is refused by its number.
 """
 
 import contextlib
@@ -28,6 +29,10 @@ from mlm_jax.models import hf_checkpoint
 
 USER_MASK = '<mask>'
 DEFAULT_BATCH_SIZE = 64  # Texts per forward pass: memory stays bounded whatever the input.
+# Batches whose texts are sorted by length together: a short text shares its batch with texts
+# of about its length rather than being padded to the longest of whichever texts follow it,
+# while memory stays bounded by the window and the first results come after it.
+SORTED_BATCHES = 8
 
 
 @dataclasses.dataclass
@@ -160,14 +165,18 @@ def iter_fill_mask(predictor: Predictor, texts: Sequence[str], top_k: int = 5,
   encoded = encode(tokenizer, texts, model_lib.max_block_size(predictor.model.config))
   candidates = None if targets is None else target_ids(tokenizer, targets)
   k = min(top_k, predictor.model.config.vocab_size if candidates is None else len(candidates))
-  for batch in padded_batches(tokenizer, encoded, batch_size):
-    scores, indices = jax.device_get(_top_k_at(
-        predictor.params, batch.ids, batch.attention_mask, batch.predict_at, candidates,
-        logits_fn=predictor.logits_fn, top_k=k))
-    if candidates is not None:
-      indices = candidates[indices]
-    for row, (seq, where) in enumerate(zip(batch.encoded, batch.mask_at)):
-      yield _fills(tokenizer, seq, where, scores[row], indices[row])
+  window = batch_size * SORTED_BATCHES
+  for start in range(0, len(encoded), window):
+    fills = {}
+    for batch in padded_batches(tokenizer, encoded[start:start + window], batch_size):
+      scores, indices = jax.device_get(_top_k_at(
+          predictor.params, batch.ids, batch.attention_mask, batch.predict_at, candidates,
+          logits_fn=predictor.logits_fn, top_k=k))
+      if candidates is not None:
+        indices = candidates[indices]
+      for row, (index, seq, where) in enumerate(zip(batch.order, batch.encoded, batch.mask_at)):
+        fills[index] = _fills(tokenizer, seq, where, scores[row], indices[row])
+    yield from (fills[index] for index in range(len(fills)))
 
 
 def fill_mask(predictor: Predictor, texts: Sequence[str], top_k: int = 5,
@@ -183,6 +192,7 @@ def fill_mask(predictor: Predictor, texts: Sequence[str], top_k: int = 5,
 @dataclasses.dataclass
 class PaddedBatch:
   """At most `batch_size` encoded texts, padded to bucketed [rows, length] arrays."""
+  order: list[int]  # Each text's index in the list `padded_batches` was given.
   encoded: list[list[int]]
   mask_at: list[np.ndarray]  # Each text's mask-token indices.
   ids: np.ndarray
@@ -192,10 +202,13 @@ class PaddedBatch:
 
 def padded_batches(tokenizer, encoded: list[list[int]],
                    batch_size: int) -> Iterator[PaddedBatch]:
-  """The texts in order, `batch_size` at a time; rows and length bucketed (`_bucket`; rows at
-  most `batch_size`) so few shapes are compiled."""
+  """The texts shortest first (the stable order of their lengths), `batch_size` at a time, so
+  that each batch pads to about its own texts' length; rows and length bucketed (`_bucket`;
+  rows at most `batch_size`) so few shapes are compiled."""
+  by_length = sorted(range(len(encoded)), key=lambda index: len(encoded[index]))
   for start in range(0, len(encoded), batch_size):
-    chunk = encoded[start:start + batch_size]
+    order = by_length[start:start + batch_size]
+    chunk = [encoded[index] for index in order]
     mask_at = [np.flatnonzero(np.asarray(seq) == tokenizer.mask_token_id) for seq in chunk]
     rows = min(_bucket(len(chunk), minimum=1), batch_size)
     length, masks = _bucket(max(map(len, chunk))), _bucket(max(map(len, mask_at)), minimum=1)
@@ -205,7 +218,7 @@ def padded_batches(tokenizer, encoded: list[list[int]],
     for row, (seq, where) in enumerate(zip(chunk, mask_at)):
       ids[row, :len(seq)], attention_mask[row, :len(seq)] = seq, 1
       predict_at[row, :len(where)] = where
-    yield PaddedBatch(chunk, mask_at, ids, attention_mask, predict_at)
+    yield PaddedBatch(order, chunk, mask_at, ids, attention_mask, predict_at)
 
 
 def _fills(tokenizer, seq: list[int], mask_at: np.ndarray, scores: np.ndarray,

@@ -178,6 +178,29 @@ def test_fills_do_not_depend_on_the_batch_size(predictor):
       _assert_same_fills(batched_fills, alone_fills)
 
 
+def test_texts_of_similar_length_share_a_batch_whatever_their_order(predictor):
+  short, long = _ids(predictor, TEXT), _ids(predictor, LONGER_TEXTS[0])
+  assert infer._bucket(len(short)) < infer._bucket(len(long))
+  encoded = [long, short, long, short]
+  batches = list(infer.padded_batches(predictor.tokenizer, encoded, batch_size=2))
+  assert [b.order for b in batches] == [[1, 3], [0, 2]]
+  assert [b.encoded for b in batches] == [[short, short], [long, long]]
+  assert [b.ids.shape[1] for b in batches] == [infer._bucket(len(short)),
+                                               infer._bucket(len(long))]
+
+
+def test_fills_come_back_in_the_texts_order_across_sorted_windows(predictor, monkeypatch):
+  """Windows of one batch of 2: the texts are reordered by length within each window, and
+  every text's fills still come back at its own place."""
+  monkeypatch.setattr(infer, 'SORTED_BATCHES', 1)
+  texts = [LONGER_TEXTS[0], TEXT, 'The <mask> is wet.', *LONGER_TEXTS[::-1]]
+  streamed = list(infer.iter_fill_mask(predictor, texts, top_k=3, batch_size=2))
+  assert len(streamed) == len(texts)
+  for text, masks in zip(texts, streamed):
+    for fills, alone in zip(masks, infer.fill_mask(predictor, [text], top_k=3)[0], strict=True):
+      _assert_same_fills(fills, alone)
+
+
 def test_a_text_longer_than_the_models_positions_is_refused_by_its_number(predictor):
   """The limit is the model's (514 positions: 512 tokens), whatever the tokenizer says."""
   tokenizer = copy.deepcopy(predictor.tokenizer)
