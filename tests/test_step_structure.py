@@ -5,8 +5,10 @@ bfloat16 scatter-add into the word table (the table was cast before its gather) 
 per-token scatter-add into the position table (positions were gathered per token). The
 project's models gather float32 tables and add position rows as a broadcast slice. These
 tests read the HLO of the package's real bf16 step so that a change bringing either back
-fails here, without a GPU. Each checker is first shown the pattern it looks for, in a
-small function that has it: a checker that cannot see it fails that test.
+fails here, without a GPU, as they do for float32 products in the bf16 step (on a GPU a
+product with a float32 operand leaves the bfloat16 tensor cores). Each checker is first
+shown the pattern it looks for, in a small function that has it: a checker that cannot
+see it fails that test.
 """
 
 import re
@@ -24,6 +26,7 @@ from mlm_jax import model as model_lib
 from mlm_jax import sharding
 from mlm_jax import steps as steps_lib
 from mlm_jax.models import FlaxAutoModelForMaskedLM
+from mlm_jax.models import layers
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))
@@ -33,11 +36,26 @@ import train_step as bench  # pylint: disable=wrong-import-position
 VOCAB, HIDDEN, POSITIONS, SEQ = 97, 24, 514, 16
 
 
-def step_hlo() -> str:
-  """Unoptimised HLO text of the package's bf16, masked-head train step of a tiny RoBERTa."""
-  config = transformers.RobertaConfig(
+def roberta_config() -> transformers.PretrainedConfig:
+  """A tiny RoBERTa with attention dropout (the step writes attention out)."""
+  return transformers.RobertaConfig(
       vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2,
       intermediate_size=40, max_position_embeddings=POSITIONS, pad_token_id=1, type_vocab_size=1)
+
+
+def modernbert_config() -> transformers.PretrainedConfig:
+  """A tiny ModernBERT without attention dropout (its default), a local and a global layer."""
+  return transformers.ModernBertConfig(
+      vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=40, num_hidden_layers=2,
+      num_attention_heads=2, global_attn_every_n_layers=2, local_attention=8,
+      max_position_embeddings=SEQ, pad_token_id=1, cls_token_id=0, sep_token_id=2,
+      bos_token_id=0, eos_token_id=2)
+
+
+def step_hlo(config: transformers.PretrainedConfig | None = None) -> str:
+  """Unoptimised HLO text of the package's bf16, masked-head train step of a tiny model
+  (default: `roberta_config()`)."""
+  config = config or roberta_config()
   model = FlaxAutoModelForMaskedLM.from_config(config, dtype=jnp.bfloat16, _do_init=False)
   schedule = optax.constant_schedule(1e-3)
   tx = optax.adamw(schedule)
@@ -55,6 +73,14 @@ def scatters_into(hlo: str, dtype: str, rows: int) -> list[str]:
   """The scatter instructions whose result is a [rows, HIDDEN] table of `dtype`."""
   pattern = re.compile(rf'= {dtype}\[{rows},{HIDDEN}\]\{{[0-9,]*\}} scatter\(')
   return [line.strip() for line in hlo.splitlines() if pattern.search(line)]
+
+
+def float32_products(hlo: str) -> list[str]:
+  """The dot instructions of an HLO module's text with a float32 operand."""
+  types = dict(re.findall(r'^\s*(?:ROOT )?([\w.\-]+) = (\w+)\[', hlo, re.MULTILINE))
+  dots = re.findall(r'^\s*(?:ROOT )?([\w.\-]+) = \w+\[[\d,]*\]\S* dot\(([\w.\-]+), ([\w.\-]+)\)',
+                    hlo, re.MULTILINE)
+  return [name for name, lhs, rhs in dots if 'f32' in (types[lhs], types[rhs])]
 
 
 def gradient_hlo(lookup) -> str:
@@ -83,6 +109,36 @@ def test_position_rows_are_not_gathered_per_token(hlo):
                             + scatters_into(text, 'f32', POSITIONS))
   assert per_token(gradient_hlo(lambda table, ids: table[ids]))  # The checker sees it.
   assert not per_token(hlo)
+
+
+@pytest.mark.parametrize('config', [roberta_config, modernbert_config],
+                         ids=['roberta, attention dropout', 'modernbert, sliding window'])
+def test_bf16_step_multiplies_only_bfloat16_operands(config):
+  """Scores accumulate in float32, so JAX's transpose of the scores' product multiplies their
+  float32 gradient with the keys and queries cast up (`layers.attention_scores` does not)."""
+  def scores_loss(query, key):
+    return jnp.einsum('BTNH,BSNH->BNTS', query, key, preferred_element_type=jnp.float32).sum()
+  heads = jnp.zeros((1, SEQ, 2, HIDDEN // 2), jnp.bfloat16)
+  assert float32_products(jax.jit(jax.grad(scores_loss, argnums=(0, 1))).lower(
+      heads, heads).as_text(dialect='hlo'))  # The checker sees them.
+  assert float32_products(step_hlo(config())) == []
+
+
+@pytest.mark.parametrize('dtype, tolerance', [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_attention_scores_gradient_is_the_einsums_own(dtype, tolerance):
+  """The same gradients as JAX's transpose of the product: to float32 rounding in float32,
+  to bfloat16's in bfloat16 (its gradient of the scores is rounded before the products)."""
+  rng = np.random.default_rng(0)
+  query, key = (jnp.asarray(rng.normal(size=(2, 6, 3, 4)), dtype) for _ in range(2))
+  weights = jnp.asarray(rng.normal(size=(2, 3, 6, 6)), jnp.float32)
+  einsum = lambda q, k: jnp.einsum('BTNH,BSNH->BNTS', q.astype(jnp.float32),
+                                   k.astype(jnp.float32))
+  gradients = [jax.grad(lambda q, k: (scores(q, k) * weights).sum(), argnums=(0, 1))(query, key)
+               for scores in (layers.attention_scores, einsum)]
+  for ours, expected in zip(*gradients):
+    assert ours.dtype == dtype
+    np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(expected, np.float32),
+                               rtol=tolerance, atol=tolerance)
 
 
 def test_benchmark_flops_count_what_the_masked_head_step_executes():

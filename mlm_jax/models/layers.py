@@ -183,31 +183,58 @@ def attend(query: Array, key: Array, value: Array, mask: Array | None, *,
            implementation: str = 'xla', local_window: tuple[int, int] | None = None) -> Array:
   """Softmax attention over [batch, seq, heads, head_dim] queries, keys and values.
 
-  Without attention dropout (inference, or a rate of 0) this is
-  `jax.nn.dot_product_attention` (XLA's or cuDNN's fused kernel). That function has no
-  dropout, so training with attention dropout writes the same computation out and drops
-  attention probabilities element-wise, per [batch, head, query, key], as PyTorch's
-  `nn.Dropout` on the probabilities does. `mask` is boolean, broadcast to [batch, heads,
-  query, key]; `local_window` (left, right) keeps keys within that many positions.
+  Inference, and training through cuDNN's fused kernel without attention dropout, is
+  `jax.nn.dot_product_attention`. Training otherwise writes the computation out: that
+  function has no dropout, and its XLA form's backward multiplies float32 score gradients
+  with bfloat16 keys and queries (products in float32 on a GPU), where `attention_scores`
+  keeps them in the computation dtype. Attention dropout drops probabilities element-wise,
+  per [batch, head, query, key], as PyTorch's `nn.Dropout` on the probabilities does. `mask`
+  is boolean, broadcast to [batch, heads, query, key]; `local_window` (left, right) keeps keys
+  within that many positions.
   """
-  if deterministic or dropout_rate == 0.0:
-    if local_window is not None and local_window[1] != 0:
-      # cuDNN takes a sliding window only with a causal mask (jax raises otherwise): an
-      # encoder's two-sided window goes through XLA, which applies it as a mask.
-      implementation = 'xla'
+  if local_window is not None and local_window[1] != 0:
+    # cuDNN takes a sliding window only with a causal mask (jax raises otherwise): an
+    # encoder's two-sided window goes through XLA, which applies it as a mask.
+    implementation = 'xla'
+  if deterministic or (dropout_rate == 0.0 and implementation != 'xla'):
     return jax.nn.dot_product_attention(
         query, key, value, mask=mask, implementation=ATTENTION_IMPLS[implementation],
         local_window_size=local_window)
-  logits = jnp.einsum('BTNH,BSNH->BNTS', query, key, preferred_element_type=jnp.float32)
-  logits = logits * np.float32(1 / np.sqrt(query.shape[-1]))
+  logits = attention_scores(query, key) * np.float32(1 / np.sqrt(query.shape[-1]))
   mask = combine_masks(mask, None if local_window is None else
                        window_mask(query.shape[1], key.shape[1], local_window))
   if mask is not None:
     logits = jnp.where(mask, logits, np.float32(-0.7 * np.finfo(np.float32).max))
   weights = jax.nn.softmax(logits, axis=-1)
-  keep = jax.random.bernoulli(dropout_rng(), 1.0 - dropout_rate, weights.shape)
-  weights = jnp.where(keep, weights / np.float32(1.0 - dropout_rate), 0.0).astype(query.dtype)
-  return jnp.einsum('BNTS,BSNH->BTNH', weights, value)
+  if dropout_rate > 0.0:
+    keep = jax.random.bernoulli(dropout_rng(), 1.0 - dropout_rate, weights.shape)
+    weights = jnp.where(keep, weights / np.float32(1.0 - dropout_rate), 0.0)
+  return jnp.einsum('BNTS,BSNH->BTNH', weights.astype(query.dtype), value)
+
+
+@jax.custom_vjp
+def attention_scores(query: Array, key: Array) -> Array:
+  """[batch, heads, query, key] float32 scores of [batch, seq, heads, head_dim] queries and
+  keys, multiplied in their dtype. The backward casts the scores' gradient to that dtype
+  before its two products, as FlashAttention's backward does, so that a bfloat16 step runs
+  them in bfloat16; JAX's own transpose would promote the queries and keys to float32."""
+  return jnp.einsum('BTNH,BSNH->BNTS', query, key, preferred_element_type=jnp.float32)
+
+
+def _attention_scores_forward(query: Array, key: Array) -> tuple[Array, tuple[Array, Array]]:
+  return attention_scores(query, key), (query, key)
+
+
+def _attention_scores_backward(saved: tuple[Array, Array],
+                               gradient: Array) -> tuple[Array, Array]:
+  query, key = saved
+  gradient = gradient.astype(query.dtype)
+  product = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+  return (product('BNTS,BSNH->BTNH', gradient, key).astype(query.dtype),
+          product('BNTS,BTNH->BSNH', gradient, query).astype(key.dtype))
+
+
+attention_scores.defvjp(_attention_scores_forward, _attention_scores_backward)
 
 
 def self_attention(module: nn.Module, hidden: Array, mask: Array | None, *,
