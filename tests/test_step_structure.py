@@ -52,6 +52,19 @@ def modernbert_config() -> transformers.PretrainedConfig:
       bos_token_id=0, eos_token_id=2)
 
 
+OTHER_FAMILIES = {
+    'bert': lambda: transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=40, max_position_embeddings=SEQ),
+    'distilbert': lambda: transformers.DistilBertConfig(
+        vocab_size=VOCAB, dim=HIDDEN, n_layers=1, n_heads=2, hidden_dim=40,
+        max_position_embeddings=SEQ),
+    'albert': lambda: transformers.AlbertConfig(
+        vocab_size=VOCAB, embedding_size=16, hidden_size=HIDDEN, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=40, max_position_embeddings=SEQ),
+}
+
+
 def step_hlo(config: transformers.PretrainedConfig | None = None) -> str:
   """Unoptimised HLO text of the package's bf16, masked-head train step of a tiny model
   (default: `roberta_config()`)."""
@@ -111,8 +124,9 @@ def test_position_rows_are_not_gathered_per_token(hlo):
   assert not per_token(hlo)
 
 
-@pytest.mark.parametrize('config', [roberta_config, modernbert_config],
-                         ids=['roberta, attention dropout', 'modernbert, sliding window'])
+@pytest.mark.parametrize('config', [roberta_config, modernbert_config, *OTHER_FAMILIES.values()],
+                         ids=['roberta, attention dropout', 'modernbert, sliding window',
+                              *OTHER_FAMILIES])
 def test_bf16_step_multiplies_only_bfloat16_operands(config):
   """Scores accumulate in float32, so JAX's transpose of the scores' product multiplies their
   float32 gradient with the keys and queries cast up (`layers.attention_scores` does not)."""
