@@ -17,12 +17,13 @@
 # CPU takes minutes); it checks the plumbing, not the figures.
 #
 # Time on one H200 (estimates: jax compiles a variant in ~20-60 s, torch.compile a row in ~1
-# min, and each jax process spends ~10 s starting), about 7 minutes in all:
+# min, and each jax process spends ~10 s starting), about 8 minutes in all:
 #   anchors128  ~2.5 min  torch eager + 2 torch.compile rows, our bf16 step profiled
 #   modernbert  ~2   min  torch-modernbert eager + compile, our bf16 step
 #   variants128 ~1.5 min  three jax variants
 #   seq512      ~0.7 min  torch eager rows only (COMPILE=0), our bf16 step
 #   curves      ~1   min  two 200-step runs of the default config
+#   modernbert_cudnn ~1 min  our ModernBERT step, global layers through cuDNN (last: if time is left)
 # Each stage prints its elapsed seconds; wrap the command in `timeout 540` so that a run over
 # its estimate still returns its log (then pack with gpu_summary.py), and rerun the missing
 # stages with STAGES.
@@ -30,7 +31,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to a folder for the results}
 ANCHORS=${ANCHORS:-../shared/bench/anchors.py}
-STAGES=${STAGES:-anchors128 modernbert variants128 seq512 curves}
+STAGES=${STAGES:-anchors128 modernbert variants128 seq512 curves modernbert_cudnn}
 DRY_RUN=${DRY_RUN:-0}
 PACK=${PACK:-}
 mkdir -p "$OUT"
@@ -47,6 +48,7 @@ if [ "$DRY_RUN" = 1 ]; then
   TINY_MB="--layers=3 --hidden=64 --heads=4 --intermediate=96 --vocab=512 --seq=64 --window=16"
   TINY_MB="$TINY_MB --batch=2 $small"
   export COMPILE=0  # anchors.py: eager rows only.
+  CUDNN=""  # No cuDNN off GPU: the stage runs XLA's attention.
   if python3 -c 'import torch' 2>/dev/null; then
     COMPARE="--compare --anchors=$ANCHORS --force"  # --force: off GPU and at tiny shapes.
   else
@@ -54,7 +56,7 @@ if [ "$DRY_RUN" = 1 ]; then
     echo "dry run: torch does not import here, so the anchors.py rows are skipped"
   fi
 else
-  STEPS=30 CURVE_STEPS=200 TINY="" TINY_MB=""
+  STEPS=30 CURVE_STEPS=200 TINY="" TINY_MB="" CUDNN="--attention=cudnn"
   COMPARE="--compare --anchors=$ANCHORS"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
 fi
@@ -81,6 +83,10 @@ run_stage() {
     seq512)  # Eager reference rows only: two more torch.compile rows would not fit the lease.
       COMPILE=0 step --dtype=bfloat16 --masked_head --seq=512 --batch=32 $COMPARE \
         --json="$OUT/bf16_512.json" ;;
+    modernbert_cudnn)  # Its global layers through cuDNN's fused attention (no dropout there;
+      # the sliding-window layers stay XLA's): does it pay at 1024 tokens?
+      TINY=$TINY_MB step --preset=modernbert-base --dtype=bfloat16 --masked_head $CUDNN \
+        --json="$OUT/modernbert_bf16_1024_cudnn.json" ;;
     curves)  # float32 vs the bf16 step over the default run, on the same batches.
       python3 benchmarks/loss_curves.py --out="$OUT/curves" --steps=$CURVE_STEPS 2>&1 | tail -12 ;;
     *) echo "unknown stage $1"; return 2 ;;
