@@ -23,7 +23,8 @@
 #   variants128 ~1.5 min  three jax variants
 #   seq512      ~0.7 min  torch eager rows only (COMPILE=0), our bf16 step
 #   curves      ~1   min  two 200-step runs of the default config
-#   modernbert_cudnn ~1 min  our ModernBERT step, global layers through cuDNN (last: if time is left)
+#   modernbert_cudnn ~1 min  our ModernBERT step, global layers through cuDNN (if time is left)
+#   rbg128      ~0.5 min  the bf16 step with 'rbg' keys, random bits not by Threefry (ditto)
 # Each stage prints its elapsed seconds; wrap the command in `timeout 540` so that a run over
 # its estimate still returns its log (then pack with gpu_summary.py), and rerun the missing
 # stages with STAGES.
@@ -31,7 +32,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to a folder for the results}
 ANCHORS=${ANCHORS:-../shared/bench/anchors.py}
-STAGES=${STAGES:-anchors128 modernbert variants128 seq512 curves modernbert_cudnn}
+STAGES=${STAGES:-anchors128 modernbert variants128 seq512 curves modernbert_cudnn rbg128}
 DRY_RUN=${DRY_RUN:-0}
 PACK=${PACK:-}
 mkdir -p "$OUT"
@@ -87,6 +88,8 @@ run_stage() {
       # the sliding-window layers stay XLA's): does it pay at 1024 tokens?
       TINY=$TINY_MB step --preset=modernbert-base --dtype=bfloat16 --masked_head $CUDNN \
         --json="$OUT/modernbert_bf16_1024_cudnn.json" ;;
+    rbg128)  # Dropout and masking bits from XLA's RngBitGenerator ('rbg' keys), not Threefry.
+      JAX_DEFAULT_PRNG_IMPL=rbg step --dtype=bfloat16 --masked_head --json="$OUT/bf16_128_rbg.json" ;;
     curves)  # float32 vs the bf16 step over the default run, on the same batches.
       python3 benchmarks/loss_curves.py --out="$OUT/curves" --steps=$CURVE_STEPS 2>&1 | tail -12 ;;
     *) echo "unknown stage $1"; return 2 ;;
