@@ -2,16 +2,17 @@
 
 A model comes from a training workdir (its orbax checkpoint: the latest or a given
 step; its parameters only), an HF-format directory (such as a workdir's export) or a
-hub id. Texts run `batch_size` at a time through one jit-compiled forward pass; within each
-window of `SORTED_BATCHES` batches' texts, texts of similar length share a batch, and the
-results stream out window by window in the texts' order. Rows and length are bucketed
-(`_bucket`) so the compiled function is reused. A text longer than the model's position
-embeddings is refused by its number.
+hub id. Texts run at most `batch_size` at a time through one jit-compiled forward pass;
+within each window of `SORTED_BATCHES` batches' texts, texts of one padded length share a
+batch (`length_batches`), and the results stream out window by window in the texts' order.
+Rows and length are bucketed (`_bucket`) so the compiled function is reused. A text longer
+than the model's position embeddings is refused by its number.
 """
 
 import contextlib
 import dataclasses
 import functools
+import itertools
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -200,14 +201,31 @@ class PaddedBatch:
   predict_at: np.ndarray  # [rows, masks]: mask_at, padded.
 
 
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+  """Indices into `lengths`, shortest first, cut into batches of at most `batch_size` that each
+  hold one padded length (`_bucket`), so that no text pads to a longer bucket than its own;
+  except that a bucket of fewer than a quarter of `batch_size` texts joins the next longer
+  one (the last joins the one before), so that few small batches are compiled and run."""
+  by_length = sorted(range(len(lengths)), key=lambda index: lengths[index])
+  groups, pending = [], []
+  for _, members in itertools.groupby(by_length, key=lambda index: _bucket(lengths[index])):
+    pending += members
+    if len(pending) >= max(1, batch_size // 4):
+      groups.append(pending)
+      pending = []
+  if pending and groups:
+    groups[-1] += pending
+  elif pending:
+    groups.append(pending)
+  return [group[start:start + batch_size] for group in groups
+          for start in range(0, len(group), batch_size)]
+
+
 def padded_batches(tokenizer, encoded: list[list[int]],
                    batch_size: int) -> Iterator[PaddedBatch]:
-  """The texts shortest first (the stable order of their lengths), `batch_size` at a time, so
-  that each batch pads to about its own texts' length; rows and length bucketed (`_bucket`;
-  rows at most `batch_size`) so few shapes are compiled."""
-  by_length = sorted(range(len(encoded)), key=lambda index: len(encoded[index]))
-  for start in range(0, len(encoded), batch_size):
-    order = by_length[start:start + batch_size]
+  """The texts in `length_batches`, so that each batch pads to about its own texts' length;
+  rows and length bucketed (`_bucket`; rows at most `batch_size`) so few shapes are compiled."""
+  for order in length_batches([len(seq) for seq in encoded], batch_size):
     chunk = [encoded[index] for index in order]
     mask_at = [np.flatnonzero(np.asarray(seq) == tokenizer.mask_token_id) for seq in chunk]
     rows = min(_bucket(len(chunk), minimum=1), batch_size)

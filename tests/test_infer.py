@@ -189,6 +189,18 @@ def test_texts_of_similar_length_share_a_batch_whatever_their_order(predictor):
                                                infer._bucket(len(long))]
 
 
+def test_a_batch_holds_one_padded_length_unless_its_bucket_has_few_texts():
+  """Batch size 8 (a quarter: 2): 5 texts padded to 16 make a batch alone; the one text
+  padded to 24 is too few, so it joins the 6 padded to 32 (fixed batches of 8 would pad 5
+  texts of 16 tokens and one of 20 to 32)."""
+  lengths = [30, 12, 28, 12, 20, 30, 12, 32, 12, 30, 29, 12]
+  assert [infer._bucket(n) for n in (12, 20, 30)] == [16, 24, 32]
+  batches = infer.length_batches(lengths, batch_size=8)
+  assert batches == [[1, 3, 6, 8, 11], [4, 2, 10, 0, 5, 9, 7]]
+  assert infer.length_batches([40] * 20, batch_size=8) == [list(range(8)), list(range(8, 16)),
+                                                         list(range(16, 20))]
+
+
 def test_fills_come_back_in_the_texts_order_across_sorted_windows(predictor, monkeypatch):
   """Windows of one batch of 2: the texts are reordered by length within each window, and
   every text's fills still come back at its own place."""
