@@ -25,8 +25,9 @@ is ours over theirs (above 1: the project is faster).
     `fill-mask` pipeline on the same directory (`batch_size=64`). Steady state: the first
     call of each side (ours compiles) is untimed.
   * `fill-mask-varied`: the same model and sides on 256 one-mask texts of 8 to 96 words in
-    mixed order, 64 per batch on both sides (ours sorts texts by length within its window of
-    batches, the pipeline pads each batch of 64 in the given order).
+    mixed order, at most 64 per batch on both sides (ours batches texts of one padded length
+    within its window of batches, `infer.length_batches`; the pipeline pads each batch of 64 in
+    the given order).
   * `products`: the train step's largest matrix products alone, float32, `jnp.dot` (jitted,
     XLA's CPU library) against `torch.mm` (oneDNN/MKL). Both steps are mostly these products,
     so on a CPU where theirs run faster the step's ratio cannot go far above 1 (the reason
