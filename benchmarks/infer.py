@@ -138,12 +138,13 @@ def fresh_predictor(shape: ModelShape, answers: Sequence[str]) -> infer.Predicto
   return infer.Predictor(model, model.params, tokenizer)
 
 
-def padded_shape(predictor: infer.Predictor, texts: Sequence[str]) -> tuple[int, int]:
-  """(rows, length) of the batch `fill_mask` builds for `texts` (one batch of them)."""
+def padded_shapes(predictor: infer.Predictor, texts: Sequence[str]) -> list[tuple[int, int]]:
+  """(rows, length) of each batch `fill_mask` builds for `texts` at a batch size of all of
+  them (one batch per padded length)."""
   encoded = infer.encode(predictor.tokenizer, texts,
                          model_lib.max_block_size(predictor.model.config))
-  batch, = infer.padded_batches(predictor.tokenizer, encoded, batch_size=len(texts))
-  return batch.ids.shape
+  return [batch.ids.shape for batch in
+          infer.padded_batches(predictor.tokenizer, encoded, batch_size=len(texts))]
 
 
 def load_average() -> list[float]:
@@ -192,11 +193,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     predictor, source = fresh_predictor(SHAPES[args.shape], answers), f'fresh {args.shape}'
   load_s = time.perf_counter() - start
   config = predictor.model.config
-  rows, length = padded_shape(predictor, texts)
+  shapes = padded_shapes(predictor, texts)
   result = {'device_kind': jax.devices()[0].device_kind, 'model': source,
             'layers': config.num_hidden_layers, 'hidden': config.hidden_size,
             'vocab': config.vocab_size, 'params': count_params(predictor.params),
-            'batch': len(texts), 'padded_shape': [rows, length], 'load_s': load_s,
+            'batch': len(texts), 'padded_shapes': [list(shape) for shape in shapes],
+            'load_s': load_s,
             **measure(predictor, texts, args.top_k, args.repeats),
             'load_average_before': load_before, 'load_average_after': load_average()}
 
@@ -205,8 +207,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f'{result["load_average_after"]} after')
   print(f'model: {source}: {result["layers"]} layers, hidden {result["hidden"]}, vocab '
         f'{result["vocab"]}, {result["params"] / 1e6:.2f}M params (loaded/built in {load_s:.1f} s)')
-  print(f'batch: {len(texts)} one-mask texts of {args.words} words, padded to {rows} x {length} '
-        f'tokens; top_k {args.top_k}')
+  padded = ' and '.join(f'{rows} x {length}' for rows, length in shapes)
+  print(f'batch: {len(texts)} one-mask texts of {args.words} words, padded to {padded} tokens; '
+        f'top_k {args.top_k}')
   print(f'first call (compile + run): {result["first_call_s"]:.3f} s = '
         f'{result["first_call_texts_per_s"]:,.1f} texts/s')
   print(f'steady state ({args.repeats} calls): median {result["steady_s_median"] * 1e3:.1f} ms '
