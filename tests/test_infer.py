@@ -2,8 +2,8 @@
 
 Guards the predictions (the softmax of the model called directly, the PyTorch pipeline's
 tokens, scores and sequences), the sources (a workdir's checkpoints, parameters only, an
-export), bounded batches whose size never changes a text's fills, the model's length
-limit, one-line errors for bad texts, targets, steps and paths, and that the command line
+export), bounded batches whose size never changes a text's fills, batches of one padded
+length whose fills come back in the texts' order, the model's length limit, one-line errors for bad texts, targets, steps and paths, and that the command line
 compiles nothing for a model it has seen before.
 """
 
