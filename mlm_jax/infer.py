@@ -203,7 +203,7 @@ class PaddedBatch:
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
   """Indices into `lengths`, shortest first, cut into batches of at most `batch_size` that each
-  hold one padded length (`_bucket`), so that no text pads to a longer bucket than its own;
+  hold one padded length (`_bucket`), so that a short text does not pad to a long one's length;
   except that a bucket of fewer than a quarter of `batch_size` texts joins the next longer
   one (the last joins the one before), so that few small batches are compiled and run."""
   by_length = sorted(range(len(lengths)), key=lambda index: lengths[index])
