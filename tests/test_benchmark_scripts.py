@@ -1,7 +1,9 @@
-"""What `benchmarks/cpu_vs_torch.py` promises beyond its timings: torch stays out of the default
-install, so without torch the script says so in one line and exits with status 2 (no
-traceback); where torch is present, its matrix-products comparison runs and reports the
-rates of both sides and their ratio. Timings themselves are never asserted here.
+"""What the benchmark scripts promise beyond their timings, which are never asserted here.
+
+`cpu_vs_torch.py` keeps torch out of the default install: without torch it says so in one line
+and exits with status 2 (no traceback); where torch is present, its matrix-products comparison
+reports the rates of both sides and their ratio. `infer.py` runs on its tiny model and reports
+every padded batch of the texts it times.
 """
 
 import importlib.util
@@ -45,3 +47,16 @@ def test_products_comparison_reports_both_sides_rates_and_their_ratio(tmp_path):
   for name, row in products.items():
     assert row['ours_GFLOP/s'] > 0 and row['theirs_GFLOP/s'] > 0, name
     assert row['ratio'] == pytest.approx(row['ours_GFLOP/s'] / row['theirs_GFLOP/s'])
+
+
+def test_infer_benchmark_reports_every_padded_batch_it_timed(tmp_path):
+  """`benchmarks/infer.py` on its tiny model: the texts it times make one batch per padded
+  length, and it reports each of them."""
+  report_path = tmp_path / 'infer.json'
+  result = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'infer.py'), '--repeats=1',
+                           '--batch=16', f'--json={report_path}'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads(report_path.read_text())
+  assert sum(rows for rows, _ in report['padded_shapes']) >= report['batch'] == 16
+  assert report['steady_texts_per_s_median'] > 0
