@@ -4,12 +4,15 @@ CI has no torch, so `tests/goldens/make_goldens.py` wrote, where torch was, each
 PyTorch masked LM (every parameter perturbed: no LayerNorm scale at 1, no bias at 0) and
 its outputs. Each fixture is loaded with `FlaxAutoModelForMaskedLM.from_pretrained` and
 must give PyTorch's logits (with padding too), the masked-positions head's logits, the
-masked-LM loss and its gradient wrt every tensor, and an export with PyTorch's tensor names
-and shapes. A fixture whose family `mlm_jax.models.FAMILIES` lacks is an expected failure,
+masked-LM loss and its gradient wrt every tensor (through the evaluation forward, and through
+the training forward with every dropout rate at 0, which writes attention out), and an export
+with PyTorch's tensor names and shapes. A fixture whose family `mlm_jax.models.FAMILIES` lacks is an expected failure,
 strictly: it shows as xfailed until its family merges, and is then checked like the rest.
 """
 
+import copy
 import dataclasses
+import functools
 import json
 import pathlib
 
@@ -55,19 +58,28 @@ def mlm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def batch_of(expected: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {k: expected[k] for k in ('input_ids', 'padded_input_ids', 'attention_mask',
+                                   'masked_positions', 'labels')}
+
+
+def masked_loss(model: FlaxAutoModelForMaskedLM, params, batch: dict,
+                **call) -> tuple[jax.Array, jax.Array]:
+  """(masked-LM loss, the head's logits) of the padded batch at its masked positions; `call`
+  goes to the model (train=True, dropout_rng=...)."""
+  masked_logits = model(batch['padded_input_ids'], attention_mask=batch['attention_mask'],
+                        params=params, predict_at=batch['masked_positions'], **call).logits
+  labels = jnp.take_along_axis(batch['labels'], batch['masked_positions'], 1)
+  return mlm_loss(masked_logits, labels), masked_logits
+
+
 def our_outputs(model: FlaxAutoModelForMaskedLM, expected: dict[str, np.ndarray]) -> dict:
   """Our logits of both batches, the masked-positions head's logits of the padded one, the
   masked-LM loss and its gradients (a parameter tree): one compiled program per fixture."""
-  batch = {k: expected[k] for k in ('input_ids', 'padded_input_ids', 'attention_mask',
-                                    'masked_positions', 'labels')}
+  batch = batch_of(expected)
 
   def outputs(params, batch):
-    def loss(params):
-      masked_logits = model(batch['padded_input_ids'], attention_mask=batch['attention_mask'],
-                            params=params, predict_at=batch['masked_positions']).logits
-      labels = jnp.take_along_axis(batch['labels'], batch['masked_positions'], 1)
-      return mlm_loss(masked_logits, labels), masked_logits
-
+    loss = functools.partial(masked_loss, model, batch=batch)
     (loss, masked_logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
     return dict(logits=model(batch['input_ids'], params=params).logits,
                 padded_logits=model(batch['padded_input_ids'], params=params,
@@ -137,7 +149,7 @@ def test_masked_lm_loss_matches_pytorch(golden):
   np.testing.assert_allclose(golden.ours['loss'], golden.expected['loss'], rtol=1e-6)
 
 
-def test_gradients_match_pytorch_for_every_tensor(golden):
+def assert_pytorchs_gradients(golden: Golden, grads: dict[str, np.ndarray]) -> None:
   """Every tensor the forward reads (`table.all`: for an untied decoder, its bias, not the
   unused copy), each within GRAD_RTOL of its own largest entry, or of a thousandth of the
   largest of all: a tensor whose true gradient is 0 (the attention keys' bias, to which
@@ -145,8 +157,38 @@ def test_gradients_match_pytorch_for_every_tensor(golden):
   expected = {name: golden.expected[f'grad:{name}'] for name in golden.table.all}
   floor = 1e-3 * max(np.abs(g).max() for g in expected.values())
   for name, grad in expected.items():
-    np.testing.assert_allclose(golden.ours['grads'][name], grad, rtol=0,
+    np.testing.assert_allclose(grads[name], grad, rtol=0,
                                atol=GRAD_RTOL * max(np.abs(grad).max(), floor), err_msg=name)
+
+
+def test_gradients_match_pytorch_for_every_tensor(golden):
+  assert_pytorchs_gradients(golden, golden.ours['grads'])
+
+
+def without_dropout(model: FlaxAutoModelForMaskedLM) -> FlaxAutoModelForMaskedLM:
+  """`model`, its parameters shared, with every dropout rate of its config at 0."""
+  config = copy.deepcopy(model.config)
+  for name, value in config.to_dict().items():
+    if 'dropout' in name and isinstance(value, float):
+      setattr(config, name, 0.0)
+  twin = FlaxAutoModelForMaskedLM.from_config(config, _do_init=False)
+  twin.params = model.params
+  return twin
+
+
+def test_training_without_dropout_gives_pytorchs_loss_and_gradients(golden):
+  """A training forward writes attention out (`layers.attend`: the window as a mask, and
+  `layers.attention_scores`' own backward) where evaluation calls
+  `jax.nn.dot_product_attention`; with every dropout rate at 0 it must give PyTorch's
+  eval-mode loss and gradients as well."""
+  model = without_dropout(golden.model)
+  train_loss = functools.partial(masked_loss, model, batch=batch_of(golden.expected),
+                                 train=True, dropout_rng=jax.random.PRNGKey(0))
+  (loss, _), grads = jax.jit(jax.value_and_grad(train_loss, has_aux=True),
+                             compiler_options=compiler_options())(model.params)
+  np.testing.assert_allclose(loss, golden.expected['loss'], rtol=1e-6)
+  assert_pytorchs_gradients(golden, hf_checkpoint.from_params(jax.device_get(grads),
+                                                              golden.table))
 
 
 def test_export_has_pytorch_tensor_names_shapes_and_architecture(golden, tmp_path):
