@@ -18,9 +18,13 @@ from tests.conftest import ROOT
 HAS_TORCH = importlib.util.find_spec('torch') is not None
 
 
-def cpu_vs_torch(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'cpu_vs_torch.py'), *args],
-                        cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+def benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, str(ROOT / 'benchmarks' / script), *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300, check=False)
+
+
+def cpu_vs_torch(*args: str) -> subprocess.CompletedProcess:
+  return benchmark('cpu_vs_torch.py', *args)
 
 
 @pytest.mark.skipif(HAS_TORCH, reason='torch is installed here: the torch-less path is CI\'s')
@@ -53,9 +57,7 @@ def test_infer_benchmark_reports_every_padded_batch_it_timed(tmp_path):
   """`benchmarks/infer.py` on its tiny model: the texts it times make one batch per padded
   length, and it reports each of them."""
   report_path = tmp_path / 'infer.json'
-  result = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'infer.py'), '--repeats=1',
-                           '--batch=16', f'--json={report_path}'],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  result = benchmark('infer.py', '--repeats=1', '--batch=16', f'--json={report_path}')
   assert result.returncode == 0, result.stderr[-2000:]
   report = json.loads(report_path.read_text())
   assert sum(rows for rows, _ in report['padded_shapes']) >= report['batch'] == 16
