@@ -42,11 +42,11 @@ def row(name: str, r: dict) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-  print(f'{"variant":24s} {"step ms":>9s} {"tokens/s":>12s} {"MFU 790":>8s} {"MFU 989":>8s} '
+  print(f'{"variant":28s} {"step ms":>9s} {"tokens/s":>12s} {"MFU 790":>8s} {"MFU 989":>8s} '
         f'{"peak GiB":>9s}   (median step; MFU by the FLOPs the step executes)')
   for r in rows:
     gib = 'n/a' if r['peak_gib'] is None else f'{r["peak_gib"]:.2f}'
-    print(f'{r["variant"]:24s} {r["step_ms"]:9.2f} {r["tokens_per_s"]:12,.0f} '
+    print(f'{r["variant"]:28s} {r["step_ms"]:9.2f} {r["tokens_per_s"]:12,.0f} '
           f'{_percent(r["mfu_790"]):>8s} {_percent(r["mfu_989"]):>8s} {gib:>9s}')
   for r in rows:
     for anchor, ratio in r['ratio_to_anchors'].items():
