@@ -1,4 +1,4 @@
-"""DistilBERT and ALBERT (mlm_jax/models/distilbert.py, albert.py) against PyTorch transformers.
+"""DistilBERT and ALBERT (mlm_jax/models/distilbert/, albert/) against PyTorch transformers.
 
 Tiny PyTorch models with every parameter perturbed (no LayerNorm weight left at 1, no bias
 at 0), tied and untied, saved with `save_pretrained`: our loader must give the same logits

@@ -1,6 +1,6 @@
 """ModernBERT without torch: the bad configs it refuses, how far its sliding window reaches,
 document attention, the masked-positions-only head, the dropouts, and the fresh
-initialisation's scales (`mlm_jax/models/modernbert.py`).
+initialisation's scales (`mlm_jax/models/modernbert/`).
 
 PyTorch parity is in test_modernbert_live.py; these hold where torch is absent.
 """

@@ -1,6 +1,6 @@
 """ModernBERT against PyTorch transformers' `ModernBertForMaskedLM` (skipped without torch).
 
-Guards `mlm_jax/models/modernbert.py` and its checkpoint names: tiny random PyTorch models,
+Guards `mlm_jax/models/modernbert/` and its checkpoint names: tiny random PyTorch models,
 every parameter perturbed (norm weights off 1, biases off 0), saved with `save_pretrained`,
 loaded with `FlaxAutoModelForMaskedLM`: the same float32 logits with and without padding,
 the same masked-LM loss gradients, and an export PyTorch loads with no missing or

@@ -26,13 +26,13 @@ FAMILIES: dict[str, Family] = {
     **{model_type: Family(roberta.RobertaForMaskedLM, roberta.checkpoint_names, architecture,
                           roberta.max_positions)
        for model_type, architecture in roberta.ARCHITECTURES.items()},
-    'bert': Family(bert.BertForMaskedLM, bert.checkpoint_names, 'BertForMaskedLM'),
+    'bert': Family(bert.BertForMaskedLM, bert.checkpoint_names, bert.ARCHITECTURE),
     'distilbert': Family(distilbert.DistilBertForMaskedLM, distilbert.checkpoint_names,
                          distilbert.ARCHITECTURE, distilbert.max_positions),
     'albert': Family(albert.AlbertForMaskedLM, albert.checkpoint_names, albert.ARCHITECTURE,
                      albert.max_positions),
     'modernbert': Family(modernbert.ModernBertForMaskedLM, modernbert.checkpoint_names,
-                         'ModernBertForMaskedLM'),
+                         modernbert.ARCHITECTURE),
 }
 
 

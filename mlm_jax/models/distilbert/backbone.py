@@ -1,24 +1,13 @@
-"""DistilBERT (`model_type: distilbert`): word + position embeddings, post-LayerNorm blocks
-with the reference's own names (`q_lin`, `sa_layer_norm`, `ffn.lin1`, ...), and the
-`vocab_transform` head.
-
-The parameter tree is transformers' former `FlaxDistilBertForMaskedLM`'s, so checkpoints
-of earlier releases restore. One exception: with `sinusoidal_pos_embds` that class kept the
-sinusoids as a constant, while PyTorch transformers 5 keeps them in a trainable
-`position_embeddings` table that merely starts as sinusoids; this module follows PyTorch.
-"""
+"""DistilBERT's encoder: word + position embeddings and post-LayerNorm blocks."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlm_jax.models import checkpoint_names as names
 from mlm_jax.models import layers
 
 Array = jax.Array
-
-ARCHITECTURE = 'DistilBertForMaskedLM'
 LAYER_NORM_EPS = 1e-12  # The reference's, fixed: DistilBertConfig has no layer_norm_eps.
 
 
@@ -142,65 +131,3 @@ class DistilBert(nn.Module):
     hidden = Transformer(self.config, self.dtype, self.attention_impl, name='transformer')(
         hidden, mask, deterministic, predict_at)
     return hidden, word_table
-
-
-class TiedProjector(nn.Module):
-  """`vocab_projector` tied to the word table: only its bias is a parameter."""
-  config: object
-  dtype: layers.Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, hidden: Array, word_table: Array) -> Array:
-    return layers.decode(self, hidden, word_table, tied=True, dtype=self.dtype,
-                         stddev=self.config.initializer_range)
-
-
-class DistilBertForMaskedLM(nn.Module):
-  """DistilBERT masked LM; see `bert.BertForMaskedLM` for the call. The head's modules sit at
-  the top level, beside `distilbert`, as in the reference."""
-  config: object
-  dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
-
-  @nn.compact
-  def __call__(self, input_ids: Array, attention_mask: Array | None = None,
-               segment_ids: Array | None = None, predict_at: Array | None = None,
-               deterministic: bool = True) -> Array:
-    cfg = self.config
-    mask = layers.combine_masks(layers.padding_mask(attention_mask),
-                                layers.segment_mask(segment_ids))
-    hidden, word_table = DistilBert(cfg, self.dtype, self.attention_impl, name='distilbert')(
-        input_ids, mask, deterministic, predict_at)
-    hidden = layers.dense(cfg.dim, self.dtype, cfg.initializer_range, 'vocab_transform')(hidden)
-    hidden = layers.activation(cfg.activation)(hidden)
-    hidden = layers.layer_norm(LAYER_NORM_EPS, self.dtype, 'vocab_layer_norm')(hidden)
-    if cfg.tie_word_embeddings:
-      return TiedProjector(cfg, self.dtype, name='vocab_projector')(hidden, word_table)
-    return layers.dense(cfg.vocab_size, self.dtype, cfg.initializer_range,
-                        'vocab_projector')(hidden)
-
-
-# ----------------------------------------------------------------------------
-# Checkpoint names: PyTorch's (`DistilBertForMaskedLM.state_dict()`) -> this module's.
-
-def checkpoint_names(config) -> names.Table:
-  backbone = {}
-  for name in ('word_embeddings', 'position_embeddings'):
-    backbone |= names.embedding(f'distilbert.embeddings.{name}', f'distilbert/embeddings/{name}')
-  backbone |= names.norm('distilbert.embeddings.LayerNorm', 'distilbert/embeddings/LayerNorm')
-  for i in range(config.n_layers):
-    t, f = f'distilbert.transformer.layer.{i}', f'distilbert/transformer/layer/{i}'
-    for module in ('attention.q_lin', 'attention.k_lin', 'attention.v_lin', 'attention.out_lin',
-                   'ffn.lin1', 'ffn.lin2'):
-      backbone |= names.linear(f'{t}.{module}', f'{f}/{module.replace(".", "/")}')
-    for norm in ('sa_layer_norm', 'output_layer_norm'):
-      backbone |= names.norm(f'{t}.{norm}', f'{f}/{norm}')
-  head = names.linear('vocab_transform', 'vocab_transform')
-  head |= names.norm('vocab_layer_norm', 'vocab_layer_norm')
-  if config.tie_word_embeddings:  # The file holds the bias only (older ones repeat the weight).
-    head |= names.parameter('vocab_projector.bias', 'vocab_projector/bias')
-  else:
-    head |= names.linear('vocab_projector', 'vocab_projector')
-  duplicates = frozenset({'vocab_projector.weight'} if config.tie_word_embeddings else ())
-  return names.Table(backbone, head, base_prefix='distilbert', duplicates=duplicates,
-                     unused=('.embeddings.position_ids',))

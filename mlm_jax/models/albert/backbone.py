@@ -1,24 +1,14 @@
-"""ALBERT (`model_type: albert`): BERT's embeddings at the narrower `embedding_size`, mapped
-up to `hidden_size`, then `num_hidden_groups` groups of `inner_group_num` layers whose
-parameters are shared across the depth: layer i runs group
-int(i / (num_hidden_layers / num_hidden_groups)), as the reference picks it.
-
-The parameter tree is transformers' former `FlaxAlbertForMaskedLM`'s
-(`albert/encoder/albert_layer_groups/<g>/albert_layers/<j>/...`, `predictions/...`), so
-checkpoints of earlier releases restore.
-"""
+"""ALBERT's encoder: BERT's embeddings, mapped up to `hidden_size`, then the shared layer
+groups."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mlm_jax.models import bert
-from mlm_jax.models import checkpoint_names as names
 from mlm_jax.models import layers
+from mlm_jax.models.bert import backbone as bert
 
 Array = jax.Array
-
-ARCHITECTURE = 'AlbertForMaskedLM'
 
 
 def max_positions(config) -> int:
@@ -141,68 +131,3 @@ class Albert(nn.Module):
     hidden = Encoder(cfg, self.dtype, self.attention_impl, name='encoder')(
         hidden, mask, deterministic, predict_at)
     return hidden, word_table
-
-
-class MLMHead(nn.Module):
-  """`predictions`: dense (down to embedding_size) -> hidden_act -> LayerNorm -> decoder
-  (tied: the embedding_size-wide word table) + bias."""
-  config: object
-  dtype: layers.Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, hidden: Array, word_table: Array) -> Array:
-    cfg = self.config
-    hidden = layers.dense(cfg.embedding_size, self.dtype, cfg.initializer_range, 'dense')(hidden)
-    hidden = layers.activation(cfg.hidden_act)(hidden)
-    hidden = layers.layer_norm(cfg.layer_norm_eps, self.dtype, 'LayerNorm')(hidden)
-    return layers.decode(self, hidden, word_table, tied=cfg.tie_word_embeddings, dtype=self.dtype,
-                         stddev=cfg.initializer_range)
-
-
-class AlbertForMaskedLM(nn.Module):
-  """ALBERT masked LM; see `bert.BertForMaskedLM` for the call."""
-  config: object
-  dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
-
-  @nn.compact
-  def __call__(self, input_ids: Array, attention_mask: Array | None = None,
-               segment_ids: Array | None = None, predict_at: Array | None = None,
-               deterministic: bool = True) -> Array:
-    mask = layers.combine_masks(layers.padding_mask(attention_mask),
-                                layers.segment_mask(segment_ids))
-    hidden, word_table = Albert(self.config, self.dtype, self.attention_impl, name='albert')(
-        input_ids, mask, deterministic, predict_at)
-    return MLMHead(self.config, self.dtype, name='predictions')(hidden, word_table)
-
-
-# ----------------------------------------------------------------------------
-# Checkpoint names: PyTorch's (`AlbertForMaskedLM.state_dict()`) -> this module's parameters.
-
-def _layer_names(torch: str, flax: str) -> dict[str, str]:
-  table = {}
-  for module in ('attention.query', 'attention.key', 'attention.value', 'attention.dense',
-                 'ffn', 'ffn_output'):
-    table |= names.linear(f'{torch}.{module}', f'{flax}/{module.replace(".", "/")}')
-  for norm in ('attention.LayerNorm', 'full_layer_layer_norm'):
-    table |= names.norm(f'{torch}.{norm}', f'{flax}/{norm.replace(".", "/")}')
-  return table
-
-
-def checkpoint_names(config) -> names.Table:
-  backbone = {}
-  for name in ('word_embeddings', 'position_embeddings', 'token_type_embeddings'):
-    backbone |= names.embedding(f'albert.embeddings.{name}', f'albert/embeddings/{name}')
-  backbone |= names.norm('albert.embeddings.LayerNorm', 'albert/embeddings/LayerNorm')
-  backbone |= names.linear('albert.encoder.embedding_hidden_mapping_in',
-                           'albert/encoder/embedding_hidden_mapping_in')
-  for g in range(config.num_hidden_groups):
-    for j in range(config.inner_group_num):
-      backbone |= _layer_names(f'albert.encoder.albert_layer_groups.{g}.albert_layers.{j}',
-                               f'albert/encoder/albert_layer_groups/{g}/albert_layers/{j}')
-  head = names.linear('predictions.dense', 'predictions/dense')
-  head |= names.norm('predictions.LayerNorm', 'predictions/LayerNorm')
-  decoder, copies = names.mlm_decoder('predictions', 'predictions', config.tie_word_embeddings)
-  return names.Table(backbone, head | decoder, base_prefix='albert',
-                     duplicates=bert.mlm_duplicates('predictions', copies), copies=copies,
-                     unused=bert.UNUSED + ('sop_classifier.',))

@@ -1,15 +1,9 @@
-"""BERT (`model_type: bert`): the encoder that RoBERTa shares, and BERT's masked-LM head.
-
-Submodule names are PyTorch transformers' own (`bert.encoder.layer.0.attention.self.query`
-is `bert/encoder/layer/0/attention/self/query` here), which is also the parameter tree of
-transformers' former `FlaxBertForMaskedLM`, so checkpoints of earlier releases restore.
-"""
+"""BERT's encoder (no pooler), which RoBERTa and ALBERT's embeddings share."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mlm_jax.models import checkpoint_names as names
 from mlm_jax.models import layers
 
 Array = jax.Array
@@ -147,99 +141,3 @@ class Backbone(nn.Module):
     hidden = Encoder(self.config, self.dtype, self.attention_impl, name='encoder')(
         hidden, mask, deterministic, predict_at)
     return hidden, word_table
-
-
-class PredictionHead(nn.Module):
-  """`cls.predictions`: transform (dense, `hidden_act`, LayerNorm), then the decoder."""
-  config: object
-  dtype: layers.Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, hidden: Array, word_table: Array) -> Array:
-    cfg = self.config
-    hidden = _Transform(cfg, self.dtype, name='transform')(hidden)
-    return layers.decode(self, hidden, word_table, tied=cfg.tie_word_embeddings, dtype=self.dtype,
-                         stddev=cfg.initializer_range)
-
-
-class _Transform(nn.Module):
-  config: object
-  dtype: layers.Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, hidden: Array) -> Array:
-    cfg = self.config
-    hidden = layers.dense(cfg.hidden_size, self.dtype, cfg.initializer_range, 'dense')(hidden)
-    hidden = layers.activation(cfg.hidden_act)(hidden)
-    return layers.layer_norm(cfg.layer_norm_eps, self.dtype, 'LayerNorm')(hidden)
-
-
-class _Cls(nn.Module):
-  config: object
-  dtype: layers.Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, hidden: Array, word_table: Array) -> Array:
-    return PredictionHead(self.config, self.dtype, name='predictions')(hidden, word_table)
-
-
-class BertForMaskedLM(nn.Module):
-  """BERT masked LM. `__call__` -> logits [batch, seq, vocab], or [batch, k, vocab] at the token
-  indices `predict_at` [batch, k] (the head sees only those); see `models.MaskedLM`."""
-  config: object
-  dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
-
-  @nn.compact
-  def __call__(self, input_ids: Array, attention_mask: Array | None = None,
-               segment_ids: Array | None = None, predict_at: Array | None = None,
-               deterministic: bool = True) -> Array:
-    mask = layers.combine_masks(layers.padding_mask(attention_mask),
-                                layers.segment_mask(segment_ids))
-    hidden, word_table = Backbone(self.config, self.dtype, self.attention_impl, name='bert')(
-        input_ids, 0, mask, deterministic, predict_at)
-    return _Cls(self.config, self.dtype, name='cls')(hidden, word_table)
-
-
-# ----------------------------------------------------------------------------
-# Checkpoint names: PyTorch's (`BertForMaskedLM.state_dict()`) -> this module's parameters.
-
-def encoder_names(config, torch_prefix: str, flax_prefix: str) -> dict[str, str]:
-  """The embeddings and layers of a BERT-style encoder (BERT and the RoBERTa family)."""
-  table = {}
-  emb_t, emb_f = f'{torch_prefix}.embeddings', f'{flax_prefix}/embeddings'
-  for name in ('word_embeddings', 'position_embeddings', 'token_type_embeddings'):
-    table |= names.embedding(f'{emb_t}.{name}', f'{emb_f}/{name}')
-  table |= names.norm(f'{emb_t}.LayerNorm', f'{emb_f}/LayerNorm')
-  for i in range(config.num_hidden_layers):
-    t, f = f'{torch_prefix}.encoder.layer.{i}', f'{flax_prefix}/encoder/layer/{i}'
-    for proj in ('query', 'key', 'value'):
-      table |= names.linear(f'{t}.attention.self.{proj}', f'{f}/attention/self/{proj}')
-    for block in ('attention.output', 'output'):
-      fb = block.replace('.', '/')
-      table |= names.linear(f'{t}.{block}.dense', f'{f}/{fb}/dense')
-      table |= names.norm(f'{t}.{block}.LayerNorm', f'{f}/{fb}/LayerNorm')
-    table |= names.linear(f'{t}.intermediate.dense', f'{f}/intermediate/dense')
-  return table
-
-
-def checkpoint_names(config) -> names.Table:
-  head = {}
-  head |= names.linear('cls.predictions.transform.dense', 'cls/predictions/transform/dense')
-  head |= names.norm('cls.predictions.transform.LayerNorm', 'cls/predictions/transform/LayerNorm')
-  decoder, copies = names.mlm_decoder('cls.predictions', 'cls/predictions',
-                                      config.tie_word_embeddings)
-  return names.Table(encoder_names(config, 'bert', 'bert'), head | decoder, base_prefix='bert',
-                     duplicates=mlm_duplicates('cls.predictions', copies),
-                     copies=copies, unused=UNUSED + ('cls.seq_relationship.',))
-
-
-# What hub checkpoints of BERT-style encoders carry beyond a masked LM: the pooler, and
-# buffers older PyTorch versions saved.
-UNUSED = ('.pooler.', '.embeddings.position_ids', '.embeddings.token_type_ids')
-
-
-def mlm_duplicates(head: str, copies: dict[str, str]) -> frozenset[str]:
-  """What a file may hold of the head beyond the table: the decoder, tied (weight and bias
-  then repeat the word embeddings and `<head>.bias`), or the bias copy of an untied one."""
-  return frozenset({f'{head}.decoder.weight', f'{head}.decoder.bias'} | set(copies))

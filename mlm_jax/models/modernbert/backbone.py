@@ -1,12 +1,5 @@
-"""ModernBERT (`model_type: modernbert`) as PyTorch transformers 5's `ModernBertForMaskedLM`
-computes it: pre-norm layers with rotary positions, GeGLU MLPs, and attention that is global
-on some layers and a sliding window on the others.
-
-Submodule names are PyTorch's (`model.layers.1.attn.Wqkv` is `model/layers/1/attn/Wqkv`).
-Both config layouts work: transformers 5's `ModernBertConfig` turns a released checkpoint's
-`global_attn_every_n_layers`, `global_rope_theta` and `local_rope_theta` into the
-`layer_types` and `rope_parameters` read here.
-"""
+"""ModernBERT's encoder (`ModernBertModel`) and the pieces its head shares: the
+reference's initialisation scales, its linear and norm layers, rotary positions."""
 
 import math
 
@@ -15,51 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlm_jax.errors import UserError
-from mlm_jax.models import checkpoint_names as names
 from mlm_jax.models import layers
+from mlm_jax.models.modernbert import configuration
 
 Array = jax.Array
 
-GLOBAL, LOCAL = 'full_attention', 'sliding_attention'
-
-
-# ----------------------------------------------------------------------------
-# The config.
-
-def check_config(config) -> None:
-  """One-line errors for configs PyTorch would reject or silently mis-run."""
-  types = list(config.layer_types)
-  if len(types) != config.num_hidden_layers:
-    raise UserError(f'config.json has {len(types)} layer_types for num_hidden_layers='
-                    f'{config.num_hidden_layers}; give one per layer')
-  unknown = sorted(set(types) - {GLOBAL, LOCAL})
-  if unknown:
-    raise UserError(f'config.json: layer type {unknown[0]!r} is not a ModernBERT layer; use '
-                    f'{GLOBAL!r} or {LOCAL!r}')
-  # PyTorch keeps keys with |query - key| <= local_attention // 2: it runs 0 as 1 (each token
-  # sees only itself) and below 0 masks every key, both without complaint.
-  if config.local_attention <= 0:
-    raise UserError(f'config.json: local_attention={config.local_attention}; the sliding '
-                    'window needs at least 1 token (ModernBERT-base has 128)')
-  for layer_type in set(types):
-    rope = config.rope_parameters[layer_type]
-    if rope.get('rope_type', 'default') != 'default':
-      raise UserError(f'config.json: rope_type {rope["rope_type"]!r} ({layer_type}) is not '
-                      "supported; only 'default' rotary embeddings are")
-  if config.hidden_size % config.num_attention_heads:
-    raise UserError(f'config.json: hidden_size={config.hidden_size} is not a multiple of '
-                    f'num_attention_heads={config.num_attention_heads}')
-
-
-def half_window(config) -> int:
-  """Keys a local layer sees on each side: `local_attention` is the whole window, and PyTorch
-  keeps |query - key| <= local_attention // 2 (an odd window is rounded down, 5 as 4)."""
-  return config.local_attention // 2
-
-
-# ----------------------------------------------------------------------------
-# Pieces.
 
 def truncated(config, stddev: float) -> jax.nn.initializers.Initializer:
   """PyTorch's `trunc_normal_(std, a=-c*std, b=c*std)`: `stddev` is the untruncated normal's."""
@@ -101,9 +54,6 @@ def rotate(x: Array, theta: float) -> Array:
   return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-# ----------------------------------------------------------------------------
-# The encoder.
-
 class Embeddings(nn.Module):
   """tok_embeddings -> norm -> dropout (no position table: positions are rotary); also
   returns the float32 word table."""
@@ -142,11 +92,12 @@ class Attention(nn.Module):
     qkv = qkv.reshape(qkv.shape[:-1] + (3, heads, cfg.hidden_size // heads))
     theta = cfg.rope_parameters[self.layer_type]['rope_theta']
     query, key = rotate(qkv[..., 0, :, :], theta), rotate(qkv[..., 1, :, :], theta)
-    window = half_window(cfg)
+    window = configuration.half_window(cfg)
+    local = self.layer_type == configuration.LOCAL
     out = layers.attend(query, key, qkv[..., 2, :, :], mask, dropout_rate=cfg.attention_dropout,
                         deterministic=deterministic, dropout_rng=lambda: self.make_rng('dropout'),
                         implementation=self.attention_impl,
-                        local_window=(window, window) if self.layer_type == LOCAL else None)
+                        local_window=(window, window) if local else None)
     out = linear(cfg, cfg.hidden_size, out_std(cfg), cfg.attention_bias, self.dtype,
                  'Wo')(layers.gather_positions(layers.merge_heads(out), predict_at))
     return layers.Dropout(cfg.attention_dropout, name='Dropout_0')(
@@ -211,90 +162,3 @@ class Backbone(nn.Module):
     hidden = layers.LayerStack(layer, self.config.num_hidden_layers, name='layers')(
         hidden, mask, deterministic, predict_at)
     return norm(self.config, self.dtype, 'final_norm')(hidden), word_table
-
-
-class Head(nn.Module):
-  """`head`: dense (bias per `classifier_bias`), `classifier_activation`, norm."""
-  config: object
-  dtype: layers.Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, hidden: Array) -> Array:
-    cfg = self.config
-    hidden = linear(cfg, cfg.hidden_size, out_std(cfg), cfg.classifier_bias, self.dtype,
-                    'dense')(hidden)
-    hidden = layers.activation(cfg.classifier_activation)(hidden)
-    return norm(cfg, self.dtype, 'norm')(hidden)
-
-
-class Decoder(nn.Module):
-  """`decoder`: the word table (tied) or its own kernel, plus a bias when `decoder_bias`."""
-  config: object
-  dtype: layers.Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, hidden: Array, word_table: Array) -> Array:
-    cfg = self.config
-    if cfg.tie_word_embeddings:
-      kernel = word_table.T
-    else:
-      kernel = self.param('kernel', truncated(cfg, out_std(cfg)),
-                          (cfg.hidden_size, cfg.vocab_size), jnp.float32)
-    logits = jnp.dot(hidden, kernel.astype(self.dtype))
-    if cfg.decoder_bias:
-      logits = logits + self.param('bias', nn.initializers.zeros, (cfg.vocab_size,),
-                                   jnp.float32).astype(self.dtype)
-    return logits
-
-
-class ModernBertForMaskedLM(nn.Module):
-  """ModernBERT masked LM; see `bert.BertForMaskedLM` for the call. `predict_at` is the
-  reference's `sparse_prediction`. Positions are 0, 1, ... whatever the padding, as the
-  reference numbers them; `segment_ids` restrict every layer, the window too.
-  The config is checked when the module is built."""
-  config: object
-  dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
-
-  def __post_init__(self):
-    check_config(self.config)
-    super().__post_init__()
-
-  @nn.compact
-  def __call__(self, input_ids: Array, attention_mask: Array | None = None,
-               segment_ids: Array | None = None, predict_at: Array | None = None,
-               deterministic: bool = True) -> Array:
-    mask = layers.combine_masks(layers.padding_mask(attention_mask),
-                                layers.segment_mask(segment_ids))
-    hidden, word_table = Backbone(self.config, self.dtype, self.attention_impl, name='model')(
-        input_ids, mask, deterministic, predict_at)
-    hidden = Head(self.config, self.dtype, name='head')(hidden)
-    return Decoder(self.config, self.dtype, name='decoder')(hidden, word_table)
-
-
-# ----------------------------------------------------------------------------
-# Checkpoint names: PyTorch's (`ModernBertForMaskedLM.state_dict()`) -> this module's parameters.
-
-def checkpoint_names(config) -> names.Table:
-  nb = config.norm_bias
-  backbone = names.embedding('model.embeddings.tok_embeddings', 'model/embeddings/tok_embeddings')
-  backbone |= names.norm('model.embeddings.norm', 'model/embeddings/norm', nb)
-  for i in range(config.num_hidden_layers):
-    t, f = f'model.layers.{i}', f'model/layers/{i}'
-    if i:
-      backbone |= names.norm(f'{t}.attn_norm', f'{f}/attn_norm', nb)
-    backbone |= names.norm(f'{t}.mlp_norm', f'{f}/mlp_norm', nb)
-    for proj in ('attn.Wqkv', 'attn.Wo'):
-      backbone |= names.linear(f'{t}.{proj}', f'{f}/{proj.replace(".", "/")}',
-                               config.attention_bias)
-    for proj in ('mlp.Wi', 'mlp.Wo'):
-      backbone |= names.linear(f'{t}.{proj}', f'{f}/{proj.replace(".", "/")}', config.mlp_bias)
-  backbone |= names.norm('model.final_norm', 'model/final_norm', nb)
-  head = names.linear('head.dense', 'head/dense', config.classifier_bias)
-  head |= names.norm('head.norm', 'head/norm', nb)
-  if config.tie_word_embeddings:  # save_pretrained leaves the tied `decoder.weight` out.
-    head |= names.parameter('decoder.bias', 'decoder/bias') if config.decoder_bias else {}
-  else:
-    head |= names.linear('decoder', 'decoder', config.decoder_bias)
-  duplicates = frozenset({'decoder.weight'}) if config.tie_word_embeddings else frozenset()
-  return names.Table(backbone, head, base_prefix='model', duplicates=duplicates)

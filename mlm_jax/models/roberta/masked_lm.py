@@ -1,22 +1,14 @@
-"""The RoBERTa family (`roberta`, `xlm-roberta`, `camembert`): BERT's encoder with positions
-numbered after the padding id, and RoBERTa's `lm_head`.
-
-The parameter tree is transformers' former `FlaxRobertaForMaskedLM`'s, so checkpoints of
-earlier releases restore.
-"""
+"""RoBERTa's masked LM: BERT's backbone with positions numbered after the padding id,
+and `lm_head`."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mlm_jax.models import bert
-from mlm_jax.models import checkpoint_names as names
 from mlm_jax.models import layers
+from mlm_jax.models.bert import backbone as bert
 
 Array = jax.Array
-
-ARCHITECTURES = {'roberta': 'RobertaForMaskedLM', 'xlm-roberta': 'XLMRobertaForMaskedLM',
-                 'camembert': 'CamembertForMaskedLM'}
 
 
 def position_ids(input_ids: Array, pad_id: int) -> Array:
@@ -71,13 +63,3 @@ class RobertaForMaskedLM(nn.Module):
     hidden, word_table = bert.Backbone(cfg, self.dtype, self.attention_impl, name='roberta')(
         input_ids, positions, mask, deterministic, predict_at)
     return LMHead(cfg, self.dtype, name='lm_head')(hidden, word_table)
-
-
-def checkpoint_names(config) -> names.Table:
-  head = {}
-  head |= names.linear('lm_head.dense', 'lm_head/dense')
-  head |= names.norm('lm_head.layer_norm', 'lm_head/layer_norm')
-  decoder, copies = names.mlm_decoder('lm_head', 'lm_head', config.tie_word_embeddings)
-  return names.Table(bert.encoder_names(config, 'roberta', 'roberta'), head | decoder,
-                     base_prefix='roberta', duplicates=bert.mlm_duplicates('lm_head', copies),
-                     copies=copies, unused=bert.UNUSED)
