@@ -170,6 +170,11 @@ def padding_mask(attention_mask: Array | None) -> Array | None:
   return None if attention_mask is None else (attention_mask > 0)[:, None, None, :]
 
 
+def keys_mask(attention_mask: Array | None, segment_ids: Array | None) -> Array | None:
+  """The masked LMs' one mask: keys that are not padding and lie in the query's segment."""
+  return combine_masks(padding_mask(attention_mask), segment_mask(segment_ids))
+
+
 def combine_masks(*masks: Array | None) -> Array | None:
   """The keys allowed by every mask (None: no restriction)."""
   present = [m for m in masks if m is not None]

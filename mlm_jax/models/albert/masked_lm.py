@@ -36,8 +36,7 @@ class AlbertForMaskedLM(nn.Module):
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                segment_ids: Array | None = None, predict_at: Array | None = None,
                deterministic: bool = True) -> Array:
-    mask = layers.combine_masks(layers.padding_mask(attention_mask),
-                                layers.segment_mask(segment_ids))
+    mask = layers.keys_mask(attention_mask, segment_ids)
     encoder = backbone.Albert(self.config, self.dtype, self.attention_impl, name='albert')
     hidden, word_table = encoder(input_ids, mask, deterministic, predict_at)
     return MLMHead(self.config, self.dtype, name='predictions')(hidden, word_table)

@@ -55,8 +55,7 @@ class BertForMaskedLM(nn.Module):
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                segment_ids: Array | None = None, predict_at: Array | None = None,
                deterministic: bool = True) -> Array:
-    mask = layers.combine_masks(layers.padding_mask(attention_mask),
-                                layers.segment_mask(segment_ids))
+    mask = layers.keys_mask(attention_mask, segment_ids)
     encoder = backbone.Backbone(self.config, self.dtype, self.attention_impl, name='bert')
     hidden, word_table = encoder(input_ids, 0, mask, deterministic, predict_at)
     return _Cls(self.config, self.dtype, name='cls')(hidden, word_table)

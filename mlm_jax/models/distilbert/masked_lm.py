@@ -34,8 +34,7 @@ class DistilBertForMaskedLM(nn.Module):
                segment_ids: Array | None = None, predict_at: Array | None = None,
                deterministic: bool = True) -> Array:
     cfg = self.config
-    mask = layers.combine_masks(layers.padding_mask(attention_mask),
-                                layers.segment_mask(segment_ids))
+    mask = layers.keys_mask(attention_mask, segment_ids)
     encoder = backbone.DistilBert(cfg, self.dtype, self.attention_impl, name='distilbert')
     hidden, word_table = encoder(input_ids, mask, deterministic, predict_at)
     hidden = layers.dense(cfg.dim, self.dtype, cfg.initializer_range, 'vocab_transform')(hidden)

@@ -58,8 +58,7 @@ class RobertaForMaskedLM(nn.Module):
       positions = cfg.pad_token_id + 1
     else:
       positions = position_ids(input_ids, cfg.pad_token_id)
-    mask = layers.combine_masks(layers.padding_mask(attention_mask),
-                                layers.segment_mask(segment_ids))
+    mask = layers.keys_mask(attention_mask, segment_ids)
     hidden, word_table = bert.Backbone(cfg, self.dtype, self.attention_impl, name='roberta')(
         input_ids, positions, mask, deterministic, predict_at)
     return LMHead(cfg, self.dtype, name='lm_head')(hidden, word_table)
