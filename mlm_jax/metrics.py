@@ -18,10 +18,17 @@ def masked_lm_sums(logits: jax.Array, labels: jax.Array,
                    weights: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(sum of cross-entropies, number of correct predictions) over weighted positions.
 
-  The loss is computed in float32 whatever the logits' dtype.
+  The loss is computed in float32 whatever the logits' dtype. A prediction is correct when
+  the label is the first index of the largest logit, as `jnp.argmax` picks it; that is
+  written as two plain reductions (the maximum, then the least index holding it), which
+  XLA:CPU runs several times faster than argmax's reduction of (value, index) pairs.
   """
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  logits = logits.astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  first_top = jnp.min(jnp.where(logits == top, index, logits.shape[-1]), axis=-1)
+  correct = (first_top == labels).astype(jnp.float32)
   return jnp.sum(losses * weights), jnp.sum(correct * weights)
 
 
