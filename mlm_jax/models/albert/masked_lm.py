@@ -27,7 +27,7 @@ class MLMHead(nn.Module):
 
 
 class AlbertForMaskedLM(nn.Module):
-  """ALBERT masked LM; see `bert.BertForMaskedLM` for the call."""
+  """ALBERT masked LM; see `bert.masked_lm.BertForMaskedLM` for the call."""
   config: object
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'

@@ -23,8 +23,8 @@ class TiedProjector(nn.Module):
 
 
 class DistilBertForMaskedLM(nn.Module):
-  """DistilBERT masked LM; see `bert.BertForMaskedLM` for the call. The head's modules sit at
-  the top level, beside `distilbert`, as in the reference."""
+  """DistilBERT masked LM; see `bert.masked_lm.BertForMaskedLM` for the call. The head's
+  modules sit at the top level, beside `distilbert`, as in the reference."""
   config: object
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'

@@ -46,7 +46,7 @@ class Decoder(nn.Module):
 
 
 class ModernBertForMaskedLM(nn.Module):
-  """ModernBERT masked LM; see `bert.BertForMaskedLM` for the call. `predict_at` is the
+  """ModernBERT masked LM; see `bert.masked_lm.BertForMaskedLM` for the call. `predict_at` is the
   reference's `sparse_prediction`. Positions are 0, 1, ... whatever the padding, as the
   reference numbers them; `segment_ids` restrict every layer, the window too.
   The config is checked when the module is built."""

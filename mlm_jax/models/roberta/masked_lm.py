@@ -39,7 +39,7 @@ class LMHead(nn.Module):
 
 
 class RobertaForMaskedLM(nn.Module):
-  """RoBERTa masked LM; see `bert.BertForMaskedLM` for the call.
+  """RoBERTa masked LM; see `bert.masked_lm.BertForMaskedLM` for the call.
 
   Without an `attention_mask` (training blocks hold no padding) every row's positions are
   pad_id+1 .. pad_id+seq, a broadcast slice of the table; with one, they are renumbered
