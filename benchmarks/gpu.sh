@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Every GPU figure of BENCHMARKS.md in one command, so that one lease of a GPU machine yields
+# Every GPU figure of BENCHMARKS.md in one command, so that one run on a GPU machine yields
 # them all with the reference rows from the same run (ratios need both in one run).
 #
 #   OUT=/tmp/gpu ANCHORS=.bench/anchors.py bash benchmarks/gpu.sh
 #   DRY_RUN=1 OUT=/tmp/x bash benchmarks/gpu.sh      # every stage on CPU, tiny shapes, ~3 min
 #
 # OUT: where the JSON results, the profile summaries, the optimized HLO and the loss curves go.
-# ANCHORS: the reference script (copy it inside the repository where only the repository
-# travels to the GPU machine). STAGES: a subset of the stages below (default all), run in the
+# ANCHORS: the reference script, `anchors.py` (PyTorch eager, torch.compile and ModernBERT
+# rows; default .bench/anchors.py, a folder git ignores, where only the repository reaches
+# the GPU machine). STAGES: a subset of the stages below (default all), run in the
 # order given: the most wanted first, so that a run cut short leaves the rest for a rerun.
 # PACK: a folder to receive the few files worth bringing back (the device returns at most 8):
 # summary.json, loss_curves.png and results.tgz (every JSON, the profile summaries and the HLO;
@@ -31,7 +32,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to a folder for the results}
-ANCHORS=${ANCHORS:-../shared/bench/anchors.py}
+ANCHORS=${ANCHORS:-.bench/anchors.py}
 STAGES=${STAGES:-anchors128 modernbert variants128 seq512 curves modernbert_cudnn rbg128}
 DRY_RUN=${DRY_RUN:-0}
 PACK=${PACK:-}
