@@ -78,8 +78,10 @@ def test_a_gs_workdir_trains_is_preempted_resumes_and_serves_fill_mask(
 def test_a_gs_workdir_without_credentials_fails_at_start_naming_the_bucket(tmp_path):
   env = {k: v for k, v in os.environ.items()
          if k not in ('STORAGE_EMULATOR_HOST', 'GOOGLE_APPLICATION_CREDENTIALS')}
+  # No metadata server either; one probe of it, not google-auth's three with backoff (3 s).
   env.update(CLOUDSDK_CONFIG=str(tmp_path / 'gcloud'), GCE_METADATA_HOST='127.0.0.1:9',
-             GCE_METADATA_IP='127.0.0.1:9', PYTHONPATH=str(ROOT))
+             GCE_METADATA_IP='127.0.0.1:9', GCE_METADATA_DETECT_RETRIES='1',
+             PYTHONPATH=str(ROOT))
   result = subprocess.run(
       [sys.executable, str(ROOT / 'run_train.py'), f'--config={ROOT}/configs/tiny_test.py',
        '--workdir=gs://my-bucket/eli5'], cwd=tmp_path, env=env, capture_output=True,
