@@ -1,4 +1,4 @@
-"""BERT's encoder (no pooler), which RoBERTa and ALBERT's embeddings share."""
+"""BERT's encoder (no pooler): RoBERTa runs all of it, ALBERT its embeddings."""
 
 import flax.linen as nn
 import jax
