@@ -28,9 +28,8 @@ FAMILIES: dict[str, Family] = {
        for model_type, architecture in roberta.ARCHITECTURES.items()},
     'bert': Family(bert.BertForMaskedLM, bert.checkpoint_names, bert.ARCHITECTURE),
     'distilbert': Family(distilbert.DistilBertForMaskedLM, distilbert.checkpoint_names,
-                         distilbert.ARCHITECTURE, distilbert.max_positions),
-    'albert': Family(albert.AlbertForMaskedLM, albert.checkpoint_names, albert.ARCHITECTURE,
-                     albert.max_positions),
+                         distilbert.ARCHITECTURE),
+    'albert': Family(albert.AlbertForMaskedLM, albert.checkpoint_names, albert.ARCHITECTURE),
     'modernbert': Family(modernbert.ModernBertForMaskedLM, modernbert.checkpoint_names,
                          modernbert.ARCHITECTURE),
 }

@@ -8,8 +8,7 @@ The parameter tree is transformers' former `FlaxAlbertForMaskedLM`'s
 checkpoints of earlier releases restore.
 """
 
-from mlm_jax.models.albert.backbone import max_positions
 from mlm_jax.models.albert.masked_lm import AlbertForMaskedLM
 from mlm_jax.models.albert.params import ARCHITECTURE, checkpoint_names
 
-__all__ = ['ARCHITECTURE', 'AlbertForMaskedLM', 'checkpoint_names', 'max_positions']
+__all__ = ['ARCHITECTURE', 'AlbertForMaskedLM', 'checkpoint_names']

@@ -11,10 +11,6 @@ from mlm_jax.models.bert import backbone as bert
 Array = jax.Array
 
 
-def max_positions(config) -> int:
-  return config.max_position_embeddings
-
-
 def group_of_layer(config, i: int) -> int:
   """The shared group that layer i runs (the reference's float division, kept as it is)."""
   return int(i / (config.num_hidden_layers / config.num_hidden_groups))

@@ -8,8 +8,7 @@ sinusoids as a constant, while PyTorch transformers 5 keeps them in a trainable
 `position_embeddings` table that merely starts as sinusoids; this module follows PyTorch.
 """
 
-from mlm_jax.models.distilbert.backbone import max_positions
 from mlm_jax.models.distilbert.masked_lm import DistilBertForMaskedLM
 from mlm_jax.models.distilbert.params import ARCHITECTURE, checkpoint_names
 
-__all__ = ['ARCHITECTURE', 'DistilBertForMaskedLM', 'checkpoint_names', 'max_positions']
+__all__ = ['ARCHITECTURE', 'DistilBertForMaskedLM', 'checkpoint_names']

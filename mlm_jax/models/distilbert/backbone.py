@@ -11,10 +11,6 @@ Array = jax.Array
 LAYER_NORM_EPS = 1e-12  # The reference's, fixed: DistilBertConfig has no layer_norm_eps.
 
 
-def max_positions(config) -> int:
-  return config.max_position_embeddings
-
-
 def sinusoids(rows: int, features: int) -> np.ndarray:
   """PyTorch's `create_sinusoidal_embeddings`: sin on even features, cos on odd ones."""
   angles = np.arange(rows)[:, None] / np.power(10000, 2 * (np.arange(features) // 2) / features)
