@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlm_jax import checkpoint
+from mlm_jax import compiler_options
 from mlm_jax import model as model_lib
 from mlm_jax import storage
 from mlm_jax.data import tokenizer as tokenizer_lib
@@ -46,10 +47,13 @@ class Predictor:
   def __post_init__(self):
     # On the device once, not sent with every batch (330 MB at distilroberta-base size).
     self.params = jax.device_put(self.params)
-    # One function object per predictor, so the jit cache keyed on it is reused.
     head = model_lib.head_fn(self.model)
-    self.logits_fn = lambda params, ids, mask, predict_at: head(ids, predict_at, params, False,
-                                                                None, mask)
+    logits_fn = lambda params, ids, mask, predict_at: head(ids, predict_at, params, False, None,
+                                                           mask)
+    # Compiled once per padded shape and top-k for this predictor.
+    self.top_k_at = jax.jit(functools.partial(_top_k_at, logits_fn=logits_fn),
+                            static_argnames='top_k',
+                            compiler_options=compiler_options.for_platform(jax.default_backend()))
 
 
 def load_predictor(model: str, step: int | None = None, dtype: Any = jnp.float32,
@@ -101,7 +105,6 @@ def _bucket(n: int, minimum: int = 8) -> int:
   return -(-n // step) * step
 
 
-@functools.partial(jax.jit, static_argnames=('logits_fn', 'top_k'))
 def _top_k_at(params, ids, attention_mask, predict_at, candidate_ids, *, logits_fn, top_k):
   """Top-k (probability, index into candidate_ids) at the token indices `predict_at`
   [batch, masks]."""
@@ -170,9 +173,9 @@ def iter_fill_mask(predictor: Predictor, texts: Sequence[str], top_k: int = 5,
   for start in range(0, len(encoded), window):
     fills = {}
     for batch in padded_batches(tokenizer, encoded[start:start + window], batch_size):
-      scores, indices = jax.device_get(_top_k_at(
+      scores, indices = jax.device_get(predictor.top_k_at(
           predictor.params, batch.ids, batch.attention_mask, batch.predict_at, candidates,
-          logits_fn=predictor.logits_fn, top_k=k))
+          top_k=k))
       if candidates is not None:
         indices = candidates[indices]
       for row, (index, seq, where) in enumerate(zip(batch.order, batch.encoded, batch.mask_at)):

@@ -18,6 +18,7 @@ import optax
 from flax import struct
 
 from mlm_jax.data import input_pipeline
+from mlm_jax import compiler_options
 from mlm_jax import masking
 from mlm_jax import metrics as metrics_lib
 from mlm_jax import model as model_lib
@@ -213,6 +214,7 @@ def compile_steps(apply_fn: Callable, tx: optax.GradientTransformation,
   """
   threefry.install()  # The same random bits, without a rolled loop per draw on CPU.
   replicated = sharding.replicated(mesh)
+  options = compiler_options.for_mesh(mesh)
   if state_shardings is None:
     state_shardings = replicated
     params_shardings = replicated
@@ -223,13 +225,13 @@ def compile_steps(apply_fn: Callable, tx: optax.GradientTransformation,
                         head_fn=head_fn, max_predictions=max_predictions,
                         prediction_groups=mesh.size, sep_id=sep_id),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh, batch_axis=1)),
-      out_shardings=(state_shardings, replicated), donate_argnums=0)
+      out_shardings=(state_shardings, replicated), donate_argnums=0, compiler_options=options)
   eval_rng = jax.random.fold_in(jax.random.PRNGKey(seed), EVAL_STREAM)
   evaluate_batch = jax.jit(
       functools.partial(eval_step, apply_fn=apply_fn, spec=spec, rng=eval_rng, sep_id=sep_id),
       in_shardings=(params_shardings, sharding.batch_sharding(mesh),
                     sharding.batch_sharding(mesh), replicated),
-      out_shardings=replicated)
+      out_shardings=replicated, compiler_options=options)
   return Steps(train, evaluate_batch, mesh)
 
 

@@ -15,6 +15,8 @@ The optimizer's one-pass update (`optim.ClippedAdamW.update_if_finite`) is optax
 or not, and a non-finite step leaves every parameter, moment and count as it was.
 Fill-mask pads to one of 8 lengths per power of two (`infer._bucket`), and its entry point
 keeps JAX's compiled programs in the package's cache folder (`cli.use_compilation_cache`).
+The train and evaluation steps are compiled with the project's XLA:CPU options
+(`compiler_options`), which keep the step's loss and gradient to float32 rounding.
 """
 
 import functools
@@ -31,10 +33,12 @@ import transformers
 from jax.extend.random import threefry_2x32
 
 from mlm_jax import cli
+from mlm_jax import compiler_options
 from mlm_jax import infer
 from mlm_jax import masking
 from mlm_jax import model as model_lib
 from mlm_jax import optim
+from mlm_jax import sharding
 from mlm_jax import steps as steps_lib
 from mlm_jax import threefry
 from mlm_jax.models import FlaxAutoModelForMaskedLM
@@ -127,9 +131,10 @@ def model():
   return FlaxAutoModelForMaskedLM.from_config(config, seed=0)
 
 
-def _gradient_and_loss(model, groups: int | None):
+def _gradient_and_loss(model, groups: int | None, options: dict | None = None):
   """One SGD step at rate 1 (the update is the gradient) and its loss: the full head
-  (`groups=None`) or the masked-only head pooled over `groups` groups of rows."""
+  (`groups=None`) or the masked-only head pooled over `groups` groups of rows; compiled
+  with XLA's `options`."""
   spec = masking.MaskingSpec(mask_token_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=VOCAB)
   schedule = optax.constant_schedule(1.0)
   tx = optax.sgd(schedule)
@@ -140,7 +145,7 @@ def _gradient_and_loss(model, groups: int | None):
       prediction_groups=groups or 1)
   state = steps_lib.create_train_state(model.params, tx, seed=0)
   ids = np.random.default_rng(0).integers(5, VOCAB, (1, ROWS, LENGTH), dtype=np.int32)
-  new_state, metrics = jax.jit(step)(state, ids)
+  new_state, metrics = jax.jit(step, compiler_options=options)(state, ids)
   gradient = jax.tree_util.tree_map(lambda b, a: np.asarray(b) - np.asarray(a), state.params,
                                     new_state.params)
   sums = metrics['sums']
@@ -195,6 +200,43 @@ def test_pooled_masked_head_gives_the_full_heads_loss_and_gradient(model, full_h
   jax.tree_util.tree_map(
       functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-7), gradient,
       full_gradient)
+
+
+# LLVM optimises as outside the tests (conftest.py lowers it for speed): the vector width
+# only matters where the loops are vectorised.
+OPTIMIZED = {'xla_backend_optimization_level': 3}
+
+
+def test_cpu_compiler_options_keep_the_steps_loss_and_gradient(model):
+  """Breaks if an option is not one XLA:CPU takes (renamed in a new jaxlib), or changes the
+  arithmetic by more than the order of float32 sums: the vector width does change that order
+  (the key kernels' gradients, sums that nearly cancel, move by 1e-4 of their largest entry),
+  so the tolerance is relative to each leaf's largest entry. The key biases' gradient is
+  rounding noise of any size (softmax ignores a shift shared by all keys): left out."""
+  expected_gradient, expected_loss, _ = _gradient_and_loss(model, None, OPTIMIZED)
+  gradient, loss, _ = _gradient_and_loss(
+      model, None, {**OPTIMIZED, **compiler_options.for_platform('cpu')})
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(gradient),
+                               jax.tree_util.tree_leaves(expected_gradient)):
+    if not jax.tree_util.keystr(path).endswith("['key']['bias']"):
+      np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * np.abs(want).max(),
+                                 err_msg=jax.tree_util.keystr(path))
+
+
+def test_train_and_evaluation_steps_are_compiled_with_the_cpu_options(model, monkeypatch):
+  """An option XLA does not know makes compiling fail: seen, it reached the compiler."""
+  monkeypatch.setattr(compiler_options, '_CPU', {'not_an_xla_option': 1})
+  spec = masking.MaskingSpec(mask_token_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=VOCAB)
+  schedule = optax.constant_schedule(0.1)
+  tx = optax.sgd(schedule)
+  steps = steps_lib.compile_steps(model, tx, schedule, spec, 0, sharding.make_mesh())
+  state = steps_lib.create_train_state(model.params, tx, seed=0)
+  ids = np.random.default_rng(0).integers(5, VOCAB, (1, ROWS, LENGTH), dtype=np.int32)
+  with pytest.raises(Exception, match='not_an_xla_option'):
+    steps.train.lower(state, ids).compile()
+  with pytest.raises(Exception, match='not_an_xla_option'):
+    steps_lib.evaluate(steps, model.params, ids[0], ROWS)
 
 
 def _optimizer_and_params():

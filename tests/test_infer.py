@@ -4,7 +4,8 @@ Guards the predictions (the softmax of the model called directly, the PyTorch pi
 tokens, scores and sequences), the sources (a workdir's checkpoints, parameters only, an
 export), bounded batches whose size never changes a text's fills, batches of one padded
 length whose fills come back in the texts' order, the model's length limit, one-line errors for bad texts, targets, steps and paths, and that the command line
-compiles nothing for a model it has seen before.
+compiles nothing for a model it has seen before, and that fill-mask is compiled with the
+project's CPU options (`compiler_options`).
 """
 
 import copy
@@ -22,6 +23,7 @@ import transformers
 from tokenizers import models, pre_tokenizers, trainers
 
 from mlm_jax import checkpoint
+from mlm_jax import compiler_options
 from mlm_jax import infer
 from mlm_jax.errors import UserError
 from mlm_jax.models import FlaxAutoModelForMaskedLM
@@ -293,7 +295,7 @@ def test_same_padded_shape_reuses_the_compiled_forward(predictor):
   lengths = [len(_ids(predictor, t)) for t in (first, second)]
   assert lengths[0] != lengths[1] and infer._bucket(lengths[0]) == infer._bucket(lengths[1])
   [[first_fills]] = infer.fill_mask(predictor, [first], top_k=5)
-  cache_size = getattr(infer._top_k_at, '_cache_size', None)
+  cache_size = getattr(predictor.top_k_at, '_cache_size', None)
   before = cache_size() if cache_size else None
   [[second_fills]] = infer.fill_mask(predictor, [second], top_k=5)
   assert first_fills[0]['sequence'] != second_fills[0]['sequence']
@@ -301,6 +303,14 @@ def test_same_padded_shape_reuses_the_compiled_forward(predictor):
     pytest.skip(f'jax {jax.__version__} has no jit _cache_size() to count compilations')
   assert before >= 1
   assert cache_size() == before
+
+
+def test_fill_mask_is_compiled_with_the_cpu_options(predictor, monkeypatch):
+  """An option XLA does not know makes compiling fail: seen, it reached the compiler."""
+  monkeypatch.setattr(compiler_options, '_CPU', {'not_an_xla_option': 1})
+  fresh = infer.Predictor(predictor.model, predictor.params, predictor.tokenizer)
+  with pytest.raises(Exception, match='not_an_xla_option'):
+    infer.fill_mask(fresh, ['The sky is <mask> blue.'])
 
 
 # ----------------------------------------------------------------------------

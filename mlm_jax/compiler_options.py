@@ -1,0 +1,38 @@
+"""The XLA options the project's compiled programs are built with, per platform.
+
+On CPU, two options of XLA's own make the train step and fill-mask faster and leave their
+numbers as they were up to float32 rounding (the order of a vectorised sum):
+- `xla_cpu_prefer_vector_width=512`: LLVM, which compiles XLA:CPU's element-wise fusions,
+  prefers 256-bit vectors on x86 even where the CPU has AVX-512 registers, to spare older
+  server parts a lower clock. Where the CPU has them, the GELU's erf, the softmax's
+  exponentials and the optimizer's update run twice as wide. Where it has not (AVX2), LLVM
+  keeps the widest vectors the CPU has: the option changes nothing there.
+- `xla_cpu_enable_concurrency_optimized_scheduler=true`: orders the program's ops for
+  more of them to run at once on XLA's threads (the gradients of a layer's kernel and of
+  its input, say), where the default order keeps the fewest buffers alive. The peak memory
+  of the distilroberta-base step did not move.
+
+BENCHMARKS.md has the measurements (*CPU: against PyTorch*). They are passed to `jax.jit`
+at the program's boundary (`compiler_options=`), so they reach every caller of
+`steps.compile_steps` and `infer.fill_mask`, the benchmarks and tests included, and are
+part of the persistent compilation cache's key. They take precedence over `XLA_FLAGS`
+for the two options they name. Other platforms get none: their compilers need not know
+XLA:CPU's options.
+"""
+
+import types
+
+_CPU = types.MappingProxyType({
+    'xla_cpu_prefer_vector_width': 512,
+    'xla_cpu_enable_concurrency_optimized_scheduler': True,
+})
+
+
+def for_platform(platform: str) -> dict:
+  """The options for a program compiled for `platform` ('cpu', 'gpu', 'tpu', ...)."""
+  return dict(_CPU) if platform == 'cpu' else {}
+
+
+def for_mesh(mesh) -> dict:
+  """The options for a program over `mesh`'s devices."""
+  return for_platform(mesh.devices.flat[0].platform)
