@@ -6,13 +6,13 @@ numbers as they were up to float32 rounding (the order of a vectorised sum):
   prefers 256-bit vectors on x86 even where the CPU has AVX-512 registers, to spare older
   server parts a lower clock. Where the CPU has them, the GELU's erf, the softmax's
   exponentials and the optimizer's update run twice as wide. Where it has not (AVX2), LLVM
-  keeps the widest vectors the CPU has: the option changes nothing there.
-- `xla_cpu_enable_concurrency_optimized_scheduler=true`: orders the program's ops for
-  more of them to run at once on XLA's threads (the gradients of a layer's kernel and of
-  its input, say), where the default order keeps the fewest buffers alive. The peak memory
-  of the distilroberta-base step did not move.
+  splits each vector in two: with XLA:CPU held to AVX2 on an AVX-512 machine
+  (`xla_cpu_max_isa=AVX2`), the step was no slower with the option than without it.
+- `xla_cpu_enable_concurrency_optimized_scheduler=true`: orders the program's ops so that
+  more independent ones can run at once on XLA's threads, where the default order keeps
+  the fewest buffers alive. The peak memory of the distilroberta-base step did not move.
 
-BENCHMARKS.md has the measurements (*CPU: against PyTorch*). They are passed to `jax.jit`
+BENCHMARKS.md has the measurements (*XLA:CPU's own options*). They are passed to `jax.jit`
 at the program's boundary (`compiler_options=`), so they reach every caller of
 `steps.compile_steps` and `infer.fill_mask`, the benchmarks and tests included, and are
 part of the persistent compilation cache's key. They take precedence over `XLA_FLAGS`
