@@ -21,6 +21,7 @@ import numpy as np
 
 from mlm_jax import checkpoint
 from mlm_jax import compiler_options
+from mlm_jax import host_memory
 from mlm_jax import model as model_lib
 from mlm_jax import storage
 from mlm_jax.data import tokenizer as tokenizer_lib
@@ -50,10 +51,12 @@ class Predictor:
     head = model_lib.head_fn(self.model)
     logits_fn = lambda params, ids, mask, predict_at: head(ids, predict_at, params, False, None,
                                                            mask)
+    platform = jax.default_backend()
+    host_memory.keep_freed_memory_on(platform)  # No fresh pages for each batch's buffers.
     # Compiled once per padded shape and top-k for this predictor.
     self.top_k_at = jax.jit(functools.partial(_top_k_at, logits_fn=logits_fn),
                             static_argnames='top_k',
-                            compiler_options=compiler_options.for_platform(jax.default_backend()))
+                            compiler_options=compiler_options.for_platform(platform))
 
 
 def load_predictor(model: str, step: int | None = None, dtype: Any = jnp.float32,

@@ -19,6 +19,7 @@ from flax import struct
 
 from mlm_jax.data import input_pipeline
 from mlm_jax import compiler_options
+from mlm_jax import host_memory
 from mlm_jax import masking
 from mlm_jax import metrics as metrics_lib
 from mlm_jax import model as model_lib
@@ -213,6 +214,7 @@ def compile_steps(apply_fn: Callable, tx: optax.GradientTransformation,
   (see `run.document_separator`) keeps attention within documents in both steps.
   """
   threefry.install()  # The same random bits, without a rolled loop per draw on CPU.
+  host_memory.keep_freed_memory_on(mesh.devices.flat[0].platform)  # No fresh pages per step.
   replicated = sharding.replicated(mesh)
   options = compiler_options.for_mesh(mesh)
   if state_shardings is None:

@@ -1,0 +1,60 @@
+"""The C allocator's policy while XLA:CPU runs the steps: freed memory is kept and reused.
+
+XLA:CPU allocates each run of a compiled program's temporary buffer (every intermediate of
+a train step: tens of MB at cpu-small, hundreds at distilroberta-base) with `malloc` and frees
+it when the run ends. glibc's `malloc` serves a block over its mmap threshold (32 MB at most)
+with pages freshly mapped from the kernel and unmaps them on `free`, so every step touches
+its whole buffer as new pages: the kernel zero-fills each one on its first write. At
+cpu-small that was 16,700 page faults and about 45 ms of system time in a step of 100 ms
+(BENCHMARKS.md, *The C allocator*).
+
+`keep_freed_memory()` sets glibc to serve every block from its heap and keep what is freed
+for the next step:
+- `M_MMAP_MAX` 0: no block gets pages of its own;
+- `M_TRIM_THRESHOLD` at its largest: the heap's free top is not handed back to the kernel;
+- `M_ARENA_MAX` 1: threads that first allocate from now on share the main heap. Other
+  arenas' heaps hold at most 64 MB, and they map a larger block's pages whatever `M_MMAP_MAX`
+  says.
+
+The cost is that the process keeps its peak heap for its lifetime rather than shrinking
+after a peak: what a training or inference process does anyway. It is for the whole process
+(the allocator is), so it is set where CPU steps are compiled (`steps.compile_steps`,
+`infer.Predictor`), as `threefry.install` is; on GPU and TPU the steps' buffers are device
+memory and the host's allocator is left alone. Where the C library is not glibc (macOS,
+musl) it does nothing.
+"""
+
+import ctypes
+import ctypes.util
+
+# glibc's <malloc.h> parameter numbers for mallopt(3).
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+M_ARENA_MAX = -8
+_LARGEST_INT = 2**31 - 1  # mallopt takes an int.
+POLICY = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, _LARGEST_INT), (M_ARENA_MAX, 1))
+
+
+def _glibc() -> ctypes.CDLL | None:
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+  except OSError:
+    return None
+  # gnu_get_libc_version exists in glibc alone; musl has a mallopt that ignores everything.
+  if not (hasattr(libc, 'gnu_get_libc_version') and hasattr(libc, 'mallopt')):
+    return None
+  return libc
+
+
+def keep_freed_memory() -> bool:
+  """Sets `POLICY` (see the module docstring); True where glibc took every setting."""
+  libc = _glibc()
+  if libc is None:
+    return False
+  return all(libc.mallopt(parameter, value) == 1 for parameter, value in POLICY)
+
+
+def keep_freed_memory_on(platform: str) -> None:
+  """`keep_freed_memory()` where the steps run on the host's CPU."""
+  if platform == 'cpu':
+    keep_freed_memory()

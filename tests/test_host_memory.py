@@ -1,0 +1,92 @@
+"""Guards the C allocator's policy for XLA:CPU's steps (`mlm_jax.host_memory`): once set, a
+freed block over glibc's mmap threshold is reused from the heap, not mapped again as fresh
+pages that the kernel zero-fills on first touch (the page faults that cost a cpu-small step
+45 ms a step before); and compiling CPU steps or a CPU fill-mask predictor sets it, in a
+process that had glibc's defaults.
+"""
+
+import concurrent.futures
+import ctypes
+import pathlib
+import resource
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mlm_jax import host_memory
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+BLOCK = 64 << 20  # Over glibc's largest mmap threshold (32 MB), as a step's buffers are.
+PAGES = BLOCK // resource.getpagesize()
+
+pytestmark = pytest.mark.skipif(host_memory._glibc() is None,  # pylint: disable=protected-access
+                                 reason='the C library is not glibc')
+
+
+def faults_of_a_fresh_block(size: int = BLOCK) -> int:
+  """Page faults of this thread writing a fresh `size`-byte malloc'd block: the second of two
+  (the first may grow the heap)."""
+  libc = host_memory._glibc()  # pylint: disable=protected-access
+  libc.malloc.restype = ctypes.c_void_p
+  libc.free.argtypes = [ctypes.c_void_p]
+  for _ in range(2):
+    block = libc.malloc(size)
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    ctypes.memset(block, 1, size)
+    faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+    libc.free(block)
+  return faults
+
+
+def test_a_freed_block_is_reused_without_new_pages():
+  assert host_memory.keep_freed_memory()
+  assert faults_of_a_fresh_block() < PAGES // 100
+
+
+def test_a_thread_started_after_the_policy_reuses_freed_blocks_too():
+  """XLA's threads allocate the steps' buffers: in an arena of their own, a block over 64 MB
+  would get fresh pages whatever the mmap setting."""
+  assert host_memory.keep_freed_memory()
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as new_thread:
+    assert new_thread.submit(faults_of_a_fresh_block, BLOCK * 2).result() < 2 * PAGES // 100
+
+
+# Each entry point in a fresh process: the block's faults under glibc's defaults, then after
+# the entry point has run on CPU.
+ENTRY_POINTS = {
+    'compile_steps': '''
+        import optax
+        from mlm_jax import masking, sharding, steps
+        spec = masking.MaskingSpec(mask_token_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=100)
+        schedule = optax.constant_schedule(0.1)
+        steps.compile_steps(model, optax.sgd(schedule), schedule, spec, 0, sharding.make_mesh())
+    ''',
+    'Predictor': '''
+        from mlm_jax import infer
+        infer.Predictor(model, model.params, tokenizer=None)
+    ''',
+}
+
+
+@pytest.mark.parametrize('entry_point', sorted(ENTRY_POINTS))
+def test_cpu_entry_points_set_the_policy(entry_point):
+  script = textwrap.dedent('''
+      import os
+      os.environ['JAX_PLATFORMS'] = 'cpu'
+      import transformers
+      from mlm_jax.models import FlaxAutoModelForMaskedLM
+      from tests.test_host_memory import faults_of_a_fresh_block
+      print(faults_of_a_fresh_block())
+      model = FlaxAutoModelForMaskedLM.from_config(transformers.RobertaConfig(
+          vocab_size=100, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+          intermediate_size=16, max_position_embeddings=18, type_vocab_size=1), seed=0)
+  ''') + textwrap.dedent(ENTRY_POINTS[entry_point]) + 'print(faults_of_a_fresh_block())\n'
+  result = subprocess.run([sys.executable, '-c', script], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120, check=True)
+  defaults, after = map(int, result.stdout.split()[-2:])
+  if defaults < PAGES // 2:
+    pytest.skip(f'this kernel maps fresh blocks in huge pages ({defaults} faults for {PAGES} '
+                'pages): no fresh page to count')
+  assert after < PAGES // 100
