@@ -34,7 +34,11 @@ is ours over theirs (above 1: the project is faster).
     the train-step goals are not met on an AVX-512 Xeon: see BENCHMARKS.md).
 
 PyTorch runs with as many threads as the process has cores (`torch.set_num_threads`; `taskset`
-narrows them), JAX on its CPU client. Torch is imported by this script only; without it the
+narrows them), JAX on its CPU client. Both sides share the process, hence its C allocator:
+the script sets the policy the package's CPU steps set (`mlm_jax.host_memory`: glibc keeps
+freed memory rather than handing fresh pages to every step) before building either side,
+which makes PyTorch's larger steps faster too. The ratios are against PyTorch with that
+tuning, not PyTorch under glibc's defaults. Torch is imported by this script only; without it the
 script says so in one line and exits with status 2.
 
   python benchmarks/cpu_vs_torch.py                           # all but train-small-full
@@ -342,10 +346,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   warnings.filterwarnings('ignore', message='Some donated buffers were not usable')
   transformers.utils.logging.set_verbosity_error()
   torch.set_num_threads(CORES)
-  print(f'{CORES} CPU cores ({cpu_model()}); jax {jax.__version__} ({jax.devices()[0].platform}), torch '
+  # Our steps set the C allocator's policy for the whole process (`mlm_jax.host_memory`), and
+  # PyTorch's side shares the process: set before either side is built, so that both run under
+  # it in every comparison, as a PyTorch user who tunes glibc's malloc would.
+  from mlm_jax import host_memory  # pylint: disable=import-outside-toplevel
+  allocator = ('glibc keeping freed memory (mlm_jax.host_memory), both sides'
+               if host_memory.keep_freed_memory() else 'the C library\'s defaults')
+  print(f'{CORES} CPU cores ({cpu_model()}); allocator: {allocator}; jax {jax.__version__} ({jax.devices()[0].platform}), torch '
         f'{torch.__version__} ({torch.get_num_threads()} threads), transformers '
         f'{transformers.__version__}; load average {load_average()}', flush=True)
-  report = {'cores': CORES, 'cpu': cpu_model(), 'load_average_before': load_average()}
+  report = {'cores': CORES, 'cpu': cpu_model(), 'allocator': allocator,
+            'load_average_before': load_average()}
   if report['load_average_before'][0] > CORES / 2:
     print(f'warning: other work is running (load average {report["load_average_before"][0]} on '
           f'{CORES} cores); PyTorch\'s threads slow down many-fold when the cores are '
