@@ -14,7 +14,9 @@ for the next step:
 - `M_TRIM_THRESHOLD` at its largest: the heap's free top is not handed back to the kernel;
 - `M_ARENA_MAX` 1: threads that first allocate from now on share the main heap. Other
   arenas' heaps hold at most 64 MB, and they map a larger block's pages whatever `M_MMAP_MAX`
-  says.
+  says. (A new thread can still take over the arena of a thread that has ended, which this
+  cannot prevent: the earlier the policy is set, the more of XLA's threads it reaches. Set
+  where the steps are compiled, it took the small step from 16,700 faults to 1.)
 
 The cost is that the process keeps its peak heap for its lifetime rather than shrinking
 after a peak: what a training or inference process does anyway. It is for the whole process
