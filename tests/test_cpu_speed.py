@@ -123,13 +123,17 @@ def test_gelu_is_exact_gelu_through_erf():
 ROWS, LENGTH, VOCAB = 4, 16, 100
 
 
-@pytest.fixture(scope='module')
-def model():
+def _tiny_roberta(layers: int):
   config = transformers.RobertaConfig(
-      vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+      vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
       intermediate_size=64, max_position_embeddings=LENGTH + 2, type_vocab_size=1,
       pad_token_id=1, bos_token_id=0, eos_token_id=2)
   return FlaxAutoModelForMaskedLM.from_config(config, seed=0)
+
+
+@pytest.fixture(scope='module')
+def model():
+  return _tiny_roberta(layers=2)
 
 
 def _gradient_and_loss(model, groups: int | None, options: dict | None = None):
@@ -208,12 +212,13 @@ def test_pooled_masked_head_gives_the_full_heads_loss_and_gradient(model, full_h
 OPTIMIZED = {'xla_backend_optimization_level': 3}
 
 
-def test_cpu_compiler_options_keep_the_steps_loss_and_gradient(model):
+def test_cpu_compiler_options_keep_the_steps_loss_and_gradient():
   """Breaks if an option is not one XLA:CPU takes (renamed in a new jaxlib), or changes the
   arithmetic by more than the order of float32 sums: the vector width does change that order
   (the key kernels' gradients, sums that nearly cancel, move by 1e-4 of their largest entry),
   so the tolerance is relative to each leaf's largest entry. The key biases' gradient is
   rounding noise of any size (softmax ignores a shift shared by all keys): left out."""
+  model = _tiny_roberta(layers=1)  # One layer: LLVM's full optimisation compiles slowly.
   expected_gradient, expected_loss, _ = _gradient_and_loss(model, None, OPTIMIZED)
   gradient, loss, _ = _gradient_and_loss(
       model, None, {**OPTIMIZED, **compiler_options.for_platform('cpu')})
