@@ -10,6 +10,7 @@ import textwrap
 from absl import app, flags
 
 from mlm_jax import cli
+from mlm_jax import host_memory
 
 flags.DEFINE_string('model', None, 'A training workdir, an HF-format directory or a hub id.',
                     required=True)
@@ -41,6 +42,7 @@ def _print_fills(texts, fills, as_json: bool) -> None:
 
 def main(argv):
   del argv
+  host_memory.keep_freed_memory_if_on_cpu()  # Before JAX's threads start (see host_memory).
   cli.use_compilation_cache()  # A model seen before runs without compiling again.
   cli.quiet_libraries()
   def fill_and_print():

@@ -7,6 +7,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mlm_jax import cli
+from mlm_jax import host_memory
 from mlm_jax import validation
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,6 +34,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  host_memory.keep_freed_memory_if_on_cpu()  # Before JAX's threads start (see host_memory).
   cli.run_user_facing(lambda: validation.validate_config(FLAGS.config))  # In the first second.
   cli.quiet_libraries()
   cli.use_compilation_cache()  # A rerun or a resumed run starts without compiling again.

@@ -79,6 +79,7 @@ from flax import traverse_util
 
 import profile_summary
 from mlm_jax.data import input_pipeline
+from mlm_jax import host_memory
 from mlm_jax import masking
 from mlm_jax import model as model_lib
 from mlm_jax import optim
@@ -593,6 +594,7 @@ def print_comparison(r: dict, rows: dict[str, dict]) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> dict:
   args = parse_args(argv)
+  host_memory.keep_freed_memory_if_on_cpu()  # As the entry points, before JAX starts.
   shape = resolve_shape(args)
   warnings.filterwarnings('ignore', message='Some donated buffers were not usable')
 

@@ -100,3 +100,27 @@ def test_cpu_entry_points_set_the_policy(entry_point):
     pytest.skip(f'this kernel maps fresh blocks in huge pages ({defaults} faults for {PAGES} '
                 'pages): no fresh page to count')
   assert after < PAGES // 100
+
+
+def test_entry_points_set_the_policy_before_jax_starts_where_it_computes_on_cpu():
+  """run_train.py and run_infer.py call `keep_freed_memory_if_on_cpu` first thing: it must
+  tell the platform without starting JAX's backend (whose threads would take their own
+  arenas first), and leave the allocator alone where JAX will compute on an accelerator."""
+  told_cuda, told_cpu = _in_a_fresh_process('''
+      import jax
+      from jax._src import xla_bridge
+      from mlm_jax import host_memory
+      from tests.test_host_memory import faults_of_a_fresh_block
+      jax.config.update('jax_platforms', 'cuda')
+      print(host_memory.keep_freed_memory_if_on_cpu(), faults_of_a_fresh_block())
+      jax.config.update('jax_platforms', 'cpu')
+      print(host_memory.keep_freed_memory_if_on_cpu(), faults_of_a_fresh_block(),
+            xla_bridge.backends_are_initialized())
+  ''').splitlines()
+  set_for_cuda, faults_for_cuda = told_cuda.split()
+  if int(faults_for_cuda) < PAGES // 2:
+    pytest.skip('this kernel maps fresh blocks in huge pages: no fresh page to count')
+  assert set_for_cuda == 'False'
+  set_for_cpu, faults_for_cpu, backend_started = told_cpu.split()
+  assert set_for_cpu == 'True' and int(faults_for_cpu) < PAGES // 100
+  assert backend_started == 'False'
