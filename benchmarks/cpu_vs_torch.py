@@ -38,8 +38,8 @@ narrows them), JAX on its CPU client. Both sides share the process, hence its C 
 the script sets the policy the package's CPU steps set (`mlm_jax.host_memory`: glibc keeps
 freed memory rather than handing fresh pages to every step) before building either side,
 which makes PyTorch's larger steps faster too. The ratios are against PyTorch with that
-tuning, not PyTorch under glibc's defaults. Torch is imported by this script only; without it the
-script says so in one line and exits with status 2.
+tuning, not PyTorch under glibc's defaults. Torch is imported by this script only; without it
+the script says so in one line and exits with status 2.
 
   python benchmarks/cpu_vs_torch.py                           # all but train-small-full
   python benchmarks/cpu_vs_torch.py --only=train-small,fill-mask --rounds=5
@@ -352,8 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   from mlm_jax import host_memory  # pylint: disable=import-outside-toplevel
   allocator = ('glibc keeping freed memory (mlm_jax.host_memory), both sides'
                if host_memory.keep_freed_memory() else 'the C library\'s defaults')
-  print(f'{CORES} CPU cores ({cpu_model()}); allocator: {allocator}; jax {jax.__version__} ({jax.devices()[0].platform}), torch '
-        f'{torch.__version__} ({torch.get_num_threads()} threads), transformers '
+  print(f'{CORES} CPU cores ({cpu_model()}); allocator: {allocator}; jax {jax.__version__} '
+        f'({jax.devices()[0].platform}), torch {torch.__version__} '
+        f'({torch.get_num_threads()} threads), transformers '
         f'{transformers.__version__}; load average {load_average()}', flush=True)
   report = {'cores': CORES, 'cpu': cpu_model(), 'allocator': allocator,
             'load_average_before': load_average()}
