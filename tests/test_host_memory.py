@@ -1,8 +1,9 @@
 """Guards the C allocator's policy for XLA:CPU's steps (`mlm_jax.host_memory`): once set, a
 freed block over glibc's mmap threshold is reused from the heap, not mapped again as fresh
 pages that the kernel zero-fills on first touch (the page faults that cost a cpu-small step
-45 ms a step before); and compiling CPU steps or a CPU fill-mask predictor sets it, in a
-process that had glibc's defaults.
+45 ms a step before), by the thread that set it and by threads started after; compiling CPU
+steps or a CPU fill-mask predictor sets it, in a process that had glibc's defaults; and the
+entry points' early call sets it without starting JAX's backend, and only for the CPU.
 """
 
 import ctypes
@@ -65,9 +66,9 @@ def _in_a_fresh_process(script: str) -> str:
                         capture_output=True, text=True, timeout=120, check=True).stdout
 
 
-# Each entry point in a fresh process: the block's faults under glibc's defaults, then after
-# the entry point has run on CPU.
-ENTRY_POINTS = {
+# Each place that compiles for the CPU, in a fresh process: the block's faults under glibc's
+# defaults, then after it has run.
+CPU_COMPILATIONS = {
     'compile_steps': '''
         import optax
         from mlm_jax import masking, sharding, steps
@@ -82,8 +83,8 @@ ENTRY_POINTS = {
 }
 
 
-@pytest.mark.parametrize('entry_point', sorted(ENTRY_POINTS))
-def test_cpu_entry_points_set_the_policy(entry_point):
+@pytest.mark.parametrize('compilation', sorted(CPU_COMPILATIONS))
+def test_compiling_for_the_cpu_sets_the_policy(compilation):
   script = textwrap.dedent('''
       import os
       os.environ['JAX_PLATFORMS'] = 'cpu'
@@ -94,7 +95,7 @@ def test_cpu_entry_points_set_the_policy(entry_point):
       model = FlaxAutoModelForMaskedLM.from_config(transformers.RobertaConfig(
           vocab_size=100, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
           intermediate_size=16, max_position_embeddings=18, type_vocab_size=1), seed=0)
-  ''') + textwrap.dedent(ENTRY_POINTS[entry_point]) + 'print(faults_of_a_fresh_block())\n'
+  ''') + textwrap.dedent(CPU_COMPILATIONS[compilation]) + 'print(faults_of_a_fresh_block())\n'
   defaults, after = map(int, _in_a_fresh_process(script).split()[-2:])
   if defaults < PAGES // 2:
     pytest.skip(f'this kernel maps fresh blocks in huge pages ({defaults} faults for {PAGES} '
