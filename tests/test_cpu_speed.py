@@ -17,7 +17,8 @@ Fill-mask pads to one of 8 lengths per power of two (`infer._bucket`), and its e
 keeps JAX's compiled programs in the package's cache folder (`cli.use_compilation_cache`).
 The train and evaluation steps are compiled with the project's XLA:CPU options
 (`compiler_options`), which change the step's loss and gradient only by the order of float32
-sums.
+sums, and no element-wise result beyond a rounding: NaNs, infinities and signed zeros stay as
+IEEE arithmetic gives them (no fast math, no NaN-ignoring max and min).
 """
 
 import functools
@@ -228,6 +229,44 @@ def test_cpu_compiler_options_keep_the_steps_loss_and_gradient():
     if not jax.tree_util.keystr(path).endswith("['key']['bias']"):
       np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * np.abs(want).max(),
                                  err_msg=jax.tree_util.keystr(path))
+
+
+# NaN, infinities, signed zeros and ordinary values, against each other: IEEE semantics that
+# fast-math options give up (`x - x` of an infinity, a NaN through `minimum`).
+_SPECIAL = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1.5, -3.25, 80.0, -100.0, 1e-7, 3e38],
+                    np.float32)
+
+
+def _elementwise(x, y):
+  """The element-wise functions of the step: the GELU's erf, the softmax's exp, AdamW's
+  division and square root, LayerNorm's rsqrt, the loss's log, and max/min."""
+  return dict(max=jnp.maximum(x, y), min=jnp.minimum(x, y), sub=x - y, div=x / y,
+              exp=jnp.exp(x), log=jnp.log(x), erf=jax.lax.erf(x), tanh=jnp.tanh(x),
+              sqrt=jnp.sqrt(y), rsqrt=jax.lax.rsqrt(y), isnan=jnp.isnan(x * y),
+              gelu=jax.nn.gelu(x, approximate=False))
+
+
+def test_cpu_compiler_options_keep_ieee_arithmetic_element_by_element():
+  """The options change no element-wise result by more than a rounding: every pair of the
+  special values gives the same NaNs, infinities and signed zeros as without them, and the
+  finite rest within 2 units in the last place (vector width changes no element's
+  arithmetic; the margin is for a CPU whose wider vectors LLVM lowers otherwise).
+  Breaks if fast math (`xla_cpu_enable_fast_math`) or NaN-ignoring max/min
+  (`xla_cpu_enable_fast_min_max`) joins the options: the step-level test above cannot tell
+  those from the order of a sum."""
+  x, y = (a.ravel() for a in np.meshgrid(_SPECIAL, _SPECIAL))
+  want = jax.jit(_elementwise, compiler_options=OPTIMIZED)(x, y)
+  got = jax.jit(_elementwise, compiler_options={**OPTIMIZED,
+                                                **compiler_options.for_platform('cpu')})(x, y)
+  for name in want:
+    w, g = np.asarray(want[name]), np.asarray(got[name])
+    if w.dtype == np.bool_:
+      np.testing.assert_array_equal(g, w, err_msg=name)
+      continue
+    special = ~np.isfinite(w) | (w == 0)
+    np.testing.assert_array_equal(np.signbit(g[special]), np.signbit(w[special]), err_msg=name)
+    np.testing.assert_array_equal(g[special], w[special], err_msg=name)  # NaN equals NaN here.
+    np.testing.assert_array_max_ulp(g[~special], w[~special], maxulp=2)
 
 
 def test_train_and_evaluation_steps_are_compiled_with_the_cpu_options(model, monkeypatch):
