@@ -3,7 +3,8 @@
 # them all with the reference rows from the same run (ratios need both in one run).
 #
 #   OUT=/tmp/gpu ANCHORS=.bench/anchors.py bash benchmarks/gpu.sh
-#   DRY_RUN=1 OUT=/tmp/x bash benchmarks/gpu.sh      # every stage on CPU, tiny shapes, ~3 min
+#   DRY_RUN=1 OUT=/tmp/x bash benchmarks/gpu.sh      # every stage on CPU, tiny shapes, ~4 min
+#                                                    # (~20 min where torch imports: anchors.py)
 #
 # OUT: where the JSON results, the profile summaries, the optimized HLO and the loss curves go.
 # ANCHORS: the reference script, `anchors.py` (PyTorch eager, torch.compile and ModernBERT
