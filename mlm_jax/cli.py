@@ -3,6 +3,7 @@
 import ast
 import difflib
 import importlib.util
+import logging
 import os
 import socket
 import sys
@@ -22,11 +23,40 @@ def quiet_libraries() -> None:
   """Keeps the console for this program's own messages and real warnings.
 
   Orbax logs every file it writes, and transformers its notices on tokenizers and configs.
+  A failed checkpoint save (a full disk) is reported once, as one line (`checkpoint.save_errors`),
+  not also by orbax's background threads (see `_OrbaxTracebacks`, `_ignore_closed_loop`).
   """
   import transformers  # pylint: disable=import-outside-toplevel
-  from absl import logging  # pylint: disable=import-outside-toplevel
-  logging.set_verbosity(logging.ERROR)
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  absl_logger = absl_logging.get_absl_logger()
+  if not any(isinstance(f, _OrbaxTracebacks) for f in absl_logger.filters):
+    absl_logger.addFilter(_OrbaxTracebacks())
+  if sys.unraisablehook is not _ignore_closed_loop:
+    _ignore_closed_loop.default = sys.unraisablehook
+    sys.unraisablehook = _ignore_closed_loop
   transformers.utils.logging.set_verbosity_error()
+
+
+class _OrbaxTracebacks(logging.Filter):
+  """Drops orbax's records that carry a traceback. Orbax logs the failure of each thread of an
+  asynchronous save with its traceback (a full disk: seven of them, 350 lines), then raises the
+  same failure in the main thread, where the entry points report it as one line; a failed
+  restore raises in the main thread alone."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    in_orbax = f'{os.sep}orbax{os.sep}' in record.pathname
+    return not (in_orbax and record.exc_info)
+
+
+def _ignore_closed_loop(unraisable) -> None:
+  """`sys.unraisablehook` less one message: when a save fails, orbax closes the event loop of
+  its writes while tensorstore still completes the others, and each completion's call onto the
+  closed loop raises 'Event loop is closed' in a callback, which nothing can catch."""
+  error = unraisable.exc_value
+  if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
+    return
+  _ignore_closed_loop.default(unraisable)
 
 
 def use_compilation_cache() -> None:
