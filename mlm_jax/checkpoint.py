@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from mlm_jax import errors
 from mlm_jax import sharding
 from mlm_jax import storage
 from mlm_jax.errors import UserError, first_line
@@ -225,8 +226,8 @@ def save_errors(manager: ocp.CheckpointManager, workdir: str, step: int | None):
             else 'no earlier checkpoint exists')
     raise UserError(
         f'could not write the checkpoint at step {step} in {checkpoint_dir(workdir)} '
-        f'({type(e).__name__}: {first_line(e)}); {kept}. Free disk space (or fix the '
-        'workdir) and rerun the same command to resume') from e
+        f'({errors.reason(e)}); {kept}. Free disk space (or fix the workdir) and rerun the '
+        'same command to resume') from e
 
 
 def finish_saves(manager: ocp.CheckpointManager, workdir: str) -> None:

@@ -14,7 +14,7 @@ import jax
 
 from mlm_jax import preemption
 from mlm_jax import validation
-from mlm_jax.errors import UserError, first_line
+from mlm_jax.errors import UserError, first_line, is_disk_full
 
 T = TypeVar('T')
 
@@ -73,7 +73,9 @@ def use_compilation_cache() -> None:
 
 
 def run_user_facing(fn: Callable[[], T]) -> T:
-  """Runs `fn`; a `UserError` becomes one line on stderr and exit status 2.
+  """Runs `fn`; a `UserError` becomes one line on stderr and exit status 2, and so does a full
+  disk wherever it is met (the checkpoints and the export say more: `checkpoint.save_errors`,
+  `train.train_and_evaluate`).
 
   A run stopped by a signal (after saving) exits with 128 + the signal's number.
   """
@@ -84,6 +86,11 @@ def run_user_facing(fn: Callable[[], T]) -> T:
   except preemption.Stopped as e:
     print(str(e), file=sys.stderr, flush=True)
     sys.exit(e.exit_code)
+  except Exception as e:  # pylint: disable=broad-except
+    if not is_disk_full(e):
+      raise
+    fail(f'a disk is full ({type(e).__name__}: {first_line(e)}); free disk space and rerun the '
+         'same command')
 
 
 def _flag_value(argv: list[str], name: str) -> str | None:

@@ -25,6 +25,8 @@ from mlm_jax import sharding
 from mlm_jax import steps as steps_lib
 from mlm_jax import validation
 from mlm_jax import storage
+from mlm_jax import errors
+from mlm_jax.errors import UserError
 from mlm_jax.run import Run, document_separator, prepare
 
 
@@ -100,7 +102,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   params = sharding.to_host(state.params)  # Every host takes part in gathering sharded ones.
   if is_main:  # Also where a run stopped between its last checkpoint and its export.
-    export.export(run.model, params, run.tokenizer, export_dir)
+    _export(run, params, export_dir, manager.latest_step())
   sharding.sync_hosts('mlm_jax_export')  # No host reports (or exits) before it is written.
   summary = report.summary(run, metric_writers.read_metrics(workdir), wall,
                            run.total_steps - start_step)
@@ -108,6 +110,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.push_to_hub and is_main:
     report.push_to_hub(export_dir, config.hub_model_id)
   return summary
+
+
+def _export(run: Run, params, export_dir, checkpointed_step: int | None) -> None:
+  """The export; failing to write it (a full disk) is a `UserError`: the last checkpoint holds
+  the same parameters, and the same command writes the export without training again."""
+  try:
+    export.export(run.model, params, run.tokenizer, export_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    if not (isinstance(e, OSError) or errors.is_disk_full(e)):
+      raise  # A bug, with its traceback.
+    raise UserError(
+        f'could not write the export in {export_dir} ({errors.reason(e)}); the checkpoint at '
+        f'step {checkpointed_step} holds the trained parameters. Free disk space (or fix the '
+        'workdir) and rerun the same command: it writes the export without training again'
+    ) from e
 
 
 def _has_export(export_dir) -> bool:

@@ -6,6 +6,7 @@ saved schedule kept unless re-planned, and said), refused config changes, non-fi
 runs, an unwritable workdir, a bad config file and a full disk (one line on the command line).
 """
 
+import errno
 import os
 import pathlib
 import re
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 
 from mlm_jax import checkpoint
+from mlm_jax import cli
 from mlm_jax import infer
 from mlm_jax import metric_writers
 from mlm_jax import train
@@ -277,29 +279,96 @@ def test_a_bad_config_file_is_a_short_error(tmp_path, config_file, content):
 
 @pytest.fixture
 def small_disk(tmp_path):
-  """A 900 KB tmpfs: room for the run's files and one tiny checkpoint, not two."""
+  """mount(size): a tmpfs of `size` ('900k') at tmp_path/disk, mounted or resized, as a disk
+  that fills up (and is then given more room)."""
   mount_point = tmp_path / 'disk'
   mount_point.mkdir()
-  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=900k', 'tmpfs', str(mount_point)],
-                           capture_output=True, check=False)
-  if mounted.returncode != 0:
-    pytest.skip('mounting a small tmpfs needs root: ' + mounted.stderr.decode().strip())
-  yield mount_point
-  subprocess.run(['umount', str(mount_point)], check=False)
+
+  def mount(size: str) -> pathlib.Path:
+    remount = ['-o', f'remount,size={size}'] if os.path.ismount(mount_point) else [
+        '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs']
+    mounted = subprocess.run(['mount', *remount, str(mount_point)], capture_output=True,
+                             check=False)
+    if mounted.returncode != 0:
+      pytest.skip('mounting a small tmpfs needs root: ' + mounted.stderr.decode().strip())
+    return mount_point
+
+  yield mount
+  if os.path.ismount(mount_point):
+    subprocess.run(['umount', str(mount_point)], check=False)
+
+
+def _run_tiny(workdir) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, str(ROOT / 'run_train.py'), TINY, f'--workdir={workdir}'],
+                        cwd=ROOT, capture_output=True, text=True, timeout=_HANG_S, check=False)
+
+
+def _not_progress(stderr: str) -> list[str]:
+  """The lines of stderr that are not tqdm's progress ('train: ... [00:06<')."""
+  return [line for line in stderr.splitlines()
+          if line.strip() and not re.match(r'\w+: .*\[\d\d:\d\d', line)]
 
 
 def test_a_full_disk_at_save_time_is_one_line_and_keeps_the_previous_checkpoint(small_disk):
   """The command line, not just the library: orbax's save threads log their failures with
   tracebacks (seven on a full disk), which the entry point must not show."""
-  workdir = small_disk / 'run'
-  result = subprocess.run([sys.executable, str(ROOT / 'run_train.py'), TINY,
-                           f'--workdir={workdir}'], cwd=ROOT, capture_output=True, text=True,
-                          timeout=_HANG_S, check=False)
+  workdir = small_disk('900k') / 'run'  # Room for the run's files and one checkpoint, not two.
+  result = _run_tiny(workdir)
   assert result.returncode == 2
-  not_progress = [line for line in result.stderr.splitlines()  # tqdm's: 'train: ... [00:06<'
-                  if line.strip() and not re.match(r'\w+: .*\[\d\d:\d\d', line)]
-  assert len(not_progress) == 1, result.stderr[-3000:]
-  assert re.fullmatch(r'error: could not write the checkpoint at step 20 .*'
-                      r'the checkpoint at step 10 is intact\. Free disk space .*', not_progress[0])
+  assert len(_not_progress(result.stderr)) == 1, result.stderr[-3000:]
+  assert re.fullmatch(r'error: could not write the checkpoint at step 20 .*\(the disk is full\); '
+                      r'the checkpoint at step 10 is intact\. Free disk space .*',
+                      _not_progress(result.stderr)[0])
   predictor = infer.load_predictor(str(workdir))  # The step-10 checkpoint restores.
   assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(predictor.params))
+
+
+def test_a_full_disk_at_export_time_is_one_line_and_the_rerun_writes_the_export(small_disk):
+  workdir = small_disk('1150k') / 'run'  # Room for both checkpoints, not the export.
+  failed = _run_tiny(workdir)
+  assert failed.returncode == 2
+  assert len(_not_progress(failed.stderr)) == 1, failed.stderr[-3000:]
+  assert re.fullmatch(r'error: could not write the export in .*export \(the disk is full\); the '
+                      r'checkpoint at step 20 holds the trained parameters\. .*',
+                      _not_progress(failed.stderr)[0])
+  assert sorted(p.name for p in workdir.iterdir() if p.name.startswith('export')) == []
+  small_disk('4m')  # Space freed.
+  rerun = _run_tiny(workdir)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert '(0 in this run)' in rerun.stdout  # Nothing trained again.
+  exported = jax.tree_util.tree_leaves(infer.load_predictor(str(workdir / 'export')).params)
+  checkpointed = jax.tree_util.tree_leaves(infer.load_predictor(str(workdir)).params)
+  assert len(exported) == len(checkpointed)
+  for a, b in zip(exported, checkpointed):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_full_disk_while_preparing_names_the_cache_folder_and_leaves_no_partial_blocks(
+    small_disk, tiny_config):
+  from mlm_jax.data import preparation  # pylint: disable=import-outside-toplevel
+  tiny_config.cache_dir = str(small_disk('64k') / 'cache')  # The tokenizer fits, the blocks not.
+  with pytest.raises(UserError, match=r'the cache folder .*/cache/blocks is on a full disk; .*'
+                     r'--config.cache_dir'):
+    preparation.prepare(tiny_config, progress=False, log=lambda _: None)
+  assert not any((small_disk('64k') / 'cache' / 'blocks').iterdir())
+
+
+@pytest.mark.parametrize('error', [
+    OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), 'metrics.jsonl'),
+    RuntimeError('I/O error: No space left on device (os error 28)'),  # safetensors' kind
+])
+def test_a_full_disk_anywhere_else_is_one_line_on_the_command_line(error, capsys):
+  def fn():
+    raise error
+  with pytest.raises(SystemExit) as exited:
+    cli.run_user_facing(fn)
+  assert exited.value.code == 2
+  assert re.fullmatch(r'error: a disk is full \(.*\); free disk space and rerun the same '
+                      r'command\n', capsys.readouterr().err)
+
+
+def test_other_errors_keep_their_traceback_on_the_command_line():
+  def fn():
+    raise OSError(errno.EACCES, os.strerror(errno.EACCES), 'metrics.jsonl')
+  with pytest.raises(PermissionError):
+    cli.run_user_facing(fn)

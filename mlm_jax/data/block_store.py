@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from etils import epath
 
+from mlm_jax import errors
 from mlm_jax import storage
 from mlm_jax.errors import UserError
 
@@ -83,8 +84,12 @@ def new_folder(parent: epath.Path,
   try:
     with _heartbeat(folder / HEARTBEAT):
       yield folder
-  except BaseException:
+  except BaseException as e:
     folder.rmtree(missing_ok=True)
+    if errors.is_disk_full(e):
+      raise UserError(f'the cache folder {parent} is on a full disk; free disk space, or set '
+                      '--config.cache_dir (or $MLM_JAX_CACHE) to a folder with room, and rerun '
+                      'the same command') from e
     raise
 
 
