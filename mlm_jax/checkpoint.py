@@ -21,7 +21,7 @@ from etils import epath
 from mlm_jax import errors
 from mlm_jax import sharding
 from mlm_jax import storage
-from mlm_jax.errors import UserError, first_line
+from mlm_jax.errors import UserError
 
 # Keys that may change between a run and its resume: they change when or how much is
 # logged, evaluated, saved or trained, not what the saved state means.
@@ -198,8 +198,7 @@ def restore_newest(manager: ocp.CheckpointManager, workdir: str, target: Any,
       log(f'Resuming from the checkpoint at step {step} (epoch {cursor["epoch"]}, '
           f'batch {cursor["batch"]}) in {checkpoint_dir(workdir)}')
       return restored
-    reason = (f'{type(error).__name__}: {first_line(error)}' if error is not None
-              else 'on another host')
+    reason = errors.reason(error) if error is not None else 'on another host'
     if worst == _UNREADABLE:
       raise UserError(f'checkpoint {where} could not be read ({reason}); it does not look '
                       'corrupt, so it was left in place: check that the storage is reachable '
