@@ -303,34 +303,31 @@ def _run_tiny(workdir) -> subprocess.CompletedProcess:
                         cwd=ROOT, capture_output=True, text=True, timeout=_HANG_S, check=False)
 
 
-def _not_progress(stderr: str) -> list[str]:
-  """The lines of stderr that are not tqdm's progress ('train: ... [00:06<')."""
-  return [line for line in stderr.splitlines()
-          if line.strip() and not re.match(r'\w+: .*\[\d\d:\d\d', line)]
+def _assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:
+  """Exit status 2 and, besides tqdm's progress ('train: ... [00:06<'), one line on stderr:
+  the error, matching `pattern`."""
+  assert result.returncode == 2
+  lines = [line for line in result.stderr.splitlines()
+           if line.strip() and not re.match(r'\w+: .*\[\d\d:\d\d', line)]
+  assert len(lines) == 1, result.stderr[-3000:]
+  assert re.fullmatch(pattern, lines[0])
 
 
 def test_a_full_disk_at_save_time_is_one_line_and_keeps_the_previous_checkpoint(small_disk):
   """The command line, not just the library: orbax's save threads log their failures with
   tracebacks (seven on a full disk), which the entry point must not show."""
   workdir = small_disk('900k') / 'run'  # Room for the run's files and one checkpoint, not two.
-  result = _run_tiny(workdir)
-  assert result.returncode == 2
-  assert len(_not_progress(result.stderr)) == 1, result.stderr[-3000:]
-  assert re.fullmatch(r'error: could not write the checkpoint at step 20 .*\(the disk is full\); '
-                      r'the checkpoint at step 10 is intact\. Free disk space .*',
-                      _not_progress(result.stderr)[0])
+  _assert_one_line_error(_run_tiny(workdir), r'error: could not write the checkpoint at step 20 '
+                         r'.*\(the disk is full\); the checkpoint at step 10 is intact\. .*')
   predictor = infer.load_predictor(str(workdir))  # The step-10 checkpoint restores.
   assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(predictor.params))
 
 
 def test_a_full_disk_at_export_time_is_one_line_and_the_rerun_writes_the_export(small_disk):
   workdir = small_disk('1150k') / 'run'  # Room for both checkpoints, not the export.
-  failed = _run_tiny(workdir)
-  assert failed.returncode == 2
-  assert len(_not_progress(failed.stderr)) == 1, failed.stderr[-3000:]
-  assert re.fullmatch(r'error: could not write the export in .*export \(the disk is full\); the '
-                      r'checkpoint at step 20 holds the trained parameters\. .*',
-                      _not_progress(failed.stderr)[0])
+  _assert_one_line_error(_run_tiny(workdir), r'error: could not write the export in .*export '
+                         r'\(the disk is full\); the checkpoint at step 20 holds the trained '
+                         r'parameters\. .*')
   assert sorted(p.name for p in workdir.iterdir() if p.name.startswith('export')) == []
   small_disk('4m')  # Space freed.
   rerun = _run_tiny(workdir)
