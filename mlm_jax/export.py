@@ -31,9 +31,9 @@ def export(model, params: Any, tokenizer, directory) -> None:
   shutil.rmtree(staging, ignore_errors=True)
   try:
     save(os.fspath(staging))
+    if directory.exists():
+      shutil.rmtree(directory)
+    staging.rename(directory)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
-  if directory.exists():
-    shutil.rmtree(directory)
-  staging.rename(directory)

@@ -41,20 +41,12 @@ class Run:
 def prepare_data(config: ml_collections.ConfigDict, workdir: str):
   """(tokenizer, blocks): process 0 prepares them (or finds them in the cache); the other
   hosts wait, then open what it wrote. A run's saved tokenizer wins over the config's."""
-  failed = False
-  if jax.process_index() == 0:
-    try:
-      prepared = preparation.prepare(
-          config, tokenizer_lib.saved_tokenizer(workdir), report.log,
-          check_tokenizer=tokenizer_check(config))
-    except BaseException:
-      failed = True
-      raise
-    finally:  # Every host takes part, so none waits forever for a failed process 0.
-      sharding.host_flag(failed)
+  prepared = sharding.on_process_zero(
+      lambda: preparation.prepare(config, tokenizer_lib.saved_tokenizer(workdir), report.log,
+                                  check_tokenizer=tokenizer_check(config)),
+      'process 0 could not prepare the data (see its error); fix it and rerun')
+  if prepared is not None:
     return prepared.tokenizer, prepared.blocks
-  if sharding.host_flag(False):
-    raise UserError('process 0 could not prepare the data (see its error); fix it and rerun')
   tokenizer = preparation.tokenizer_of(config, workdir)
   return tokenizer, preparation.open_prepared(config, tokenizer)
 

@@ -7,7 +7,7 @@ shards them too, for models whose state does not fit one device. Each host feeds
 only its own slice of every global batch.
 """
 
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import jax
 import numpy as np
@@ -15,6 +15,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mlm_jax.errors import UserError
+
+T = TypeVar('T')
 
 DATA_AXIS = 'data'
 FSDP_AXIS = 'fsdp'
@@ -98,6 +100,24 @@ def host_flag(flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
   return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
+def on_process_zero(fn: Callable[[], T], failure: str) -> T | None:
+  """`fn()` on process 0 alone (None elsewhere), the hosts waiting for it. Every host learns
+  whether it succeeded, so that none waits forever for a failed process 0 (which raises its
+  own error): the others raise `UserError(failure)`."""
+  failed = False
+  if jax.process_index() == 0:
+    try:
+      return fn()
+    except BaseException:
+      failed = True
+      raise
+    finally:
+      host_flag(failed)
+  if host_flag(False):
+    raise UserError(failure)
+  return None
 
 
 def process_slice(global_rows: int) -> slice:

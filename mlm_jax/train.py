@@ -101,9 +101,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   wall = time.time() - start_time
 
   params = sharding.to_host(state.params)  # Every host takes part in gathering sharded ones.
-  if is_main:  # Also where a run stopped between its last checkpoint and its export.
-    _export(run, params, export_dir, manager.latest_step())
-  sharding.sync_hosts('mlm_jax_export')  # No host reports (or exits) before it is written.
+  # Also where a run stopped between its last checkpoint and its export. No host reports (or
+  # exits) before it is written, nor waits for it forever.
+  sharding.on_process_zero(
+      lambda: _export(run, params, export_dir, manager.latest_step()),
+      f'process 0 could not write the export in {export_dir} (see its error); the checkpoint '
+      'holds the trained parameters: fix that and rerun the same command')
   summary = report.summary(run, metric_writers.read_metrics(workdir), wall,
                            run.total_steps - start_step)
   report.print_summary(summary)

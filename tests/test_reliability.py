@@ -26,6 +26,7 @@ from mlm_jax import infer
 from mlm_jax import metric_writers
 from mlm_jax import train
 from mlm_jax.errors import UserError
+from tests import multidevice
 from tests.conftest import ROOT, load_config
 
 TINY = '--config=configs/tiny_test.py'
@@ -369,3 +370,32 @@ def test_other_errors_keep_their_traceback_on_the_command_line():
     raise OSError(errno.EACCES, os.strerror(errno.EACCES), 'metrics.jsonl')
   with pytest.raises(PermissionError):
     cli.run_user_facing(fn)
+
+
+_HOST_WAITING_FOR_PROCESS_ZERO = '''
+import sys
+import jax
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from mlm_jax import sharding
+from mlm_jax.errors import UserError
+def export():
+  raise OSError('the export could not be written')
+print(sharding.on_process_zero(lambda: 'written', 'process 0 failed'))
+try:
+  sharding.on_process_zero(export, 'process 0 failed (see its error)')
+except (OSError, UserError) as e:
+  print(f'{type(e).__name__}: {e}')
+'''
+
+
+def test_hosts_waiting_for_process_zero_stop_when_it_fails_instead_of_waiting_forever():
+  """What process 0 alone does (preparing the data, writing the export), the others wait
+  for: they learn whether it failed, and say so. A barrier alone would leave them, and process
+  0's exit, waiting forever (seen with the export before this: both hosts hung)."""
+  address = f'127.0.0.1:{multidevice.free_port()}'
+  outputs = multidevice.run_hosts(
+      [[sys.executable, '-c', _HOST_WAITING_FOR_PROCESS_ZERO, address, str(index)]
+       for index in range(2)], devices=1, timeout=300)  # A hang guard, not a time limit.
+  assert [stdout.splitlines()[-2:] for stdout, _ in outputs] == [  # After gloo's own line.
+      ['written', 'OSError: the export could not be written'],
+      ['None', 'UserError: process 0 failed (see its error)']]
