@@ -63,8 +63,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   tokenizer.model_max_length = min(tokenizer.model_max_length,
                                    model_lib.max_block_size(model.config))
   sharding.sync_hosts('mlm_jax_tokenizer')  # No host reads the saved tokenizer while it is written.
-  if jax.process_index() == 0:
-    tokenizer_lib.save_tokenizer(tokenizer, workdir)
+  sharding.on_process_zero(lambda: tokenizer_lib.save_tokenizer(tokenizer, workdir),
+                           f'process 0 could not save the tokenizer in {workdir} (see its error)')
   devices = jax.device_count()
   global_batch = config.per_device_batch_size * devices * config.grad_accum_steps
   per_epoch = input_pipeline.steps_per_epoch(len(blocks.train), global_batch)

@@ -89,8 +89,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                'nothing to train. Use a new --workdir to train again.')
     return report.summary(run, metric_writers.read_metrics(workdir), 0.0, 0)
 
-  if is_main:  # What inference needs to rebuild the model around a checkpoint.
-    storage.save_with(run.model.config.save_pretrained, checkpoint.model_config_dir(workdir))
+  sharding.on_process_zero(  # What inference needs to rebuild the model around a checkpoint.
+      lambda: storage.save_with(run.model.config.save_pretrained,
+                                checkpoint.model_config_dir(workdir)),
+      f'process 0 could not save the model config in {workdir} (see its error)')
   start_time = time.time()
   books = bookkeeping.Bookkeeping(run, steps, manager, metric_writers.MetricsWriter(
       workdir, enabled=is_main, start_step=start_step), schedule_steps)
