@@ -203,8 +203,9 @@ def restore_newest(manager: ocp.CheckpointManager, workdir: str, target: Any,
       raise UserError(f'checkpoint {where} could not be read ({reason}); it does not look '
                       'corrupt, so it was left in place: check that the storage is reachable '
                       'and rerun the same command')
-    aside = set_aside(workdir, step) if jax.process_index() == 0 else where
-    sharding.sync_hosts(f'mlm_jax_set_aside_{step}')
+    aside = sharding.on_process_zero(
+        lambda: set_aside(workdir, step),  # pylint: disable=cell-var-from-loop
+        f'process 0 could not move the checkpoint {where} aside (see its error)') or where
     log(f'Checkpoint {where} could not be restored ({reason}); moved it to {aside} and '
         'trying the one before it.')
   manager.reload()
