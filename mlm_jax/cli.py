@@ -39,14 +39,18 @@ def quiet_libraries() -> None:
 
 
 class _OrbaxTracebacks(logging.Filter):
-  """Drops orbax's records that carry a traceback. Orbax logs the failure of each thread of an
-  asynchronous save with its traceback (a full disk: seven of them, 350 lines), then raises the
-  same failure in the main thread, where the entry points report it as one line; a failed
-  restore raises in the main thread alone."""
+  """Drops the tracebacks orbax logs for a failed save. It logs the failure of each thread of
+  an asynchronous save with its traceback (a full disk: seven of them, 350 lines), then raises
+  the same failure in the main thread, where the entry points report it as one line. Its other
+  logged failures (an old checkpoint that could not be deleted) are not raised, and stay."""
+  RAISED_AGAIN = ('/orbax/checkpoint/_src/futures/future.py',
+                  '/orbax/checkpoint/_src/checkpointers/async_checkpointer.py',
+                  '/orbax/checkpoint/checkpoint_manager.py',
+                  '/orbax/checkpoint/_src/metadata/checkpoint.py')
 
   def filter(self, record: logging.LogRecord) -> bool:
-    in_orbax = f'{os.sep}orbax{os.sep}' in record.pathname
-    return not (in_orbax and record.exc_info)
+    where = record.pathname.replace(os.sep, '/')
+    return not (record.exc_info and where.endswith(self.RAISED_AGAIN))
 
 
 def _ignore_closed_loop(unraisable) -> None:

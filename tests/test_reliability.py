@@ -7,6 +7,7 @@ runs, an unwritable workdir, a bad config file and a full disk (one line on the 
 """
 
 import errno
+import logging
 import os
 import pathlib
 import re
@@ -399,3 +400,17 @@ def test_hosts_waiting_for_process_zero_stop_when_it_fails_instead_of_waiting_fo
   assert [stdout.splitlines()[-2:] for stdout, _ in outputs] == [  # After gloo's own line.
       ['written', 'OSError: the export could not be written'],
       ['None', 'UserError: process 0 failed (see its error)']]
+
+
+@pytest.mark.parametrize('orbax_file, shown', [
+    ('_src/futures/future.py', False),  # A save thread's failure, raised again in the main one.
+    ('_src/path/storage_backend.py', True),  # 'Failed to remove checkpoint': not raised again.
+])
+def test_the_command_line_hides_only_the_orbax_tracebacks_it_reports_itself(orbax_file, shown):
+  """The filter `cli.quiet_libraries` installs on absl's logger (which orbax logs through)."""
+  try:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  except OSError:
+    record = logging.LogRecord('absl', logging.ERROR, f'/site-packages/orbax/checkpoint/'
+                               f'{orbax_file}', 1, 'failed', None, sys.exc_info())
+  assert bool(cli._OrbaxTracebacks().filter(record)) == shown  # pylint: disable=protected-access
