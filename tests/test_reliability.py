@@ -325,16 +325,14 @@ def test_a_full_disk_at_save_time_is_one_line_and_keeps_the_previous_checkpoint(
   assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(predictor.params))
 
 
-def test_a_full_disk_at_export_time_is_one_line_and_the_rerun_writes_the_export(small_disk):
+def test_a_full_disk_at_export_time_is_a_clear_error_and_the_rerun_writes_the_export(small_disk):
   workdir = small_disk('1150k') / 'run'  # Room for both checkpoints, not the export.
-  _assert_one_line_error(_run_tiny(workdir), r'error: could not write the export in .*export '
-                         r'\(the disk is full\); the checkpoint at step 20 holds the trained '
-                         r'parameters\. .*')
-  assert sorted(p.name for p in workdir.iterdir() if p.name.startswith('export')) == []
+  with pytest.raises(UserError, match=r'could not write the export in .*export \(the disk is '
+                     r'full\); the checkpoint at step 20 holds the trained parameters\. '):
+    train.train_and_evaluate(load_config('tiny_test'), str(workdir))
+  assert [p.name for p in workdir.iterdir() if p.name.startswith('export')] == []  # No partial.
   small_disk('4m')  # Space freed.
-  rerun = _run_tiny(workdir)
-  assert rerun.returncode == 0, rerun.stderr[-3000:]
-  assert '(0 in this run)' in rerun.stdout  # Nothing trained again.
+  assert train.train_and_evaluate(load_config('tiny_test'), str(workdir))['steps_this_run'] == 0
   exported = jax.tree_util.tree_leaves(infer.load_predictor(str(workdir / 'export')).params)
   checkpointed = jax.tree_util.tree_leaves(infer.load_predictor(str(workdir)).params)
   assert len(exported) == len(checkpointed)
