@@ -18,6 +18,12 @@ from mlm_jax.errors import UserError, first_line, is_disk_full
 
 T = TypeVar('T')
 
+# How long a host that is done waits at JAX's shutdown barrier for the others (JAX's default:
+# 300 s). Hosts that finish, stop or fail together reach it within seconds of each other. A host
+# that fails alone (within the step loop) leaves the others in a collective that never ends, and
+# the barrier's timeout is what ends them all: JAX's coordination service then terminates them.
+SHUTDOWN_TIMEOUT_S = 60
+
 
 def quiet_libraries() -> None:
   """Keeps the console for this program's own messages and real warnings.
@@ -224,7 +230,8 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
     if process_id != 0:
       _wait_for_coordinator(coordinator_address, timeout_s)
     jax.distributed.initialize(*((coordinator_address, num_processes, process_id)
-                                 if explicit else ()), initialization_timeout=timeout_s)
+                                 if explicit else ()), initialization_timeout=timeout_s,
+                               shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
   except UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except

@@ -112,8 +112,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   summary = report.summary(run, metric_writers.read_metrics(workdir), wall,
                            run.total_steps - start_step)
   report.print_summary(summary)
-  if config.push_to_hub and is_main:
-    report.push_to_hub(export_dir, config.hub_model_id)
+  if config.push_to_hub:  # The others wait for the upload: no host ends long before another.
+    sharding.on_process_zero(lambda: report.push_to_hub(export_dir, config.hub_model_id),
+                             'process 0 could not push the export to the hub (see its error)')
   return summary
 
 

@@ -111,3 +111,20 @@ def test_hosts_stopped_by_sigterm_resume_to_the_uninterrupted_result(sigterm_to_
   for a, b in zip(*(jax.tree_util.tree_leaves(infer.load_predictor(str(w)).params)
                     for w in (workdir, two_host_run['hosts']))):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.slow  # About 90 s of waiting for JAX's shutdown timeout: `python -m pytest -m slow`.
+def test_a_host_that_fails_alone_in_the_step_loop_ends_every_host_within_the_shutdown_timeout(
+    tmp_path):
+  """Process 0 fails at its first metrics write (the file is a folder) while process 1 goes
+  on into the next step's collective, which never completes. The shutdown barrier process 0
+  waits at times out after `cli.SHUTDOWN_TIMEOUT_S` (60 s; JAX's default of 300 s left both
+  hosts there for over 5 minutes), and JAX's coordination service then ends both."""
+  (tmp_path / 'run' / 'metrics.jsonl').mkdir(parents=True)
+  # One device per host: the step's collectives then use the gloo context that the hosts'
+  # earlier agreements set up. (With two, setting up a new one times out after 30 s and ends
+  # process 1 with an error of its own, whatever the shutdown timeout.)
+  processes = start_hosts([*HOSTS_FLAGS, f'--workdir={tmp_path / "run"}'], devices=1)
+  outputs = finish(processes, timeout=200)  # Raises TimeoutExpired where the hosts hang on.
+  assert all(p.returncode != 0 for p in processes)
+  assert 'metrics.jsonl' in outputs[0][1]  # Process 0 reported its own failure first.
