@@ -1,5 +1,6 @@
-"""Several hosts act as one: they stop together, restore the same checkpoint, and resume on
-another layout (elastic resume) where the interrupted run would have gone.
+"""Several hosts act as one: they stop together, restore the same checkpoint, resume on
+another layout (elastic resume) where the interrupted run would have gone, and end together
+when one of them fails alone.
 
 Several hosts are run_train.py processes on 127.0.0.1 joined by `jax.distributed` (gloo);
 several devices are CPU devices. Dropout is on, so its draws must not depend on the layout.
@@ -113,11 +114,11 @@ def test_hosts_stopped_by_sigterm_resume_to_the_uninterrupted_result(sigterm_to_
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
 
 
-@pytest.mark.slow  # About 90 s of waiting for JAX's shutdown timeout: `python -m pytest -m slow`.
+@pytest.mark.slow  # About 70 s, mostly the shutdown timeout: `python -m pytest -m slow`.
 def test_a_host_that_fails_alone_in_the_step_loop_ends_every_host_within_the_shutdown_timeout(
     tmp_path):
-  """Process 0 fails at its first metrics write (the file is a folder) while process 1 goes
-  on into the next step's collective, which never completes. The shutdown barrier process 0
+  """Process 0 fails opening its metrics file (a folder here) while process 1 goes on into
+  the first step's collective, which never completes. The shutdown barrier process 0
   waits at times out after `cli.SHUTDOWN_TIMEOUT_S` (60 s; JAX's default of 300 s left both
   hosts there for over 5 minutes), and JAX's coordination service then ends both."""
   (tmp_path / 'run' / 'metrics.jsonl').mkdir(parents=True)
