@@ -326,7 +326,14 @@ def test_a_full_disk_at_save_time_is_one_line_and_keeps_the_previous_checkpoint(
 
 
 def test_a_full_disk_at_export_time_is_a_clear_error_and_the_rerun_writes_the_export(small_disk):
-  workdir = small_disk('1150k') / 'run'  # Room for both checkpoints, not the export.
+  """A finished run whose export is gone (as after a stop between the last checkpoint and the
+  export) is rerun on a disk left with 64 KB free: too little for the export (about 200 KB),
+  enough for what the rerun writes before it."""
+  workdir = small_disk('4m') / 'run'
+  train.train_and_evaluate(load_config('tiny_test'), str(workdir))
+  shutil.rmtree(workdir / 'export')
+  disk = os.statvfs(workdir)
+  small_disk(f'{(disk.f_blocks - disk.f_bfree) * disk.f_frsize // 1024 + 64}k')
   with pytest.raises(UserError, match=r'could not write the export in .*export \(the disk is '
                      r'full\); the checkpoint at step 20 holds the trained parameters\. '):
     train.train_and_evaluate(load_config('tiny_test'), str(workdir))
