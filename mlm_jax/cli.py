@@ -35,9 +35,9 @@ def quiet_libraries() -> None:
   import transformers  # pylint: disable=import-outside-toplevel
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
   absl_logging.set_verbosity(absl_logging.ERROR)
-  absl_logger = absl_logging.get_absl_logger()
-  if not any(isinstance(f, _OrbaxTracebacks) for f in absl_logger.filters):
-    absl_logger.addFilter(_OrbaxTracebacks())
+  for logger in (absl_logging.get_absl_logger(), logging.getLogger('asyncio')):
+    if not any(isinstance(f, _OrbaxTracebacks) for f in logger.filters):
+      logger.addFilter(_OrbaxTracebacks())
   if sys.unraisablehook is not _ignore_closed_loop:
     _ignore_closed_loop.default = sys.unraisablehook
     sys.unraisablehook = _ignore_closed_loop
@@ -45,10 +45,12 @@ def quiet_libraries() -> None:
 
 
 class _OrbaxTracebacks(logging.Filter):
-  """Drops the tracebacks orbax logs for a failed save. It logs the failure of each thread of
-  an asynchronous save with its traceback (a full disk: seven of them, 350 lines), then raises
-  the same failure in the main thread, where the entry points report it as one line. Its other
-  logged failures (an old checkpoint that could not be deleted) are not raised, and stay."""
+  """Drops the tracebacks logged for a failed save. Orbax logs the failure of each thread of
+  an asynchronous save with its traceback (a full disk: seven of them, 350 lines), and asyncio
+  its write tasks whose failure nobody awaited ('Task exception was never retrieved'), while
+  orbax raises the same failure in the main thread, where the entry points report it as one
+  line. Orbax's other logged failures (an old checkpoint it could not delete) are not raised
+  again, and stay."""
   RAISED_AGAIN = ('/orbax/checkpoint/_src/futures/future.py',
                   '/orbax/checkpoint/_src/checkpointers/async_checkpointer.py',
                   '/orbax/checkpoint/checkpoint_manager.py',
@@ -56,7 +58,11 @@ class _OrbaxTracebacks(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     where = record.pathname.replace(os.sep, '/')
-    return not (record.exc_info and where.endswith(self.RAISED_AGAIN))
+    if record.exc_info and where.endswith(self.RAISED_AGAIN):
+      return False
+    message = record.getMessage()
+    unawaited = message.startswith('Task exception was never retrieved')
+    return not (record.name == 'asyncio' and unawaited and '/orbax/' in message)
 
 
 def _ignore_closed_loop(unraisable) -> None:

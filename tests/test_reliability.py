@@ -407,15 +407,26 @@ def test_hosts_waiting_for_process_zero_stop_when_it_fails_instead_of_waiting_fo
       ['None', 'UserError: process 0 failed (see its error)']]
 
 
-@pytest.mark.parametrize('orbax_file, shown', [
-    ('_src/futures/future.py', False),  # A save thread's failure, raised again in the main one.
-    ('_src/path/storage_backend.py', True),  # 'Failed to remove checkpoint': not raised again.
+_UNAWAITED = ('Task exception was never retrieved\nfuture: <Task finished coro=<{}() done, '
+              'defined at /site-packages/{}.py:126> exception=ValueError()>')
+
+
+@pytest.mark.parametrize('logger, path, message, shown', [
+    # A save thread's failure, raised again in the main thread.
+    ('absl', '/site-packages/orbax/checkpoint/_src/futures/future.py', 'failed', False),
+    # 'Failed to remove checkpoint': not raised again.
+    ('absl', '/site-packages/orbax/checkpoint/_src/path/storage_backend.py', 'failed', True),
+    # An orbax write task whose failure the save raised; another library's such task.
+    ('asyncio', '/asyncio/base_events.py',
+     _UNAWAITED.format('async_serialize_from_host', 'orbax/checkpoint/_src/serialization'), False),
+    ('asyncio', '/asyncio/base_events.py', _UNAWAITED.format('fetch', 'aiohttp/client'), True),
 ])
-def test_the_command_line_hides_only_the_orbax_tracebacks_it_reports_itself(orbax_file, shown):
-  """The filter `cli.quiet_libraries` installs on absl's logger (which orbax logs through)."""
+def test_the_command_line_hides_only_the_save_tracebacks_it_reports_itself(logger, path, message,
+                                                                          shown):
+  """The filter `cli.quiet_libraries` installs on absl's logger (which orbax logs through) and
+  asyncio's."""
   try:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
   except OSError:
-    record = logging.LogRecord('absl', logging.ERROR, f'/site-packages/orbax/checkpoint/'
-                               f'{orbax_file}', 1, 'failed', None, sys.exc_info())
+    record = logging.LogRecord(logger, logging.ERROR, path, 1, message, None, sys.exc_info())
   assert bool(cli._OrbaxTracebacks().filter(record)) == shown  # pylint: disable=protected-access
