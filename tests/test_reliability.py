@@ -300,27 +300,19 @@ def small_disk(tmp_path):
     subprocess.run(['umount', str(mount_point)], check=False)
 
 
-def _run_tiny(workdir) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, str(ROOT / 'run_train.py'), TINY, f'--workdir={workdir}'],
-                        cwd=ROOT, capture_output=True, text=True, timeout=_HANG_S, check=False)
-
-
-def _assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:
-  """Exit status 2 and, besides tqdm's progress ('train: ... [00:06<'), one line on stderr:
-  the error, matching `pattern`."""
-  assert result.returncode == 2
-  lines = [line for line in result.stderr.splitlines()
-           if line.strip() and not re.match(r'\w+: .*\[\d\d:\d\d', line)]
-  assert len(lines) == 1, result.stderr[-3000:]
-  assert re.fullmatch(pattern, lines[0])
-
-
 def test_a_full_disk_at_save_time_is_one_line_and_keeps_the_previous_checkpoint(small_disk):
   """The command line, not just the library: orbax's save threads log their failures with
   tracebacks (seven on a full disk), which the entry point must not show."""
   workdir = small_disk('900k') / 'run'  # Room for the run's files and one checkpoint, not two.
-  _assert_one_line_error(_run_tiny(workdir), r'error: could not write the checkpoint at step 20 '
-                         r'.*\(the disk is full\); the checkpoint at step 10 is intact\. .*')
+  result = subprocess.run([sys.executable, str(ROOT / 'run_train.py'), TINY,
+                           f'--workdir={workdir}'], cwd=ROOT, capture_output=True, text=True,
+                          timeout=_HANG_S, check=False)
+  assert result.returncode == 2
+  not_progress = [line for line in result.stderr.splitlines()  # tqdm's: 'train: ... [00:06<'
+                  if line.strip() and not re.match(r'\w+: .*\[\d\d:\d\d', line)]
+  assert len(not_progress) == 1, result.stderr[-3000:]
+  assert re.fullmatch(r'error: could not write the checkpoint at step 20 .*\(the disk is full\); '
+                      r'the checkpoint at step 10 is intact\. .*', not_progress[0])
   predictor = infer.load_predictor(str(workdir))  # The step-10 checkpoint restores.
   assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(predictor.params))
 
