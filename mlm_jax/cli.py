@@ -12,9 +12,10 @@ from typing import Callable, NoReturn, TypeVar
 
 import jax
 
+from mlm_jax import errors
 from mlm_jax import preemption
 from mlm_jax import validation
-from mlm_jax.errors import UserError, first_line, is_disk_full
+from mlm_jax.errors import UserError
 
 T = TypeVar('T')
 
@@ -103,10 +104,9 @@ def run_user_facing(fn: Callable[[], T]) -> T:
     print(str(e), file=sys.stderr, flush=True)
     sys.exit(e.exit_code)
   except Exception as e:  # pylint: disable=broad-except
-    if not is_disk_full(e):
+    if not errors.is_disk_full(e):
       raise
-    fail(f'a disk is full ({type(e).__name__}: {first_line(e)}); free disk space and rerun the '
-         'same command')
+    fail(f'a disk is full ({errors.described(e)}); free disk space and rerun the same command')
 
 
 def _flag_value(argv: list[str], name: str) -> str | None:
@@ -241,7 +241,7 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
   except UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f'could not join {what} ({type(e).__name__}: {first_line(e)}); check '
+    raise UserError(f'could not join {what} ({errors.described(e)}); check '
                     'that jax.distributed can start here (before any JAX computation), or '
                     'pass --coordinator_address, --num_processes and --process_id') from None
 

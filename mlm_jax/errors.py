@@ -18,6 +18,11 @@ def first_line(error: BaseException) -> str:
   return text.splitlines()[0] if text else type(error).__name__
 
 
+def described(error: BaseException) -> str:
+  """'Type: first line of the message', what a one-line error quotes of the error behind it."""
+  return f'{type(error).__name__}: {first_line(error)}'
+
+
 def is_disk_full(error: BaseException) -> bool:
   """Whether `error`, or an error that caused it, is a write to a full disk: an `OSError` with
   ENOSPC, or a library's error that quotes the system's message (tensorstore, safetensors)."""
@@ -34,4 +39,4 @@ def reason(error: BaseException) -> str:
   """What went wrong, for a one-line error: 'the disk is full', else the type and first line."""
   if is_disk_full(error):
     return 'the disk is full'
-  return f'{type(error).__name__}: {first_line(error)}'
+  return described(error)

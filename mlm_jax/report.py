@@ -3,8 +3,8 @@
 import jax
 
 from mlm_jax import checkpoint
+from mlm_jax import errors
 from mlm_jax import storage
-from mlm_jax.errors import first_line
 
 
 def log(message: str) -> None:
@@ -47,6 +47,6 @@ def push_to_hub(export_dir: str, repo_id: str) -> None:
       huggingface_hub.upload_folder(repo_id=repo_id, folder_path=local)
     log(f'Pushed {export_dir} to https://huggingface.co/{repo_id}')
   except Exception as e:  # pylint: disable=broad-except
-    log(f'push_to_hub failed ({type(e).__name__}: {first_line(e)}); '
+    log(f'push_to_hub failed ({errors.described(e)}); '
         f'the export is saved in {export_dir}: upload it later with '
         f'`huggingface-cli upload {repo_id} {export_dir}`')

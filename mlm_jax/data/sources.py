@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import grain
 from etils import epath
 
+from mlm_jax import errors
 from mlm_jax import storage
 from mlm_jax.errors import UserError, first_line
 
@@ -137,7 +138,7 @@ def _read_error(files: list[str], builder: str) -> Callable[[Exception], UserErr
     if where:
       return UserError(f'{where}; fix or remove that line')
     return UserError(f'could not read {", ".join(files)} as {builder} '
-                     f'({type(e).__name__}: {first_line(e)}); '
+                     f'({errors.described(e)}); '
                      'check the file format and --config.split')
   return describe
 
@@ -340,7 +341,7 @@ def load_corpus(config, log: Callable[[str], None] = print) -> Corpus:
   else:
     raw = load_hub_dataset(source['name'], source['config'], name, log)
     on_error = lambda e: UserError(f'could not read dataset {source["name"]!r} '
-                                   f'({type(e).__name__}: {first_line(e)})')
+                                   f'({errors.described(e)})')
   ranges = selected_ranges(config.split, count_examples(raw, on_error))
   num_examples = sum(stop - start for start, stop in ranges)
   if num_examples < 2:
