@@ -156,8 +156,9 @@ def encode(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
 def iter_fill_mask(predictor: Predictor, texts: Sequence[str], top_k: int = 5,
                    targets: Sequence[str] | str | None = None,
                    batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[list[list[dict]]]:
-  """`fill_mask`'s results one text at a time, as each batch of `batch_size` texts is done:
-  memory stays bounded by the batch, whatever the number of texts."""
+  """`fill_mask`'s results one text at a time, a window of `batch_size * SORTED_BATCHES` texts
+  at a time: the fills held are one window's, whatever the number of texts (the texts are all
+  tokenized and checked before the first batch runs)."""
   if top_k < 1:
     raise UserError(f'top_k={top_k} must be at least 1')
   if batch_size < 1:

@@ -49,4 +49,4 @@ def push_to_hub(export_dir: str, repo_id: str) -> None:
   except Exception as e:  # pylint: disable=broad-except
     log(f'push_to_hub failed ({errors.described(e)}); '
         f'the export is saved in {export_dir}: upload it later with '
-        f'`huggingface-cli upload {repo_id} {export_dir}`')
+        f'`hf upload {repo_id} {export_dir}`')  # huggingface_hub's command since its 1.0.

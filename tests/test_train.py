@@ -9,8 +9,10 @@ and the closing hub upload's failure path.
 Step-level numbers are in test_steps.py, the optimizer in test_optim.py.
 """
 
+import importlib.metadata
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -248,6 +250,19 @@ def test_push_to_hub_failure_is_one_line_and_keeps_the_export(trained, capsys):
   assert len(lines) == 1 and lines[0].startswith('push_to_hub failed')
   assert f'the export is saved in {export}' in lines[0]
   assert sorted(os.listdir(export)) == before
+
+
+def test_push_to_hub_failure_names_a_command_the_installed_hub_library_provides(trained, capsys):
+  """The upload it suggests is a console script of the installed huggingface_hub (its 1.0
+  removed `huggingface-cli`), given the repo id and the export folder."""
+  _, workdir, _ = trained
+  export = os.path.join(workdir, 'export')
+  report.push_to_hub(export, 'someone/tiny-mlm')
+  command = re.findall(r'`([^`]+)`', capsys.readouterr().out)[-1].split()  # The line's last.
+  scripts = {e.name for e in importlib.metadata.distribution('huggingface_hub').entry_points
+             if e.group == 'console_scripts'}
+  assert command[0] in scripts
+  assert command[-2:] == ['someone/tiny-mlm', export]
 
 
 def test_plot_writes_curves_png(trained):
