@@ -77,8 +77,8 @@ def _matches(pattern: str) -> list[str]:
     raise UserError(f'data file {pattern!r}: `**` is not supported in a bucket; use one `*` '
                     'per folder level, or list the folders comma-separated') from None
   except OSError as e:  # No such bucket, no permission: gcsfs' errors are OSErrors.
-    raise UserError(f'data file {pattern!r} cannot be listed ({type(e).__name__}: '
-                    f'{first_line(e)}); check the bucket name and your access to it') from None
+    raise UserError(f'data file {pattern!r} cannot be listed ({errors.described(e)}); '
+                    'check the bucket name and your access to it') from None
 
 
 def _builder_for(files: list[str]) -> str:
