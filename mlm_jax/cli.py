@@ -182,15 +182,30 @@ def fail(message: str) -> NoReturn:
   sys.exit(2)
 
 
+# `_cluster_env`'s answer where jax's private cluster detection is not there as expected.
+_DETECTION_UNAVAILABLE = object()
+
+
 def _cluster_env():
   """The cluster JAX's own detection recognises here (SLURM, Open MPI, Cloud TPU, ...), if any.
 
   The same checks, in the same order, as `jax.distributed.initialize()` without
-  arguments; JAX has no public API that only detects.
+  arguments. JAX has no public API that only detects: `initialize()` detects and joins in
+  one call, and aborts the whole process where the coordinator it finds does not answer,
+  which `_wait_for_coordinator` turns into one line first. So this reads the private
+  `jax._src.clusters`, guarded: where a jax release changes it, one line says so and
+  `_DETECTION_UNAVAILABLE` sends the caller to `initialize()`'s own detection.
   """
-  from jax._src import clusters  # pylint: disable=import-outside-toplevel
-  return next((env for env in clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
-               if not env.opt_in_only_method and env.is_env_present()), None)
+  try:
+    from jax._src import clusters  # pylint: disable=import-outside-toplevel
+    return next((env for env in clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
+                 if not env.opt_in_only_method and env.is_env_present()), None)
+  except Exception as e:  # pylint: disable=broad-except
+    print(f'note: jax {jax.__version__} has changed the private cluster detection this '
+          f'package reads ({errors.described(e)}); jax.distributed.initialize() detects the '
+          'cluster itself, without the check that its coordinator answers',
+          file=sys.stderr, flush=True)
+    return _DETECTION_UNAVAILABLE
 
 
 def _wait_for_coordinator(address: str, timeout_s: int) -> None:
@@ -228,6 +243,9 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
   env = None if explicit else _cluster_env()
   if not explicit and env is None:
     return  # A single-process run.
+  if env is _DETECTION_UNAVAILABLE:
+    _initialize_as_detected(timeout_s)
+    return
   what = 'the coordinator given by the flags' if explicit else f'the {env.__name__} JAX detected'
   try:
     if env is not None:
@@ -244,6 +262,20 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
     raise UserError(f'could not join {what} ({errors.described(e)}); check '
                     'that jax.distributed can start here (before any JAX computation), or '
                     'pass --coordinator_address, --num_processes and --process_id') from None
+
+
+def _initialize_as_detected(timeout_s: int) -> None:
+  """`jax.distributed.initialize()` with its own cluster detection; no cluster found (its
+  ValueError asking for a coordinator address) is a single-process run."""
+  try:
+    jax.distributed.initialize(initialization_timeout=timeout_s,
+                               shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
+  except ValueError:
+    return
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f'could not join the cluster jax.distributed detected '
+                    f'({errors.described(e)}); pass --coordinator_address, --num_processes '
+                    'and --process_id') from None
 
 
 def train(config, workdir: str | None, coordinator_address: str | None = None,

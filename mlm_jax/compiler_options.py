@@ -18,9 +18,18 @@ at the program's boundary (`compiler_options=`), so they reach every caller of
 part of the persistent compilation cache's key. They take precedence over `XLA_FLAGS`
 for the two options they name. Other platforms get none: their compilers need not know
 XLA:CPU's options.
+
+XLA's options come and go between jaxlib releases (0.11.1 dropped
+`xla_cpu_use_fusion_emitters`), and one the installed jaxlib lacks fails every compile
+(`jax.jit`'s `compiler_options`) or aborts the process (`XLA_FLAGS`). Each option is
+therefore probed once, by compiling a one-operation program with it, and passed only
+where the installed jaxlib accepts it (`accepted`).
 """
 
+import functools
 import types
+
+import jax
 
 _CPU = types.MappingProxyType({
     'xla_cpu_prefer_vector_width': 512,
@@ -29,8 +38,26 @@ _CPU = types.MappingProxyType({
 
 
 def for_platform(platform: str) -> dict:
-  """The options for a program compiled for `platform` ('cpu', 'gpu', 'tpu', ...)."""
-  return dict(_CPU) if platform == 'cpu' else {}
+  """The options for a program compiled for `platform` ('cpu', 'gpu', 'tpu', ...) that the
+  installed jaxlib knows."""
+  return accepted(_CPU) if platform == 'cpu' else {}
+
+
+def accepted(options) -> dict:
+  """Those of `options` (XLA option name -> value) that the installed XLA accepts, probed on
+  the default backend."""
+  return {name: value for name, value in options.items() if _accepts(name, value)}
+
+
+@functools.cache
+def _accepts(name: str, value) -> bool:
+  try:
+    jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(1.0).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if 'No such compile option' in str(e) or name in str(e):
+      return False
+    raise
+  return True
 
 
 def for_mesh(mesh) -> dict:

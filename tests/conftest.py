@@ -1,8 +1,10 @@
 """Shared fixtures: the tiny test config, caches isolated in a temporary folder, a GCS emulator."""
 
 import importlib.util
+import json
 import os
 import pathlib
+import pkgutil
 import shutil
 import socket
 import subprocess
@@ -28,19 +30,54 @@ os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
 # The tests compile hundreds of small programs and run each a few times: LLVM's optimisation
 # of the CPU code costs more than it saves (test_steps.py: 81 s with it, 46 s without), and
-# XLA:CPU's newer fusion emitters take longer to compile than its older ones (test_steps.py
-# 49 s -> 38 s, test_cpu_speed.py 36 s -> 25 s, one core). Comparisons between runs are
-# unaffected: both sides of each are compiled alike, and the golden fixtures' tolerances hold
-# (test_goldens.py compiled this way already). Subprocesses inherit these flags.
-for _flag in ('--xla_backend_optimization_level=0', '--xla_cpu_use_fusion_emitters=false'):
-  if _flag.split('=')[0] not in os.environ.get('XLA_FLAGS', ''):
-    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
+# XLA:CPU's older fusion emitters, where the installed jaxlib still has them (0.11.1 dropped
+# them), compile faster than its newer ones (test_steps.py 49 s -> 38 s, test_cpu_speed.py
+# 36 s -> 25 s, one core). Comparisons between runs are unaffected: both sides of each are
+# compiled alike, and the golden fixtures' tolerances hold (test_goldens.py compiles so).
+# Subprocesses inherit these flags.
+_SPEED_OPTIONS = {'xla_backend_optimization_level': 0, 'xla_cpu_use_fusion_emitters': False}
+
+
+def _known_xla_options(options: dict) -> list[str]:
+  """The names of `options` that the installed jaxlib knows. An XLA_FLAGS entry it lacks
+  aborts every process that starts jax, so they are probed first as compile options (an
+  unknown one is an exception there), in a child process: this one's XLA_FLAGS must be set
+  before jax starts. Once for the run: the workers inherit the answer."""
+  if 'MLM_JAX_TEST_XLA_OPTIONS' not in os.environ:
+    probe = ('import json, sys; from mlm_jax import compiler_options; '
+             'print(json.dumps(list(compiler_options.accepted(json.loads(sys.argv[1])))))')
+    result = subprocess.run([sys.executable, '-c', probe, json.dumps(options)], check=True,
+                            capture_output=True, text=True, timeout=300,
+                            cwd=pathlib.Path(__file__).resolve().parent.parent)
+    os.environ['MLM_JAX_TEST_XLA_OPTIONS'] = result.stdout.strip().splitlines()[-1]
+  return json.loads(os.environ['MLM_JAX_TEST_XLA_OPTIONS'])
+
+
+for _name in _known_xla_options(_SPEED_OPTIONS):
+  if f'--{_name}=' not in os.environ.get('XLA_FLAGS', ''):
+    _value = str(_SPEED_OPTIONS[_name]).lower()
+    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} --{_name}={_value}".strip()
 
 import jax  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `configs.*` imports, as run_train.py allows.
+
+
+def _own_modules() -> list[str]:
+  """The project's module names, and `__main__` (run_train.py, run_infer.py, `python -c`)."""
+  package = [m.name for m in pkgutil.walk_packages([str(ROOT / 'mlm_jax')], 'mlm_jax.')]
+  return ['__main__', 'mlm_jax', *package]
+
+
+# setup.cfg makes a deprecated call from the project's own code an error in the tests; the same
+# for the processes they start, whose -W filters name each module (their module field is a
+# literal name, not a pattern).
+_OWN_WARNINGS = ','.join(f'error::DeprecationWarning:{name}' for name in _own_modules())
+if _OWN_WARNINGS not in os.environ.get('PYTHONWARNINGS', ''):
+  os.environ['PYTHONWARNINGS'] = ','.join(
+      filter(None, [os.environ.get('PYTHONWARNINGS'), _OWN_WARNINGS]))
 
 
 # pytest-xdist (`-n`, setup.cfg) hands out whole modules (the scheduler below), so a module's

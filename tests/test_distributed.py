@@ -68,3 +68,20 @@ def test_a_detected_cluster_that_cannot_be_joined_is_a_one_line_error(tmp_path):
   assert result.stderr.strip().count('\n') == 0
   assert 'coordinator (process 0) at 127.0.0.1:' in result.stderr
   assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_a_jax_without_its_private_cluster_detection_says_so_in_one_line_and_runs():
+  """Where a jax release changes the private `jax._src.clusters` the CLI reads (here its
+  module is made unimportable, as a rename would), a machine without a cluster still runs as
+  one process, after one line, not a traceback; `jax.distributed.initialize()` detects
+  clusters itself."""
+  probe = ('import sys, jax, jax._src; del jax._src.clusters; '
+           'sys.modules["jax._src.clusters"] = None; '
+           'from mlm_jax import cli; cli.initialize_distributed(None, None, None); '
+           'print(jax.process_count())')
+  result = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, env=cluster_env(1),
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == ['1']
+  assert result.stderr.strip().count('\n') == 0
+  assert 'private cluster detection' in result.stderr

@@ -109,7 +109,7 @@ def test_entry_points_set_the_policy_before_jax_starts_where_it_computes_on_cpu(
   arenas first), and leave the allocator alone where JAX will compute on an accelerator."""
   told_cuda, told_cpu = _in_a_fresh_process('''
       import jax
-      from jax._src import xla_bridge
+      from jax._src import xla_bridge  # No public API tells whether the backend started.
       from mlm_jax import host_memory
       from tests.test_host_memory import faults_of_a_fresh_block
       jax.config.update('jax_platforms', 'cuda')

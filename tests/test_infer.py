@@ -306,8 +306,10 @@ def test_same_padded_shape_reuses_the_compiled_forward(predictor):
 
 
 def test_fill_mask_is_compiled_with_the_cpu_options(predictor, monkeypatch):
-  """An option XLA does not know makes compiling fail: seen, it reached the compiler."""
+  """An option XLA does not know makes compiling fail: seen, it reached the compiler (past
+  the probe that would drop it)."""
   monkeypatch.setattr(compiler_options, '_CPU', {'not_an_xla_option': 1})
+  monkeypatch.setattr(compiler_options, 'accepted', dict)
   fresh = infer.Predictor(predictor.model, predictor.params, predictor.tokenizer)
   with pytest.raises(jax.errors.JaxRuntimeError, match='not_an_xla_option'):
     infer.fill_mask(fresh, ['The sky is <mask> blue.'])
