@@ -17,7 +17,6 @@ import ml_collections
 import optax
 
 from mlm_jax import infer
-from mlm_jax import masking
 from mlm_jax import model as model_lib
 from mlm_jax import run as run_lib
 from mlm_jax import sharding
@@ -44,7 +43,7 @@ def evaluate_model(config: ml_collections.ConfigDict, model: str, step: int | No
   # compiled, and needs no real optimizer.
   steps = steps_lib.compile_steps(
       predictor.model, optax.identity(), optax.constant_schedule(0.0),
-      masking.spec_from_config(predictor.tokenizer, config), config.seed, sharding.make_mesh(),
+      run_lib.masking_spec(config, predictor.tokenizer), config.seed, sharding.make_mesh(),
       sep_id=run_lib.document_separator(config, predictor.tokenizer))
   test = prepared.blocks.test
   figures = steps_lib.evaluate(steps, predictor.params, test, run_lib.eval_batch_size(config),
