@@ -19,7 +19,8 @@ from configs import default
 from tests import test_docs_commands
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DOCS = [ROOT / 'README.md', ROOT / 'BENCHMARKS.md'] + sorted((ROOT / 'docs').glob('*.md'))
+DOCS = ([ROOT / 'README.md', ROOT / 'BENCHMARKS.md', ROOT / 'benchmarks' / 'README.md']
+        + sorted((ROOT / 'docs').glob('*.md')))
 # The pages the other pages must reach: one per topic.
 TOPICS = ('configs', 'data', 'masking', 'models', 'long_context', 'domain_adaptation',
           'scoring', 'multihost', 'reliability', 'performance')
