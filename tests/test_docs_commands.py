@@ -36,8 +36,8 @@ TINY = ('--config.num_train_steps=4 --config.eval_every_steps=2 --config.log_eve
 
 # (pattern of the command, why it cannot run here), first match wins.
 SKIPS = (
-    (r'^pip install', 'installs packages into the environment (.ci/run installs the test extra)'),
     (r'python -m pytest', 'the test suite itself (.ci/run runs it)'),
+    (r'^pip install', 'installs packages into the environment (.ci/run installs the test extra)'),
     (r'^gcloud ', 'needs Google Cloud: a TPU VM or a bucket'),
     (r'^srun ', 'needs a SLURM cluster'),
     (r'^export ', 'sets the shell\'s environment for the commands after it'),
@@ -77,7 +77,8 @@ def doc_commands(pages=PAGES) -> list[Command]:
   """The commands of the ```sh blocks of `pages`, in order."""
   commands = []
   for page in pages:
-    for block in re.findall(r'^```sh\n(.*?)^```', page.read_text(), re.S | re.M):
+    # Fences may be indented (inside a numbered list).
+    for block in re.findall(r'^[ \t]*```sh\n(.*?)^[ \t]*```', page.read_text(), re.S | re.M):
       for line in block.replace('\\\n', ' ').splitlines():
         line = re.sub(r'\s+#.*$', '', re.sub(r'\s+', ' ', line)).strip()  # No comment.
         if line and not line.startswith('#'):
@@ -156,7 +157,7 @@ def test_the_docs_command_runs_as_written(command, scratch):
   how = plan(command)
   assert how is not None, f'neither run nor skipped: {command}'
   if how.skip:
-    pytest.skip(how.skip)
+    pytest.skip(f'{how.skip}: {command}')
   env = dict(os.environ, PYTHONPATH=f'{ROOT}{os.pathsep}{os.environ.get("PYTHONPATH", "")}',
              HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
   result = subprocess.run(['bash', '-c', how.run.replace('python ', f'{sys.executable} ', 1)],
