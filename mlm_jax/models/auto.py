@@ -70,7 +70,8 @@ class FlaxAutoModelForMaskedLM:
   >>> directory = tempfile.mkdtemp()
   >>> model.save_pretrained(directory)  # model.safetensors under PyTorch's names, config.json
   >>> again = FlaxAutoModelForMaskedLM.from_pretrained(directory)
-  >>> bool(np.allclose(again(ids, params=again.params).logits, model(ids, params=model.params).logits))
+  >>> reloaded = again(ids, params=again.params).logits
+  >>> bool(np.allclose(reloaded, model(ids, params=model.params).logits))
   True
   """
 
