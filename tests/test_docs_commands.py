@@ -8,10 +8,10 @@ no hub is needed, tiny local stand-ins for the hub ids the docs use (a folder
 sample), plus `my_data/*.jsonl` and `texts.txt`. Transformers, datasets and this package all
 read a local folder before the hub, so the commands' own words resolve to them.
 
-Training, preparing and evaluating get `TINY` appended (later flags win): a few steps of
-short blocks, so that the whole page runs in minutes on 2 cores. Commands that cannot run
-here are skipped by name, with the reason (`SKIPS`); `tests/test_docs.py` fails on a command
-that is neither run nor skipped.
+Training, preparing and evaluating get `TINY` appended where the command leaves a key unset,
+and `CAPPED` always (the later flag wins): a few steps of short blocks, so that every page
+runs in minutes on 2 cores. Commands that cannot run here are skipped by name, with the
+reason (`SKIPS`); `tests/test_docs.py` fails on a command that is neither run nor skipped.
 """
 
 import dataclasses
@@ -28,11 +28,13 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGES = [ROOT / 'README.md'] + sorted((ROOT / 'docs').glob('*.md'))
 
-# Appended to every command that takes a config: 4 steps of 4 rows of 32 tokens.
-TINY = ('--config.num_train_steps=4 --config.eval_every_steps=2 --config.log_every_steps=2 '
-        '--config.checkpoint_every_steps=2 --config.per_device_batch_size=4 '
-        '--config.eval_batch_size=8 --config.max_eval_blocks=16 --config.num_proc=1 '
-        "--config.split='train[:80]' --config.block_size=32 --config.tokenizer_vocab_size=400")
+# Appended to every command that takes a config, where the command does not set the key
+# itself: 4 steps of 4 rows. The tiny stand-in models have few positions, so `block_size` is
+# set whatever the command says (its 8192 tokens become 32).
+TINY = dict(num_train_steps='4', eval_every_steps='2', log_every_steps='2',
+            checkpoint_every_steps='2', per_device_batch_size='4', eval_batch_size='8',
+            max_eval_blocks='16', num_proc='1', split="'train[:80]'", tokenizer_vocab_size='400')
+CAPPED = dict(block_size='32')
 
 # (pattern of the command, why it cannot run here), first match wins.
 SKIPS = (
@@ -96,7 +98,10 @@ def plan(command: Command) -> Plan | None:
     return Plan(skip=f'{module.group(1)} is not in this tree yet')
   if not _RUNS.match(command.text):
     return None
-  return Plan(run=command.text + (' ' + TINY if _TAKES_CONFIG.match(command.text) else ''))
+  if not _TAKES_CONFIG.match(command.text):
+    return Plan(run=command.text)
+  extra = {k: v for k, v in TINY.items() if f'--config.{k}=' not in command.text} | CAPPED
+  return Plan(run=' '.join([command.text] + [f'--config.{k}={v}' for k, v in extra.items()]))
 
 
 # ----------------------------------------------------------------------------
