@@ -246,16 +246,16 @@ def torch_saved_model(directory: pathlib.Path, torch) -> None:
   PyTorch transformers."""
   import infer as infer_benchmark  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
-  from mlm_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+  from mlm_jax import validation  # pylint: disable=import-outside-toplevel
   from mlm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   tokenizer = tokenizer_lib.train_bpe_tokenizer(
       infer_benchmark.sample_answers(), infer_benchmark.TOKENIZER_VOCAB,
-      model_max_length=model_lib.SCRATCH_MAX_LENGTH)
+      model_max_length=validation.SCRATCH_MAX_LENGTH)
   shape = infer_benchmark.SHAPES['distilroberta-base']
   config = transformers.RobertaConfig(
       vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
       num_attention_heads=shape.heads, intermediate_size=shape.intermediate,
-      max_position_embeddings=model_lib.SCRATCH_MAX_LENGTH + tokenizer.pad_token_id + 1,
+      max_position_embeddings=validation.SCRATCH_MAX_LENGTH + tokenizer.pad_token_id + 1,
       type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=tokenizer.pad_token_id,
       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
   torch.manual_seed(SEED)

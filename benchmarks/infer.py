@@ -45,6 +45,7 @@ from mlm_jax import cli
 from mlm_jax.data import sources
 from mlm_jax import infer
 from mlm_jax import model as model_lib
+from mlm_jax import validation
 from mlm_jax.data import tokenizer as tokenizer_lib
 from mlm_jax.models import FlaxAutoModelForMaskedLM
 
@@ -126,12 +127,12 @@ def varied_mask_texts(answers: Sequence[str], count: int, fewest: int, most: int
 
 def fresh_predictor(shape: ModelShape, answers: Sequence[str]) -> infer.Predictor:
   tokenizer = tokenizer_lib.train_bpe_tokenizer(answers, TOKENIZER_VOCAB,
-                                                model_max_length=model_lib.SCRATCH_MAX_LENGTH)
+                                                model_max_length=validation.SCRATCH_MAX_LENGTH)
   config = transformers.RobertaConfig(
       vocab_size=shape.vocab or len(tokenizer), hidden_size=shape.hidden,
       num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
       intermediate_size=shape.intermediate,
-      max_position_embeddings=model_lib.SCRATCH_MAX_LENGTH + tokenizer.pad_token_id + 1,
+      max_position_embeddings=validation.SCRATCH_MAX_LENGTH + tokenizer.pad_token_id + 1,
       type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=tokenizer.pad_token_id,
       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
   model = FlaxAutoModelForMaskedLM.from_config(config, seed=SEED)

@@ -85,6 +85,7 @@ from mlm_jax import model as model_lib
 from mlm_jax import optim
 from mlm_jax import sharding
 from mlm_jax import steps as steps_lib
+from mlm_jax import validation
 from mlm_jax.data import tokenizer as tokenizer_lib
 from mlm_jax.models import FlaxAutoModelForMaskedLM
 from mlm_jax.models import layers
@@ -230,7 +231,7 @@ def roberta_config(shape: Shape) -> transformers.RobertaConfig:
   return transformers.RobertaConfig(
       vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
       num_attention_heads=shape.heads, intermediate_size=shape.intermediate,
-      max_position_embeddings=model_lib.SCRATCH_MAX_LENGTH + 2,  # After pad id 1, as RoBERTa.
+      max_position_embeddings=validation.SCRATCH_MAX_LENGTH + 2,  # After pad id 1, as RoBERTa.
       type_vocab_size=1, layer_norm_eps=1e-5, bos_token_id=0, pad_token_id=1, eos_token_id=2)
 
 

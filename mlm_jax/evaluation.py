@@ -17,7 +17,6 @@ import ml_collections
 import optax
 
 from mlm_jax import infer
-from mlm_jax import masking
 from mlm_jax import model as model_lib
 from mlm_jax import run as run_lib
 from mlm_jax import sharding
@@ -31,7 +30,36 @@ def evaluate_model(config: ml_collections.ConfigDict, model: str, step: int | No
                    log: Callable[[str], None] = print) -> dict:
   """The eval figures (`metrics.summarize_eval`'s, and `eval_blocks`) of `model` (a
   training workdir, at `step` or its latest checkpoint; an HF-format directory; a hub
-  id) on `config`'s test split, computed in `config.dtype`."""
+  id) on `config`'s test split, computed in `config.dtype`.
+
+  A tiny untrained RoBERTa saved in HF format (no hub), evaluated on the held-out part of
+  the sample that ships with the package, as `configs/default.py` has it (run from the
+  repository's root, where `configs` is):
+
+  >>> import tempfile
+  >>> import transformers
+  >>> from configs import default
+  >>> from mlm_jax import evaluation
+  >>> from mlm_jax.data import tokenizer as tokenizer_lib
+  >>> from mlm_jax.models import FlaxAutoModelForMaskedLM
+  >>> directory = tempfile.mkdtemp()
+  >>> tokenizer = tokenizer_lib.train_bpe_tokenizer(
+  ...     ['the sky is blue', 'the sea is blue', 'grass is green'] * 20, vocab_size=300,
+  ...     model_max_length=64)
+  >>> _ = tokenizer.save_pretrained(directory)
+  >>> config = transformers.RobertaConfig(
+  ...     vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+  ...     intermediate_size=32, max_position_embeddings=66, pad_token_id=tokenizer.pad_token_id)
+  >>> FlaxAutoModelForMaskedLM.from_config(config, seed=0).save_pretrained(directory)
+  >>> run_config = default.get_config()
+  >>> run_config.block_size, run_config.split = 32, 'train[:40]'
+  >>> run_config.cache_dir = tempfile.mkdtemp()
+  >>> figures = evaluation.evaluate_model(run_config, directory, log=lambda message: None)
+  >>> sorted(figures)
+  ['eval_accuracy', 'eval_blocks', 'eval_loss', 'eval_masked_tokens', 'eval_perplexity']
+  >>> bool(figures['eval_perplexity'] > 1)
+  True
+  """
   validation.validate_config(config)
   predictor = infer.load_predictor(model, step, dtype=model_lib.compute_dtype(config.dtype),
                                    attention_impl=config.attention_impl)
@@ -44,7 +72,7 @@ def evaluate_model(config: ml_collections.ConfigDict, model: str, step: int | No
   # compiled, and needs no real optimizer.
   steps = steps_lib.compile_steps(
       predictor.model, optax.identity(), optax.constant_schedule(0.0),
-      masking.spec_from_config(predictor.tokenizer, config), config.seed, sharding.make_mesh(),
+      run_lib.masking_spec(config, predictor.tokenizer), config.seed, sharding.make_mesh(),
       sep_id=run_lib.document_separator(config, predictor.tokenizer))
   test = prepared.blocks.test
   figures = steps_lib.evaluate(steps, predictor.params, test, run_lib.eval_batch_size(config),

@@ -192,7 +192,30 @@ def fill_mask(predictor: Predictor, texts: Sequence[str], top_k: int = 5,
               batch_size: int = DEFAULT_BATCH_SIZE) -> list[list[list[dict]]]:
   """For each text, for each mask in it: the top-k fills, best first.
 
-  Each fill is a dict with the pipeline's keys: score, token, token_str, sequence.
+  Each fill is a dict with the pipeline's keys: score, token, token_str, sequence. With a
+  tiny untrained RoBERTa and a tokenizer trained on the spot (no hub; `load_predictor` loads
+  a workdir, an export or a hub id instead), one text with one mask:
+
+  >>> import transformers
+  >>> from mlm_jax import infer
+  >>> from mlm_jax.data import tokenizer as tokenizer_lib
+  >>> from mlm_jax.models import FlaxAutoModelForMaskedLM
+  >>> tokenizer = tokenizer_lib.train_bpe_tokenizer(
+  ...     ['the sky is blue', 'the sea is blue', 'grass is green'] * 20, vocab_size=300,
+  ...     model_max_length=64)
+  >>> config = transformers.RobertaConfig(
+  ...     vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+  ...     intermediate_size=32, max_position_embeddings=66, pad_token_id=tokenizer.pad_token_id)
+  >>> model = FlaxAutoModelForMaskedLM.from_config(config, seed=0)
+  >>> predictor = infer.Predictor(model, model.params, tokenizer)
+  >>> fills = infer.fill_mask(predictor, ['the sky is <mask>'], top_k=3)
+  >>> len(fills), len(fills[0]), len(fills[0][0])  # texts, masks in the text, fills
+  (1, 1, 3)
+  >>> sorted(fills[0][0][0])
+  ['score', 'sequence', 'token', 'token_str']
+  >>> scores = [fill['score'] for fill in fills[0][0]]
+  >>> scores == sorted(scores, reverse=True)
+  True
   """
   return list(iter_fill_mask(predictor, texts, top_k, targets, batch_size))
 

@@ -21,7 +21,8 @@ Two schemes (`config.masking`):
     Which tokens start a word is a property of the token id alone (byte-level BPE: a
     leading `Ġ`, or another whitespace byte such as the newline's `Ċ`; SentencePiece: a
     leading `▁`; WordPiece: not a `##` continuation), so `word_start_table` reads it
-    once from the vocabulary and the step gathers it. A
+    once from the vocabulary (`data/tokenizer.py`, which knows the conventions; this
+    module knows no tokenizer files) and the step gathers it. A
     block's first token and the token after a special token (a document's first word
     has no leading `Ġ`) also start a word: a word cut by a block boundary is a word in
     each block.
@@ -42,16 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlm_jax.data import tokenizer as tokenizer_lib
 from mlm_jax.errors import UserError
 
 SCHEMES = ('token', 'whole_word')
-# The subword conventions whose word boundaries the vocabulary shows: (the marker that
-# identifies the convention, the prefixes of the tokens it marks, whether those tokens start
-# a word or continue one). Byte-level BPE spells whitespace bytes as Ġ (space), Ċ (newline),
-# ĉ (tab), č (carriage return), ċ and Č: a token that begins with any of them starts a word.
-_CONVENTIONS = (('Ġ', ('Ġ', 'Ċ', 'ĉ', 'č', 'ċ', 'Č'), True), ('▁', ('▁',), True),
-                ('##', ('##',), False))
 
 
 def check_probability(probability: float) -> None:
@@ -116,48 +110,29 @@ class MaskingSpec:
     return np.unpackbits(packed, count=self.vocab_size).astype(bool)
 
 
-def _tokenizer_name(tokenizer) -> str:
-  return tokenizer.name_or_path or type(tokenizer).__name__
-
-
-def word_start_table(tokenizer) -> np.ndarray:
-  """bool [len(tokenizer)]: True for the ids that begin a word (special and added tokens too).
-
-  The convention (`Ġ`, `▁` or `##`) is the one most of the vocabulary follows; a tokenizer
-  that follows none is a `UserError`.
-  """
-  tokens = [t or '' for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
-  counts = [sum(t.startswith(marker) and len(t) > len(marker) for t in tokens)
-            for marker, _, _ in _CONVENTIONS]
-  if max(counts) == 0:
-    raise UserError(
-        f'tokenizer {_tokenizer_name(tokenizer)!r} shows no word boundaries in its vocabulary '
-        '(no Ġ or ▁ word starts, no ## continuations), so masking=whole_word cannot find '
-        'words; use --config.masking=token')
-  _, prefixes, marks_start = _CONVENTIONS[int(np.argmax(counts))]
-  table = np.array([t.startswith(prefixes) == marks_start for t in tokens], bool)
-  table[list(tokenizer.all_special_ids) + list(tokenizer.get_added_vocab().values())] = True
-  return table
+def special_ids(tokenizer) -> tuple[int, ...]:
+  """Ids that masking must never choose nor draw as random replacements."""
+  return tuple(sorted(set(tokenizer.all_special_ids)))
 
 
 def masking_spec(tokenizer, probability: float, *, scheme: str = 'token',
-                 mask_replace_prob: float = 0.8, random_replace_prob: float = 0.1) -> MaskingSpec:
+                 mask_replace_prob: float = 0.8, random_replace_prob: float = 0.1,
+                 word_start_table: np.ndarray | None = None) -> MaskingSpec:
+  """The spec for `tokenizer` (any object with `mask_token_id`, `all_special_ids` and a
+  length). `whole_word` needs `word_start_table`, bool [len(tokenizer)], True for the ids
+  that begin a word: `data.tokenizer.word_start_table` reads it from the vocabulary."""
   check_scheme(scheme)
-  word_starts = (np.packbits(word_start_table(tokenizer)).tobytes()
+  if scheme == 'whole_word' and word_start_table is None:
+    raise ValueError('whole_word masking needs the word-start table '
+                     '(data.tokenizer.word_start_table)')
+  word_starts = (np.packbits(np.asarray(word_start_table, bool)).tobytes()
                  if scheme == 'whole_word' else b'')
   return MaskingSpec(mask_token_id=tokenizer.mask_token_id,
-                     special_ids=tokenizer_lib.special_token_ids(tokenizer),
+                     special_ids=special_ids(tokenizer),
                      vocab_size=len(tokenizer), probability=probability,
                      mask_replace_prob=mask_replace_prob,
                      random_replace_prob=random_replace_prob, scheme=scheme,
                      word_starts=word_starts)
-
-
-def spec_from_config(tokenizer, config) -> MaskingSpec:
-  """The run's masking: `masking`, `mlm_probability`, `mask_replace_prob`, `random_replace_prob`."""
-  return masking_spec(tokenizer, config.mlm_probability, scheme=config.masking,
-                      mask_replace_prob=config.mask_replace_prob,
-                      random_replace_prob=config.random_replace_prob)
 
 
 def special_tokens_mask(ids: jax.Array, special_ids: Sequence[int]) -> jax.Array:

@@ -7,13 +7,11 @@ from typing import Callable
 import jax.numpy as jnp
 import transformers
 
-from mlm_jax import report
 from mlm_jax import validation
 from mlm_jax.errors import UserError
 from mlm_jax.models import FlaxAutoModelForMaskedLM
 
 DTYPES = {name: getattr(jnp, name) for name in validation.DTYPE_NAMES}
-SCRATCH_MAX_LENGTH = 512  # Tokens per text of a model trained from scratch, as RoBERTa's.
 
 
 def compute_dtype(name: str):
@@ -23,7 +21,8 @@ def compute_dtype(name: str):
 
 def scratch_model_config(config, tokenizer) -> transformers.RobertaConfig:
   """A RoBERTa config for training from scratch, sized to the tokenizer."""
-  kwargs = dict(max_position_embeddings=SCRATCH_MAX_LENGTH + tokenizer.pad_token_id + 1,
+  positions = validation.SCRATCH_MAX_LENGTH + tokenizer.pad_token_id + 1  # After the pad id.
+  kwargs = dict(max_position_embeddings=positions,
                 type_vocab_size=1, layer_norm_eps=1e-5)
   kwargs.update(config.model_config.to_dict())
   return transformers.RobertaConfig(
@@ -31,12 +30,14 @@ def scratch_model_config(config, tokenizer) -> transformers.RobertaConfig:
       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs)
 
 
-def create_model(config, tokenizer) -> FlaxAutoModelForMaskedLM:
-  """The model in `config.dtype` for computation; its parameters stay float32."""
+def create_model(config, tokenizer,
+                 log: Callable[[str], None] = print) -> FlaxAutoModelForMaskedLM:
+  """The model in `config.dtype` for computation; its parameters stay float32. `log` takes
+  the loader's one-line notices (a fresh head for a bare encoder): the loop passes its own."""
   kwargs = dict(dtype=compute_dtype(config.dtype), seed=config.seed,
                 attention_impl=config.attention_impl)
   if config.model_name_or_path:
-    model = FlaxAutoModelForMaskedLM.from_pretrained(config.model_name_or_path, log=report.log,
+    model = FlaxAutoModelForMaskedLM.from_pretrained(config.model_name_or_path, log=log,
                                                      **kwargs)
   else:
     # No parameters yet: `steps.init_train_state` creates them sharded, on the devices.

@@ -57,8 +57,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   The config is validated already (`train.train_and_evaluate` does it first).
   """
   tokenizer, blocks = prepare_data(config, workdir)
-  spec = masking.spec_from_config(tokenizer, config)
-  model = model_lib.create_model(config, tokenizer)
+  spec = masking_spec(config, tokenizer)
+  model = model_lib.create_model(config, tokenizer, log=report.log)
   model_lib.check_block_size(config.block_size, model.config)
   tokenizer.model_max_length = min(tokenizer.model_max_length,
                                    model_lib.max_block_size(model.config))
@@ -77,9 +77,20 @@ def tokenizer_check(config: ml_collections.ConfigDict) -> Callable[[Any], None]:
   """What `preparation.prepare` runs on the tokenizer before tokenizing: a masking or
   attention scope that the tokenizer cannot serve fails fast."""
   def check(tokenizer) -> None:
-    masking.spec_from_config(tokenizer, config)
+    masking_spec(config, tokenizer)
     document_separator(config, tokenizer)
   return check
+
+
+def masking_spec(config: ml_collections.ConfigDict, tokenizer) -> masking.MaskingSpec:
+  """The run's masking: `masking`, `mlm_probability`, `mask_replace_prob`,
+  `random_replace_prob`; for whole words, the tokenizer's word-start table."""
+  table = (tokenizer_lib.word_start_table(tokenizer) if config.masking == 'whole_word'
+           else None)
+  return masking.masking_spec(tokenizer, config.mlm_probability, scheme=config.masking,
+                              mask_replace_prob=config.mask_replace_prob,
+                              random_replace_prob=config.random_replace_prob,
+                              word_start_table=table)
 
 
 def eval_batch_size(config: ml_collections.ConfigDict) -> int:

@@ -13,6 +13,9 @@ ATTENTION_IMPLS = ('xla', 'cudnn')  # jax.nn.dot_product_attention's (see models
 LR_SCHEDULES = ('linear', 'cosine', 'wsd')  # See optim.make_schedule.
 WSD_DECAYS = ('1-sqrt', 'linear')  # The decay of lr_schedule='wsd' (optim.WSD_DECAYS).
 ATTENTION_SCOPES = ('block', 'document')  # See steps.document_ids.
+# Tokens per text of a model trained from scratch, as RoBERTa's: its tokenizer's
+# model_max_length (data/preparation.py) and its positions (model.py) agree on it.
+SCRATCH_MAX_LENGTH = 512
 _AT_LEAST_ONE = ('block_size', 'per_device_batch_size', 'grad_accum_steps', 'eval_batch_size',
                  'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                  'keep_checkpoints', 'num_proc', 'max_nonfinite_steps', 'fsdp',

@@ -335,7 +335,7 @@ def test_trained_tokenizer_has_robertas_special_token_ids(tokenizer):
   assert ids == {'<s>': 0, '<pad>': 1, '</s>': 2, '<unk>': 3, '<mask>': 4}
   assert (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id,
           tokenizer.unk_token_id, tokenizer.mask_token_id) == (0, 1, 2, 3, 4)
-  assert tokenizer_lib.special_token_ids(tokenizer) == (0, 1, 2, 3, 4)
+  assert masking.special_ids(tokenizer) == (0, 1, 2, 3, 4)
   assert len(tokenizer) == 300
 
 

@@ -19,9 +19,9 @@ import transformers
 from mlm_jax import checkpoint
 from mlm_jax import evaluation
 from mlm_jax import infer
-from mlm_jax import masking
 from mlm_jax import metric_writers
 from mlm_jax import train
+from mlm_jax.data import tokenizer as tokenizer_lib
 from mlm_jax.errors import UserError
 from tests import tiny_models
 from tests.conftest import load_config
@@ -75,7 +75,7 @@ def test_the_recipe_trains_a_local_modernbert(run):
 def test_whole_word_masking_finds_the_words_of_its_byte_level_tokenizer(run):
   _, workdir, _ = run
   tokenizer = infer.load_predictor(workdir).tokenizer
-  starts = masking.word_start_table(tokenizer)
+  starts = tokenizer_lib.word_start_table(tokenizer)
   ids = tokenizer(' the sky is blue')['input_ids']
   pieces = tokenizer.convert_ids_to_tokens(ids)
   assert [bool(starts[i]) for i in ids] == [p.startswith('Ġ') or p in tiny_models.MODERNBERT_SPECIALS for p in pieces]

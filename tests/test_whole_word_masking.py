@@ -81,7 +81,8 @@ def continues_word(tokenizer, ids: np.ndarray) -> np.ndarray:
 
 
 def whole_word_spec(tokenizer, probability=0.15, **kwargs) -> masking.MaskingSpec:
-  return masking.masking_spec(tokenizer, probability, scheme='whole_word', **kwargs)
+  return masking.masking_spec(tokenizer, probability, scheme='whole_word',
+                              word_start_table=tokenizer_lib.word_start_table(tokenizer), **kwargs)
 
 
 _mask_tokens = jax.jit(masking.mask_tokens, static_argnames='spec')
@@ -99,7 +100,7 @@ def mask(spec, ids: np.ndarray, seed: int):
 
 
 def test_the_first_piece_of_every_word_starts_it_and_the_others_continue(tokenizer, texts):
-  table = masking.word_start_table(tokenizer)
+  table = tokenizer_lib.word_start_table(tokenizer)
   assert table.shape == (len(tokenizer),)
   words = {w for text in texts[:100] for w in text.lower().split() if w.isalpha()}
   long_words = 0
@@ -117,12 +118,12 @@ def test_byte_level_bpe_words_start_at_whitespace_bytes_too(texts):
   ids = tokenizer('The sky.\n\n\tIt is blue', add_special_tokens=False)['input_ids']
   assert tokenizer.convert_ids_to_tokens(ids) == [
       'The', 'Ġsky', '.', 'Ċ', 'Ċ', 'ĉ', 'It', 'Ġis', 'Ġblue']
-  assert masking.word_start_table(tokenizer)[ids].tolist() == [
+  assert tokenizer_lib.word_start_table(tokenizer)[ids].tolist() == [
       False, True, False, True, True, True, False, True, True]
 
 
 def test_special_tokens_start_words(tokenizer):
-  assert masking.word_start_table(tokenizer)[tokenizer.all_special_ids].all()
+  assert tokenizer_lib.word_start_table(tokenizer)[tokenizer.all_special_ids].all()
 
 
 def test_sentencepiece_word_starts_are_read_from_the_vocabulary(texts):
@@ -132,7 +133,7 @@ def test_sentencepiece_word_starts_are_read_from_the_vocabulary(texts):
   tokenizer = transformers.PreTrainedTokenizerFast(
       tokenizer_object=unigram._tokenizer,  # pylint: disable=protected-access
       pad_token='<pad>', mask_token='<mask>')
-  table = masking.word_start_table(tokenizer)
+  table = tokenizer_lib.word_start_table(tokenizer)
   ids = tokenizer(' photosynthesis happens', add_special_tokens=False)['input_ids']
   tokens = tokenizer.convert_ids_to_tokens(ids)
   assert len(tokens) > 2, tokens
@@ -229,7 +230,7 @@ def test_word_boundaries_are_transformers_whole_word_boundaries(tokenizer, padde
   theirs = collator_masks(offset_collator(tokenizer, 0.5), with_offsets, draws=40)
   separate = (theirs[:, :, 1:] != theirs[:, :, :-1]).any(axis=0)
   special = np.isin(ids, tokenizer.all_special_ids)
-  ours = masking.word_starts(ids, special, masking.word_start_table(tokenizer), xp=np)[:, 1:]
+  ours = masking.word_starts(ids, special, tokenizer_lib.word_start_table(tokenizer), xp=np)[:, 1:]
   pairs = ~special[:, 1:] & ~special[:, :-1]
   assert pairs.sum() > 5000 and 0.05 < 1 - separate[pairs].mean() < 0.5  # Both occur.
   np.testing.assert_array_equal(ours[pairs], separate[pairs])
@@ -284,7 +285,7 @@ def word_level_tokenizer(texts: list[str]) -> transformers.PreTrainedTokenizerFa
 def test_a_tokenizer_without_word_boundaries_is_a_one_line_user_error(texts):
   tokenizer = word_level_tokenizer(texts[:100])
   with pytest.raises(UserError) as error:
-    masking.masking_spec(tokenizer, 0.15, scheme='whole_word')
+    tokenizer_lib.word_start_table(tokenizer)
   message = str(error.value)
   assert '\n' not in message
   assert f"tokenizer '{type(tokenizer).__name__}' shows no word boundaries" in message

@@ -25,8 +25,8 @@ from etils import epath
 
 from mlm_jax.data import block_store
 from mlm_jax.data import sources
-from mlm_jax import model as model_lib
 from mlm_jax import storage
+from mlm_jax import validation
 from mlm_jax.data import tokenizer as tokenizer_lib
 from mlm_jax.errors import UserError
 
@@ -84,7 +84,7 @@ def _scratch_tokenizer_dir(config, source: dict) -> epath.Path:
   return cache_root(config) / 'tokenizers' / _key(
       {**source, 'vocab_size': config.tokenizer_vocab_size,
        'max_texts': config.tokenizer_train_max_texts,
-       'model_max_length': model_lib.SCRATCH_MAX_LENGTH})
+       'model_max_length': validation.SCRATCH_MAX_LENGTH})
 
 
 # ----------------------------------------------------------------------------
@@ -205,7 +205,7 @@ def _train_scratch_tokenizer(config, source: dict, corpus: sources.Corpus,
       'train texts')
   tokenizer = tokenizer_lib.train_bpe_tokenizer(
       corpus.train_texts(limit), config.tokenizer_vocab_size,
-      model_max_length=model_lib.SCRATCH_MAX_LENGTH)
+      model_max_length=validation.SCRATCH_MAX_LENGTH)
   with block_store.new_folder(directory.parent, log) as folder:
     storage.save_with(tokenizer.save_pretrained, folder)
   block_store.commit(folder, {'kind': 'tokenizer', 'source': source}, directory)

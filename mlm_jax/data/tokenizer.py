@@ -8,6 +8,7 @@ tokenizer trained from scratch sees a bounded, streamed sample of the train text
 
 from typing import Iterable
 
+import numpy as np
 import tokenizers
 import transformers
 from etils import epath
@@ -96,6 +97,31 @@ def pretrained_tokenizer(config) -> transformers.PreTrainedTokenizerBase | None:
   return load_pretrained_tokenizer(name) if name else None
 
 
-def special_token_ids(tokenizer: transformers.PreTrainedTokenizerBase) -> tuple[int, ...]:
-  """Ids that masking must never choose nor draw as random replacements."""
-  return tuple(sorted(set(tokenizer.all_special_ids)))
+# The subword conventions whose word boundaries the vocabulary shows: (the marker that
+# identifies the convention, the prefixes of the tokens it marks, whether those tokens start
+# a word or continue one). Byte-level BPE spells whitespace bytes as Ġ (space), Ċ (newline),
+# ĉ (tab), č (carriage return), ċ and Č: a token that begins with any of them starts a word.
+_CONVENTIONS = (('Ġ', ('Ġ', 'Ċ', 'ĉ', 'č', 'ċ', 'Č'), True), ('▁', ('▁',), True),
+                ('##', ('##',), False))
+
+
+def word_start_table(tokenizer: transformers.PreTrainedTokenizerBase) -> np.ndarray:
+  """bool [len(tokenizer)]: True for the ids that begin a word (special and added tokens too).
+
+  What whole-word masking gathers from (`masking.masking_spec`). The convention (`Ġ`, `▁`
+  or `##`) is the one most of the vocabulary follows; a tokenizer that follows none is a
+  `UserError`.
+  """
+  tokens = [t or '' for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
+  counts = [sum(t.startswith(marker) and len(t) > len(marker) for t in tokens)
+            for marker, _, _ in _CONVENTIONS]
+  if max(counts) == 0:
+    name = tokenizer.name_or_path or type(tokenizer).__name__
+    raise UserError(
+        f'tokenizer {name!r} shows no word boundaries in its vocabulary '
+        '(no Ġ or ▁ word starts, no ## continuations), so masking=whole_word cannot find '
+        'words; use --config.masking=token')
+  _, prefixes, marks_start = _CONVENTIONS[int(np.argmax(counts))]
+  table = np.array([t.startswith(prefixes) == marks_start for t in tokens], bool)
+  table[list(tokenizer.all_special_ids) + list(tokenizer.get_added_vocab().values())] = True
+  return table

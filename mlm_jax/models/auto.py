@@ -51,7 +51,29 @@ def config_from_dict(config_dict: dict, where: str) -> transformers.PretrainedCo
 
 
 class FlaxAutoModelForMaskedLM:
-  """A masked LM of any supported family (see `registry.FAMILIES`)."""
+  """A masked LM of any supported family (see `registry.FAMILIES`).
+
+  Built from a transformers config (here a tiny BERT: no hub, no download), called on token
+  ids, saved in HF format and loaded back (`from_pretrained` takes hub ids too):
+
+  >>> import tempfile
+  >>> import numpy as np
+  >>> import transformers
+  >>> from mlm_jax.models import FlaxAutoModelForMaskedLM
+  >>> config = transformers.BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1,
+  ...                                  num_attention_heads=2, intermediate_size=32)
+  >>> model = FlaxAutoModelForMaskedLM.from_config(config, seed=0)
+  >>> ids = np.array([[2, 15, 4, 3]])
+  >>> logits = model(ids, attention_mask=np.ones_like(ids), params=model.params).logits
+  >>> logits.shape
+  (1, 4, 100)
+  >>> directory = tempfile.mkdtemp()
+  >>> model.save_pretrained(directory)  # model.safetensors under PyTorch's names, config.json
+  >>> again = FlaxAutoModelForMaskedLM.from_pretrained(directory)
+  >>> reloaded = again(ids, params=again.params).logits
+  >>> bool(np.allclose(reloaded, model(ids, params=model.params).logits))
+  True
+  """
 
   def __init__(self, config: transformers.PretrainedConfig, params: Any = None,
                dtype: Any = jnp.float32, seed: int = 0, attention_impl: str = 'xla'):
