@@ -284,11 +284,17 @@ def read_texts(texts: list[str], input_file: str | None,
 
 
 def fill_mask(model: str, texts: list[str], input_file: str | None, top_k: int,
-              targets: list[str] | None, step: int | None, batch_size: int):
-  """(texts, an iterator of their fills) for the run_infer.py entry point."""
+              targets: list[str] | None, step: int | None, batch_size: int,
+              targets_by_pll: bool = False):
+  """(texts, an iterator of their fills) for the run_infer.py entry point; with
+  `targets_by_pll`, targets of several pieces are scored whole (`infer.iter_fill_targets_by_pll`)."""
   from mlm_jax import infer  # pylint: disable=import-outside-toplevel
   texts = read_texts(texts, input_file)
+  if targets_by_pll and not targets:
+    raise UserError('--targets_by_pll scores the --targets; pass --targets=WORD,WORD')
   predictor = infer.load_predictor(model, step)
+  if targets_by_pll:
+    return texts, infer.iter_fill_targets_by_pll(predictor, texts, targets, top_k)
   return texts, infer.iter_fill_mask(predictor, texts, top_k, targets, batch_size)
 
 

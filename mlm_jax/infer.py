@@ -193,6 +193,58 @@ def iter_fill_mask(predictor: Predictor, texts: Sequence[str], top_k: int = 5,
     yield from (fills[index] for index in range(len(fills)))
 
 
+def target_pieces(tokenizer, target: str) -> list[int]:
+  """A target's ids: the token itself where the vocabulary has it, else all its pieces."""
+  id_ = tokenizer.get_vocab().get(target)
+  return [id_] if id_ is not None else tokenizer(target, add_special_tokens=False)['input_ids']
+
+
+def iter_fill_targets_by_pll(predictor: Predictor, texts: Sequence[str], targets: Sequence[str],
+                             top_k: int = 5,
+                             batch_size: int = DEFAULT_SCORE_BATCH_SIZE
+                             ) -> Iterator[list[list[dict]]]:
+  """`iter_fill_mask` with `targets` of several pieces scored whole: each target's pieces
+  put in the mask's place and their PLL summed (`within_word_l2r`: a piece is predicted
+  with the target's later pieces masked, so the score is the model's pseudo-probability of
+  the whole word there); `score` is exp(PLL), and for a one-piece target exactly the
+  probability `fill_mask` gives it. Each text has one mask. Fills have the pipeline's keys
+  and `tokens`, the target's ids (`token` is its first)."""
+  if top_k < 1:
+    raise UserError(f'top_k={top_k} must be at least 1')
+  tokenizer = predictor.tokenizer
+  max_length = model_lib.max_block_size(predictor.model.config)
+  encoded = encode(tokenizer, texts, max_length)
+  pieces = {target: target_pieces(tokenizer, target) for target in dict.fromkeys(targets)}
+  pieces = {target: ids for target, ids in pieces.items() if ids}
+  if not pieces:
+    raise UserError(f'none of the targets {list(targets)} has a token; pass words with --targets')
+  filled = []  # (text index, target, ids, mask index): each text, each target in the mask's place.
+  for number, ids in enumerate(encoded):
+    at = np.flatnonzero(np.asarray(ids) == tokenizer.mask_token_id)
+    if len(at) != 1:
+      raise UserError(f'text {number + 1} has {len(at)} masks; scoring targets by PLL takes '
+                      f'texts with one {USER_MASK}')
+    for target, target_ids in pieces.items():
+      sequence = ids[:at[0]] + target_ids + ids[at[0] + 1:]
+      if len(sequence) > max_length:
+        raise UserError(f'text {number + 1} with the target {target!r} has {len(sequence)} '
+                        f'tokens; the model takes at most {max_length}: shorten it')
+      filled.append((number, target, sequence, int(at[0])))
+  def sequences():
+    for _, target, sequence, start in filled:
+      scored = np.zeros(len(sequence), bool)
+      scored[start:start + len(pieces[target])] = True
+      words = np.where(scored, 0, scoring.NO_WORD).astype(np.int32)  # The target: one word.
+      yield scoring.Encoded(np.asarray(sequence, np.int32), scored, words)
+  scores = iter_scores(predictor, sequences(), 'within_word_l2r', batch_size)
+  for _, group in itertools.groupby(zip(filled, scores), key=lambda item: item[0][0]):
+    fills = [{'score': float(np.exp(score.pll)), 'token': pieces[target][0],
+              'tokens': pieces[target], 'token_str': tokenizer.decode(pieces[target]),
+              'sequence': tokenizer.decode(sequence, skip_special_tokens=True)}
+             for (_, target, sequence, _), score in group]
+    yield [sorted(fills, key=lambda fill: -fill['score'])[:top_k]]
+
+
 def fill_mask(predictor: Predictor, texts: Sequence[str], top_k: int = 5,
               targets: Sequence[str] | str | None = None,
               batch_size: int = DEFAULT_BATCH_SIZE) -> list[list[list[dict]]]:

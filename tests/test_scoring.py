@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -106,6 +107,49 @@ def test_bad_input_is_one_user_error_naming_it(texts, variant, message):
   tokenizer = tokenizer_lib.load_pretrained_tokenizer(str(PLL_DIR / 'tokenizer_bert'))
   with pytest.raises(UserError, match=message):
     scoring.encode_texts(tokenizer, texts, max_length=14, variant=variant)
+
+
+@pytest.fixture(scope='module')
+def bert():
+  return predictor_of('bert')
+
+
+def _plain_loop_target_log_prob(predictor, text: str, pieces: list[int]) -> float:
+  """log P(target) in the mask's place the plain way: for each piece, a copy with it and the
+  later pieces masked through the model's whole forward."""
+  tokenizer = predictor.tokenizer
+  ids = tokenizer(text.replace('<mask>', tokenizer.mask_token))['input_ids']
+  at = ids.index(tokenizer.mask_token_id)
+  filled = np.array(ids[:at] + pieces + ids[at + 1:])
+  total = 0.0
+  for i, piece in enumerate(pieces):
+    copy = filled.copy()
+    copy[at + i:at + len(pieces)] = tokenizer.mask_token_id
+    logits = predictor.model(copy[None], params=predictor.params).logits[0, at + i]
+    total += float(jax.nn.log_softmax(logits)[piece])
+  return total
+
+
+def test_targets_by_pll_score_a_whole_word_and_a_one_piece_one_as_fill_mask_does(bert):
+  text = 'the <mask> sat on the mat.'
+  targets = ['cat', 'dog', 'cats', 'jumpers']  # 1, 1, 2 and 3 pieces.
+  [[fills]] = list(infer.iter_fill_targets_by_pll(bert, [text], targets, top_k=4))
+  by_target = {fill['token_str']: fill for fill in fills}
+  assert sorted(by_target) == sorted(targets)
+  assert [len(by_target[t]['tokens']) for t in targets] == [1, 1, 2, 3]
+  assert by_target['cats']['sequence'] == 'the cats sat on the mat.'
+  assert [f['score'] for f in fills] == sorted((f['score'] for f in fills), reverse=True)
+  [[pipeline_fills]] = infer.fill_mask(bert, [text], top_k=2, targets=['cat', 'dog'])
+  for fill in pipeline_fills:
+    assert by_target[fill['token_str']]['score'] == pytest.approx(fill['score'], rel=1e-5)
+  for target in ('cats', 'jumpers'):
+    expected = _plain_loop_target_log_prob(bert, text, by_target[target]['tokens'])
+    assert math.log(by_target[target]['score']) == pytest.approx(expected, abs=1e-4)
+
+
+def test_targets_by_pll_take_texts_with_one_mask(bert):
+  with pytest.raises(UserError, match='text 2 has 2 masks'):
+    list(infer.iter_fill_targets_by_pll(bert, ['a <mask>', 'the <mask> <mask>'], ['cats']))
 
 
 def test_cli_prints_a_json_line_per_text(tmp_path):
