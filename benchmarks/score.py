@@ -26,6 +26,8 @@ import os
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # Before jax is imported.
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+# `infer` imports transformers, whose notice on a missing torch would precede our own line.
+os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
 
 import argparse  # pylint: disable=wrong-import-position
 import json
