@@ -303,10 +303,7 @@ def score(model: str, texts: list[str], input_file: str | None, variant: str,
   """(texts, an iterator of their `scoring.Score`s) for the `mlm_jax.score` entry point; the
   texts are all read and checked before the model is loaded."""
   from mlm_jax import infer  # pylint: disable=import-outside-toplevel
-  from mlm_jax import scoring  # pylint: disable=import-outside-toplevel
   texts = read_texts(texts, input_file, example='A sentence to score.')
-  scoring.check_variant(variant)
-  if batch_size < 1:
-    raise UserError(f'--batch_size={batch_size} must be at least 1')
+  validation.check_scoring(variant, batch_size)  # Before the model is loaded.
   predictor = infer.load_predictor(model, step)
   return texts, infer.score_texts(predictor, texts, variant, batch_size)

@@ -25,6 +25,7 @@ from mlm_jax import host_memory
 from mlm_jax import model as model_lib
 from mlm_jax import scoring
 from mlm_jax import storage
+from mlm_jax import validation
 from mlm_jax.data import tokenizer as tokenizer_lib
 from mlm_jax.errors import UserError
 from mlm_jax.models import FlaxAutoModelForMaskedLM
@@ -276,9 +277,7 @@ def iter_scores(predictor: Predictor, sequences: Iterable[scoring.Encoded],
   """Each sequence's PLL (see `scoring`), in order: the masked copies of a window of sequences
   (about `batch_size * SORTED_BATCHES` copies) run `batch_size` at a time, copies of one padded
   length together (`length_batches`), so memory stays bounded whatever the number of texts."""
-  scoring.check_variant(variant)
-  if batch_size < 1:
-    raise UserError(f'batch_size={batch_size} must be at least 1')
+  validation.check_scoring(variant, batch_size)
   tokenizer = predictor.tokenizer
   for window in _score_windows(sequences, batch_size * SORTED_BATCHES):
     copies, positions = zip(*(scoring.masked_copies(s, tokenizer.mask_token_id, variant)

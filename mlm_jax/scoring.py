@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlm_jax import validation
 from mlm_jax.errors import UserError
 
-VARIANTS = ('original', 'within_word_l2r')
+VARIANTS = validation.PLL_VARIANTS
 NO_WORD = -1  # The word id of a special token.
 
 
@@ -47,12 +48,6 @@ class Score:
   @property
   def pseudo_perplexity(self) -> float:
     return math.exp(-self.pll / self.tokens)
-
-
-def check_variant(variant: str) -> None:
-  if variant not in VARIANTS:
-    raise UserError(f'variant {variant!r} is not supported; pass --variant= one of '
-                    f'{", ".join(VARIANTS)}')
 
 
 def masked_copies(sequence: Encoded, mask_id: int, variant: str) -> tuple[np.ndarray, np.ndarray]:
@@ -81,7 +76,7 @@ def token_log_probs(params, ids, attention_mask, positions, targets, *, logits_f
 def encode_texts(tokenizer, texts: Sequence[str], max_length: int, variant: str) -> list[Encoded]:
   """Every text's ids, scored tokens (all but the tokenizer's special ones) and words, checked
   before any is run: a bad text 900 fails before text 1 is scored."""
-  check_variant(variant)
+  validation.check_scoring(variant, batch_size=1)
   if variant == 'within_word_l2r' and not tokenizer.is_fast:
     raise UserError('variant within_word_l2r needs word boundaries, which only a fast '
                     'tokenizer (tokenizer.json) gives; pass --variant=original')

@@ -19,6 +19,7 @@ _AT_LEAST_ONE = ('block_size', 'per_device_batch_size', 'grad_accum_steps', 'eva
                  'tokenizer_vocab_size', 'tokenizer_train_max_texts', 'stop_check_every_steps')
 _AT_LEAST_ZERO = ('warmup_steps', 'weight_decay', 'seed', 'max_eval_blocks',
                   'early_stopping_patience')
+PLL_VARIANTS = ('original', 'within_word_l2r')  # See scoring.py.
 KEEP_BEST_BY = ('eval_loss', '')  # The eval losses a best checkpoint can be chosen by; '': none.
 
 
@@ -26,6 +27,15 @@ def check_choice(key: str, value, choices: tuple) -> None:
   if value not in choices:
     raise UserError(f'{key}={value!r} is not supported; set --config.{key} to one of '
                     f'{", ".join(choices)}')
+
+
+def check_scoring(variant: str, batch_size: int) -> None:
+  """The flags of PLL scoring (`mlm_jax.score`, `infer.iter_scores`)."""
+  if variant not in PLL_VARIANTS:
+    raise UserError(f'variant {variant!r} is not supported; pass --variant= one of '
+                    f'{", ".join(PLL_VARIANTS)}')
+  if batch_size < 1:
+    raise UserError(f'batch_size={batch_size} must be at least 1; pass --batch_size=N')
 
 
 def _check_range(config: ml_collections.ConfigDict) -> None:

@@ -21,6 +21,7 @@ import pytest
 
 from mlm_jax import infer
 from mlm_jax import scoring
+from mlm_jax import validation
 from mlm_jax.data import tokenizer as tokenizer_lib
 from mlm_jax.errors import UserError
 from mlm_jax.models import FlaxAutoModelForMaskedLM
@@ -107,6 +108,11 @@ def test_bad_input_is_one_user_error_naming_it(texts, variant, message):
   tokenizer = tokenizer_lib.load_pretrained_tokenizer(str(PLL_DIR / 'tokenizer_bert'))
   with pytest.raises(UserError, match=message):
     scoring.encode_texts(tokenizer, texts, max_length=14, variant=variant)
+
+
+def test_a_batch_of_no_copies_is_refused_in_one_line():
+  with pytest.raises(UserError, match='batch_size=0 must be at least 1; pass --batch_size'):
+    validation.check_scoring('original', 0)
 
 
 @pytest.fixture(scope='module')
