@@ -18,6 +18,10 @@ flags.DEFINE_multi_string('text', [], 'A text with <mask> in it; repeat for seve
 flags.DEFINE_string('input_file', None, 'A UTF-8 file with one text per line.')
 flags.DEFINE_integer('top_k', 5, 'How many fills to give per mask.')
 flags.DEFINE_list('targets', None, 'Score only these words (comma-separated).')
+flags.DEFINE_bool('targets_by_pll', False, 'Score each of --targets whole, all its pieces in '
+                  'the mask\'s place (their pseudo-log-likelihood, within_word_l2r; see '
+                  'docs/scoring.md), rather than by its first piece as the transformers '
+                  'pipeline does. Texts with one <mask>.')
 flags.DEFINE_integer('step', None, 'Checkpoint step of a workdir (default: the latest).')
 flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
 flags.DEFINE_integer('batch_size', 64, 'Texts per forward pass; results print as each batch '
@@ -47,7 +51,8 @@ def main(argv):
   cli.quiet_libraries()
   def fill_and_print():
     texts, fills = cli.fill_mask(FLAGS.model, FLAGS.text, FLAGS.input_file, FLAGS.top_k,
-                                 FLAGS.targets, FLAGS.step, FLAGS.batch_size)
+                                 FLAGS.targets, FLAGS.step, FLAGS.batch_size,
+                                 FLAGS.targets_by_pll)
     _print_fills(texts, fills, FLAGS.json)
   cli.run_user_facing(fill_and_print)
 

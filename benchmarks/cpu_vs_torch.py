@@ -241,9 +241,9 @@ def compare_train(name: str, args: argparse.Namespace, torch) -> dict:
 # Fill-mask.
 
 
-def torch_saved_model(directory: pathlib.Path, torch) -> None:
-  """A random distilroberta-base-size RoBERTa and a sample-trained BPE tokenizer, saved by
-  PyTorch transformers."""
+def torch_saved_model(directory: pathlib.Path, torch, shape: str = 'distilroberta-base') -> None:
+  """A random RoBERTa of `infer.SHAPES[shape]` (distilroberta-base's by default) and a
+  sample-trained BPE tokenizer, saved by PyTorch transformers."""
   import infer as infer_benchmark  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
   from mlm_jax import validation  # pylint: disable=import-outside-toplevel
@@ -251,9 +251,9 @@ def torch_saved_model(directory: pathlib.Path, torch) -> None:
   tokenizer = tokenizer_lib.train_bpe_tokenizer(
       infer_benchmark.sample_answers(), infer_benchmark.TOKENIZER_VOCAB,
       model_max_length=validation.SCRATCH_MAX_LENGTH)
-  shape = infer_benchmark.SHAPES['distilroberta-base']
+  shape = infer_benchmark.SHAPES[shape]
   config = transformers.RobertaConfig(
-      vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+      vocab_size=shape.vocab or len(tokenizer), hidden_size=shape.hidden, num_hidden_layers=shape.layers,
       num_attention_heads=shape.heads, intermediate_size=shape.intermediate,
       max_position_embeddings=validation.SCRATCH_MAX_LENGTH + tokenizer.pad_token_id + 1,
       type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=tokenizer.pad_token_id,

@@ -85,6 +85,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 25
   config.checkpoint_every_steps = 200
   config.keep_checkpoints = 2
+  # Which eval loss picks the best checkpoint ('eval_loss'; '' for none): orbax keeps it beside
+  # the newest `keep_checkpoints`, and the export is of it.
+  config.keep_best_by = 'eval_loss'
+  # Stop after this many evaluations without a lower `keep_best_by` loss (0: never).
+  config.early_stopping_patience = 0
 
   # Sharing, as the guide does with push_to_hub=True.
   config.push_to_hub = False

@@ -8,10 +8,12 @@ import jax
 import tqdm
 
 from mlm_jax import checkpoint
+from mlm_jax import early_stopping
 from mlm_jax.data import input_pipeline
 from mlm_jax import metric_writers
 from mlm_jax import metrics as metrics_lib
 from mlm_jax import preemption
+from mlm_jax import report
 from mlm_jax import sharding
 from mlm_jax import steps as steps_lib
 from mlm_jax.errors import UserError
@@ -25,9 +27,13 @@ class Bookkeeping:
   """The training loop's bookkeeping: logging, evaluation, checkpoints and stop checks."""
 
   def __init__(self, run: Run, steps: steps_lib.Steps, manager,
-               writer: metric_writers.MetricsWriter, schedule_steps: int):
+               writer: metric_writers.MetricsWriter, schedule_steps: int,
+               best: early_stopping.Record | None = None):
     self.run, self.steps, self.manager, self.writer = run, steps, manager, writer
     self.schedule_steps = schedule_steps  # Saved with each checkpoint (see optim.plan_schedule).
+    # The best evaluation and those since (saved with each checkpoint, restored on resume).
+    self.best = best or early_stopping.Record()
+    self.stopped_early = False
     self.bar = tqdm.tqdm(total=run.total_steps, disable=jax.process_index() != 0,
                          desc='train', dynamic_ncols=True)
     self.tokens_per_step = run.global_batch_size * run.config.block_size
@@ -37,23 +43,26 @@ class Bookkeeping:
     self.interval_start, self.interval_steps = time.time(), 0
     self.interval_sums = None  # The first step's sums: they are laid out as every step's.
 
-  def evaluate(self, state: steps_lib.TrainState) -> None:
+  def evaluate(self, state: steps_lib.TrainState) -> dict:
     step = int(sharding.to_host(state.step))
     config = self.run.config
-    self.writer.write(step, steps_lib.evaluate(self.steps, state.params, self.run.blocks.test,
-                                               self.run.eval_batch_size, config.max_eval_blocks,
-                                               config.seed))
+    figures = steps_lib.evaluate(self.steps, state.params, self.run.blocks.test,
+                                 self.run.eval_batch_size, config.max_eval_blocks, config.seed)
+    self.writer.write(step, figures)
+    return figures
 
-  def save(self, state: steps_lib.TrainState) -> None:
-    """Starts saving `state`; a failure (disk full, say) of this or the previous save is a
-    `UserError`, and the newest complete checkpoint stays intact."""
+  def save(self, state: steps_lib.TrainState, metrics: dict | None = None) -> None:
+    """Starts saving `state` (with `metrics`, its evaluation, if it was evaluated); a failure
+    (disk full, say) of this or the previous save is a `UserError`, and the newest complete
+    checkpoint stays intact."""
     step = int(sharding.to_host(state.step))
     cursor = input_pipeline.cursor_at(step, len(self.run.blocks.train),
                                       self.run.global_batch_size)
     with checkpoint.save_errors(self.manager, self.run.workdir, step):
       checkpoint.save(self.manager, step, state,
-                      {**dataclasses.asdict(cursor), 'schedule_steps': self.schedule_steps},
-                      self.run.config_record())
+                      {**dataclasses.asdict(cursor), 'schedule_steps': self.schedule_steps,
+                       'early_stopping': self.best.to_dict()},
+                      self.run.config_record(), metrics)
 
   def check_finite(self, step: int, step_metrics: dict) -> None:
     """Stops after `max_nonfinite_steps` consecutive skipped updates."""
@@ -86,11 +95,26 @@ class Bookkeeping:
                           else _add(self.interval_sums, step_metrics['sums']))  # On the device.
     if step % config.log_every_steps == 0 or last:
       self.log(step, step_metrics)
+    metrics, improved = None, False
     if step % config.eval_every_steps == 0 or last:
-      self.evaluate(state)
-    if step % config.checkpoint_every_steps == 0 or last:
-      self.save(state)
+      figures = self.evaluate(state)
+      if config.keep_best_by:
+        metrics = {config.keep_best_by: figures[config.keep_best_by]}
+        improved = self.best.update(step, metrics[config.keep_best_by])
+        self.stopped_early = self.best.exhausted(config.early_stopping_patience)
+    # A new best is saved whenever it comes, so that the best evaluation has its checkpoint.
+    if step % config.checkpoint_every_steps == 0 or last or improved or self.stopped_early:
+      self.save(state, metrics)
+    if self.stopped_early:
+      self._report_early_stop(step)
     self.bar.update(1)
+
+  def _report_early_stop(self, step: int) -> None:
+    self.bar.clear()
+    best = ('no finite loss yet' if self.best.best_step is None else
+            f'best {self.best.best_loss:.4f} at step {self.best.best_step}')
+    report.log(f'Stopping early at step {step}: the {self.run.config.keep_best_by} has not '
+               f'improved for {self.best.evals_since_best} evaluations ({best})')
 
   def stop(self, state: steps_lib.TrainState, number: int | None) -> None:
     """Saves the state after the step in flight and raises `Stopped` (every host alike:

@@ -17,7 +17,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from orbax.checkpoint.checkpoint_managers import preservation_policy
 
+from mlm_jax import early_stopping
 from mlm_jax import errors
 from mlm_jax import sharding
 from mlm_jax import storage
@@ -30,11 +32,14 @@ RESUMABLE_CHANGES = frozenset({
     'checkpoint_every_steps', 'keep_checkpoints', 'push_to_hub', 'hub_model_id', 'num_proc',
     'cache_dir', 'per_device_batch_size', 'max_nonfinite_steps', 'fsdp', 'max_eval_blocks',
     'tokenizer_train_max_texts', 'replan_schedule', 'stop_check_every_steps',
+    'early_stopping_patience',
     # How the forward is computed, not what: the same parameters and numbers.
     'model_impl', 'attention_impl'})
 # Keys added to the config since earlier releases: a checkpoint that lacks one was made with
 # the behaviour its default keeps.
-ADDED_KEYS = {'wsd_decay_fraction': 0.1, 'wsd_decay': '1-sqrt', 'attention_scope': 'block'}
+ADDED_KEYS = {'wsd_decay_fraction': 0.1, 'wsd_decay': '1-sqrt', 'attention_scope': 'block',
+              # Earlier checkpoints have no metrics: the best is chosen among later ones.
+              'keep_best_by': 'eval_loss'}
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -50,9 +55,22 @@ def export_dir(workdir: str) -> epath.Path:
   return storage.path(workdir) / 'export'
 
 
-def make_manager(workdir: str, keep: int | None, create: bool = True) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
-                                         cleanup_tmp_directories=create)
+def make_manager(workdir: str, keep: int | None, create: bool = True,
+                 best_by: str = '') -> ocp.CheckpointManager:
+  """The run's checkpoints: the newest `keep` (None: all) and, with `best_by` (a metric that
+  `save` is given at evaluations), the one with its lowest value as well, which
+  `manager.best_step()` names; orbax reads the saved metrics back when a run resumes."""
+  if best_by:
+    policy = preservation_policy.AnyPreservationPolicy([
+        preservation_policy.LatestN(n=keep),
+        preservation_policy.BestN(get_metric_fn=lambda metrics: metrics[best_by], reverse=True,
+                                  n=1, keep_checkpoints_without_metrics=False)])
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy, best_fn=lambda metrics: metrics[best_by], best_mode='min',
+        create=create, cleanup_tmp_directories=create)
+  else:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                           cleanup_tmp_directories=create)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers={
       'state': ocp.StandardCheckpointHandler(),
       'data': ocp.JsonCheckpointHandler(),
@@ -60,12 +78,13 @@ def make_manager(workdir: str, keep: int | None, create: bool = True) -> ocp.Che
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_cursor: dict,
-         config_dict: dict) -> None:
-  """Starts an (asynchronous) save; `manager.wait_until_finished()` completes it."""
+         config_dict: dict, metrics: dict | None = None) -> None:
+  """Starts an (asynchronous) save; `manager.wait_until_finished()` completes it. `metrics`:
+  the evaluation of this step's state, which the best checkpoint is chosen by."""
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=ocp.args.JsonSave(data_cursor),
-      config=ocp.args.JsonSave(config_dict)), force=True)
+      config=ocp.args.JsonSave(config_dict)), metrics=metrics, force=True)
 
 
 def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict, dict]:
@@ -106,6 +125,15 @@ def read_metadata(manager: ocp.CheckpointManager, step: int) -> tuple[dict, dict
   restored = manager.restore(step, args=ocp.args.Composite(
       data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
   return restored.data, restored.config
+
+
+def saved_early_stopping(manager: ocp.CheckpointManager, step: int) -> early_stopping.Record:
+  """The best evaluation and the evaluations since it, as the checkpoint at `step` saved
+  them (a fresh record at step 0, or for a checkpoint of an earlier release)."""
+  if step == 0:
+    return early_stopping.Record()
+  cursor, _ = read_metadata(manager, step)
+  return early_stopping.Record.from_dict(cursor.get('early_stopping'))
 
 
 def saved_schedule_steps(manager: ocp.CheckpointManager) -> int | None:

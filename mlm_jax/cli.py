@@ -295,8 +295,10 @@ def train(config, workdir: str | None, coordinator_address: str | None = None,
   return train_lib.train_and_evaluate(config, workdir)
 
 
-def read_texts(texts: list[str], input_file: str | None) -> list[str]:
-  """The --text values, then the lines of --input_file."""
+def read_texts(texts: list[str], input_file: str | None,
+               example: str = '... <mask> ...') -> list[str]:
+  """The --text values, then the lines of --input_file (`example`: a --text for the error
+  when there are none)."""
   texts = list(texts)
   if input_file:
     try:
@@ -309,14 +311,31 @@ def read_texts(texts: list[str], input_file: str | None) -> list[str]:
       raise UserError(f'input file {input_file!r} is not UTF-8 text; re-encode it as UTF-8'
                       ) from None
   if not texts:
-    raise UserError('no text given; pass --text="... <mask> ..." or --input_file=FILE')
+    raise UserError(f'no text given; pass --text="{example}" or --input_file=FILE')
   return texts
 
 
 def fill_mask(model: str, texts: list[str], input_file: str | None, top_k: int,
-              targets: list[str] | None, step: int | None, batch_size: int):
-  """(texts, an iterator of their fills) for the run_infer.py entry point."""
+              targets: list[str] | None, step: int | None, batch_size: int,
+              targets_by_pll: bool = False):
+  """(texts, an iterator of their fills) for the run_infer.py entry point; with
+  `targets_by_pll`, targets of several pieces are scored whole (`infer.iter_fill_targets_by_pll`)."""
   from mlm_jax import infer  # pylint: disable=import-outside-toplevel
   texts = read_texts(texts, input_file)
+  if targets_by_pll and not targets:
+    raise UserError('--targets_by_pll scores the --targets; pass --targets=WORD,WORD')
   predictor = infer.load_predictor(model, step)
+  if targets_by_pll:
+    return texts, infer.iter_fill_targets_by_pll(predictor, texts, targets, top_k)
   return texts, infer.iter_fill_mask(predictor, texts, top_k, targets, batch_size)
+
+
+def score(model: str, texts: list[str], input_file: str | None, variant: str,
+          step: int | None, batch_size: int):
+  """(texts, an iterator of their `scoring.Score`s) for the `mlm_jax.score` entry point; the
+  texts are all read and checked before the model is loaded."""
+  from mlm_jax import infer  # pylint: disable=import-outside-toplevel
+  texts = read_texts(texts, input_file, example='A sentence to score.')
+  validation.check_scoring(variant, batch_size)  # Before the model is loaded.
+  predictor = infer.load_predictor(model, step)
+  return texts, infer.score_texts(predictor, texts, variant, batch_size)

@@ -2,11 +2,12 @@
 config's held-out split, as `trainer.evaluate()` gives them in the Hugging Face guide.
 
     python -m mlm_jax.evaluate --model=WORKDIR|EXPORT_DIR|HUB_ID --config=configs/NAME.py \
-        [--step=N] [--json=PATH] [--config.KEY=VALUE ...]
+        [--step=N] [--json=PATH] [--metric=guide|pll] [--config.KEY=VALUE ...]
 
 The figures are those a training run with the same config records at its evaluations
 (the same blocks and eval masks: see `mlm_jax/evaluation.py`), so a pretrained model
-before fine-tuning, a workdir's checkpoints and its export all compare.
+before fine-tuning, a workdir's checkpoints and its export all compare. `--metric=pll` adds
+the same blocks' pseudo-perplexity (docs/scoring.md), which depends on no random mask.
 """
 
 import os
@@ -30,6 +31,10 @@ _MODEL = flags.DEFINE_string('model', None, 'A training workdir (its latest chec
 _STEP = flags.DEFINE_integer('step', None, 'The checkpoint step of a training workdir '
                              '(default: its latest).')
 _JSON = flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
+_METRIC = flags.DEFINE_enum('metric', 'guide', ['guide', 'pll'], 'guide: the guide\'s '
+                            'perplexity and accuracy under the fixed eval masks; pll: also the '
+                            'same blocks\' pseudo-perplexity, every non-special token masked in '
+                            'turn (docs/scoring.md; one forward pass per token, so slower).')
 
 
 def main(argv) -> None:
@@ -44,7 +49,8 @@ def main(argv) -> None:
   from mlm_jax import evaluation  # pylint: disable=import-outside-toplevel
   cli.quiet_libraries()
   figures = cli.run_user_facing(
-      lambda: evaluation.evaluate_model(config, _MODEL.value, _STEP.value, log=_print))
+      lambda: evaluation.evaluate_model(config, _MODEL.value, _STEP.value, log=_print,
+                                        pll=_METRIC.value == 'pll'))
   _print(f'{_MODEL.value}: {evaluation.describe(figures, config.block_size)}')
   if _JSON.value:
     cli.run_user_facing(

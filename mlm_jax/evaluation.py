@@ -14,23 +14,27 @@ import json
 from typing import Callable
 
 import ml_collections
+import numpy as np
 import optax
 
 from mlm_jax import infer
 from mlm_jax import model as model_lib
 from mlm_jax import run as run_lib
+from mlm_jax import scoring
 from mlm_jax import sharding
 from mlm_jax import steps as steps_lib
 from mlm_jax import storage
 from mlm_jax import validation
+from mlm_jax.data import input_pipeline
 from mlm_jax.data import preparation
 
 
 def evaluate_model(config: ml_collections.ConfigDict, model: str, step: int | None = None,
-                   log: Callable[[str], None] = print) -> dict:
+                   log: Callable[[str], None] = print, pll: bool = False) -> dict:
   """The eval figures (`metrics.summarize_eval`'s, and `eval_blocks`) of `model` (a
   training workdir, at `step` or its latest checkpoint; an HF-format directory; a hub
-  id) on `config`'s test split, computed in `config.dtype`.
+  id) on `config`'s test split, computed in `config.dtype`; with `pll`, also the same blocks'
+  pseudo-perplexity (`pseudo_perplexity`).
 
   A tiny untrained RoBERTa saved in HF format (no hub), evaluated on the held-out part of
   the sample that ships with the package, as `configs/default.py` has it (run from the
@@ -78,7 +82,28 @@ def evaluate_model(config: ml_collections.ConfigDict, model: str, step: int | No
   figures = steps_lib.evaluate(steps, predictor.params, test, run_lib.eval_batch_size(config),
                                config.max_eval_blocks, config.seed)
   evaluated = min(config.max_eval_blocks, len(test)) if config.max_eval_blocks else len(test)
-  return {**figures, 'eval_blocks': evaluated}
+  figures = {**figures, 'eval_blocks': evaluated}
+  if pll:
+    figures.update(pseudo_perplexity(predictor, evaluated_blocks(test, config)))
+  return figures
+
+
+def evaluated_blocks(test, config: ml_collections.ConfigDict) -> np.ndarray:
+  """[n, block_size]: the test blocks the eval figures are of (all, or the seeded
+  `max_eval_blocks`), as `input_pipeline.eval_batches` reads them."""
+  batches = input_pipeline.eval_batches(test, run_lib.eval_batch_size(config),
+                                        config.max_eval_blocks, config.seed)
+  return np.concatenate([ids.reshape(-1, ids.shape[-1])[weights.ravel() > 0]
+                         for ids, weights in batches])
+
+
+def pseudo_perplexity(predictor: infer.Predictor, blocks: np.ndarray) -> dict:
+  """The blocks' pseudo-perplexity (every token but the special ones masked in turn:
+  `scoring`), exp(-summed PLL / scored tokens), and the number of scored tokens."""
+  encoded = scoring.encode_blocks(blocks, predictor.tokenizer.all_special_ids)
+  scores = list(infer.iter_scores(predictor, encoded))
+  return {'eval_pseudo_perplexity': scoring.corpus_pseudo_perplexity(scores),
+          'eval_pll_tokens': sum(s.tokens for s in scores)}
 
 
 def describe(figures: dict, block_size: int) -> str:
@@ -86,7 +111,10 @@ def describe(figures: dict, block_size: int) -> str:
   return (f'perplexity {figures["eval_perplexity"]:.4f}, masked-token accuracy '
           f'{figures["eval_accuracy"]:.4f}, loss {figures["eval_loss"]:.4f} over '
           f'{figures["eval_masked_tokens"]:,.0f} masked tokens in {figures["eval_blocks"]:,} '
-          f'test blocks of {block_size} tokens')
+          f'test blocks of {block_size} tokens' + (
+              f'; pseudo-perplexity {figures["eval_pseudo_perplexity"]:.4f} over '
+              f'{figures["eval_pll_tokens"]:,} tokens, each masked in turn'
+              if 'eval_pseudo_perplexity' in figures else ''))
 
 
 def write_json(path: str, model: str, step: int | None, figures: dict) -> None:

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,9 @@ from mlm_jax import checkpoint
 from mlm_jax import compiler_options
 from mlm_jax import host_memory
 from mlm_jax import model as model_lib
+from mlm_jax import scoring
 from mlm_jax import storage
+from mlm_jax import validation
 from mlm_jax.data import tokenizer as tokenizer_lib
 from mlm_jax.errors import UserError
 from mlm_jax.models import FlaxAutoModelForMaskedLM
@@ -36,6 +38,8 @@ DEFAULT_BATCH_SIZE = 64  # Texts per forward pass: memory stays bounded whatever
 # of about its length rather than being padded to the longest of whichever texts follow it,
 # while memory stays bounded by the window and the first results come after it.
 SORTED_BATCHES = 8
+# Masked copies per forward pass when scoring: a text of n tokens is n copies.
+DEFAULT_SCORE_BATCH_SIZE = 128
 
 
 @dataclasses.dataclass
@@ -53,10 +57,13 @@ class Predictor:
                                                            mask)
     platform = jax.default_backend()
     host_memory.keep_freed_memory_on(platform)  # No fresh pages for each batch's buffers.
-    # Compiled once per padded shape and top-k for this predictor.
+    options = compiler_options.for_platform(platform)
+    # Compiled once per padded shape (and top-k) for this predictor.
     self.top_k_at = jax.jit(functools.partial(_top_k_at, logits_fn=logits_fn),
-                            static_argnames='top_k',
-                            compiler_options=compiler_options.for_platform(platform))
+                            static_argnames='top_k', compiler_options=options)
+    self.token_log_probs = jax.jit(functools.partial(scoring.token_log_probs,
+                                                     logits_fn=logits_fn),
+                                   compiler_options=options)
 
 
 def load_predictor(model: str, step: int | None = None, dtype: Any = jnp.float32,
@@ -187,6 +194,58 @@ def iter_fill_mask(predictor: Predictor, texts: Sequence[str], top_k: int = 5,
     yield from (fills[index] for index in range(len(fills)))
 
 
+def target_pieces(tokenizer, target: str) -> list[int]:
+  """A target's ids: the token itself where the vocabulary has it, else all its pieces."""
+  id_ = tokenizer.get_vocab().get(target)
+  return [id_] if id_ is not None else tokenizer(target, add_special_tokens=False)['input_ids']
+
+
+def iter_fill_targets_by_pll(predictor: Predictor, texts: Sequence[str], targets: Sequence[str],
+                             top_k: int = 5,
+                             batch_size: int = DEFAULT_SCORE_BATCH_SIZE
+                             ) -> Iterator[list[list[dict]]]:
+  """`iter_fill_mask` with `targets` of several pieces scored whole: each target's pieces
+  put in the mask's place and their PLL summed (`within_word_l2r`: a piece is predicted
+  with the target's later pieces masked, so the score is the model's pseudo-probability of
+  the whole word there); `score` is exp(PLL), and for a one-piece target exactly the
+  probability `fill_mask` gives it. Each text has one mask. Fills have the pipeline's keys
+  and `tokens`, the target's ids (`token` is its first)."""
+  if top_k < 1:
+    raise UserError(f'top_k={top_k} must be at least 1')
+  tokenizer = predictor.tokenizer
+  max_length = model_lib.max_block_size(predictor.model.config)
+  encoded = encode(tokenizer, texts, max_length)
+  pieces = {target: target_pieces(tokenizer, target) for target in dict.fromkeys(targets)}
+  pieces = {target: ids for target, ids in pieces.items() if ids}
+  if not pieces:
+    raise UserError(f'none of the targets {list(targets)} has a token; pass words with --targets')
+  filled = []  # (text index, target, ids, mask index): each text, each target in the mask's place.
+  for number, ids in enumerate(encoded):
+    at = np.flatnonzero(np.asarray(ids) == tokenizer.mask_token_id)
+    if len(at) != 1:
+      raise UserError(f'text {number + 1} has {len(at)} masks; scoring targets by PLL takes '
+                      f'texts with one {USER_MASK}')
+    for target, target_ids in pieces.items():
+      sequence = ids[:at[0]] + target_ids + ids[at[0] + 1:]
+      if len(sequence) > max_length:
+        raise UserError(f'text {number + 1} with the target {target!r} has {len(sequence)} '
+                        f'tokens; the model takes at most {max_length}: shorten it')
+      filled.append((number, target, sequence, int(at[0])))
+  def sequences():
+    for _, target, sequence, start in filled:
+      scored = np.zeros(len(sequence), bool)
+      scored[start:start + len(pieces[target])] = True
+      words = np.where(scored, 0, scoring.NO_WORD).astype(np.int32)  # The target: one word.
+      yield scoring.Encoded(np.asarray(sequence, np.int32), scored, words)
+  scores = iter_scores(predictor, sequences(), 'within_word_l2r', batch_size)
+  for _, group in itertools.groupby(zip(filled, scores), key=lambda item: item[0][0]):
+    fills = [{'score': float(np.exp(score.pll)), 'token': pieces[target][0],
+              'tokens': pieces[target], 'token_str': tokenizer.decode(pieces[target]),
+              'sequence': tokenizer.decode(sequence, skip_special_tokens=True)}
+             for (_, target, sequence, _), score in group]
+    yield [sorted(fills, key=lambda fill: -fill['score'])[:top_k]]
+
+
 def fill_mask(predictor: Predictor, texts: Sequence[str], top_k: int = 5,
               targets: Sequence[str] | str | None = None,
               batch_size: int = DEFAULT_BATCH_SIZE) -> list[list[list[dict]]]:
@@ -218,6 +277,63 @@ def fill_mask(predictor: Predictor, texts: Sequence[str], top_k: int = 5,
   True
   """
   return list(iter_fill_mask(predictor, texts, top_k, targets, batch_size))
+
+
+def _score_windows(sequences: Iterable[scoring.Encoded],
+                   copies: int) -> Iterator[list[scoring.Encoded]]:
+  """The sequences in consecutive windows of about `copies` masked copies (one copy per scored
+  token; a window holds at least one sequence)."""
+  window, held = [], 0
+  for sequence in sequences:
+    window.append(sequence)
+    held += sequence.tokens
+    if held >= copies:
+      yield window
+      window, held = [], 0
+  if window:
+    yield window
+
+
+def iter_scores(predictor: Predictor, sequences: Iterable[scoring.Encoded],
+                variant: str = 'original',
+                batch_size: int = DEFAULT_SCORE_BATCH_SIZE) -> Iterator[scoring.Score]:
+  """Each sequence's PLL (see `scoring`), in order: the masked copies of a window of sequences
+  (about `batch_size * SORTED_BATCHES` copies) run `batch_size` at a time, copies of one padded
+  length together (`length_batches`), so memory stays bounded whatever the number of texts."""
+  validation.check_scoring(variant, batch_size)
+  tokenizer = predictor.tokenizer
+  for window in _score_windows(sequences, batch_size * SORTED_BATCHES):
+    copies, positions = zip(*(scoring.masked_copies(s, tokenizer.mask_token_id, variant)
+                              for s in window))
+    owner = np.repeat(np.arange(len(window)), [len(p) for p in positions])
+    targets = np.concatenate([s.ids[s.scored] for s in window])
+    copies, positions = [c for text in copies for c in text], np.concatenate(positions)
+    pending = []  # Dispatched batches, read back once all are queued.
+    for order in length_batches([len(c) for c in copies], batch_size):
+      rows = min(_bucket(len(order), minimum=1), batch_size)
+      length = _bucket(max(len(copies[i]) for i in order))
+      ids = np.full((rows, length), tokenizer.pad_token_id, np.int32)
+      attention_mask = np.zeros((rows, length), np.int32)
+      at, true = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+      for row, index in enumerate(order):
+        ids[row, :len(copies[index])], attention_mask[row, :len(copies[index])] = copies[index], 1
+      at[:len(order)], true[:len(order)] = positions[order], targets[order]
+      pending.append((order, predictor.token_log_probs(predictor.params, ids, attention_mask,
+                                                       at, true)))
+    plls = np.zeros(len(window), np.float64)
+    for order, log_probs in pending:
+      np.add.at(plls, owner[order], np.asarray(log_probs)[:len(order)].astype(np.float64))
+    yield from (scoring.Score(float(pll), s.tokens) for pll, s in zip(plls, window))
+
+
+def score_texts(predictor: Predictor, texts: Sequence[str], variant: str = 'original',
+                batch_size: int = DEFAULT_SCORE_BATCH_SIZE) -> Iterator[scoring.Score]:
+  """Each text's PLL, in order (all texts tokenized and checked before the first runs)."""
+  if not texts:
+    raise UserError('no text given; pass at least one text to score')
+  encoded = scoring.encode_texts(predictor.tokenizer, texts,
+                                 model_lib.max_block_size(predictor.model.config), variant)
+  return iter_scores(predictor, encoded, variant, batch_size)
 
 
 @dataclasses.dataclass

@@ -1,5 +1,7 @@
 """What a run tells its user: progress lines, the closing summary, and the hub upload."""
 
+import math
+
 import jax
 
 from mlm_jax import checkpoint
@@ -13,12 +15,28 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def summary(run, records: list[dict], wall: float, steps_run: int) -> dict:
-  """The run's closing figures, from its metrics records (see `metric_writers.read_metrics`)."""
+def summary(run, records: list[dict], wall: float, steps_run: int,
+            final_step: int | None = None) -> dict:
+  """The run's closing figures, from its metrics records (see `metric_writers.read_metrics`).
+
+  `final_step` is where the run ended (default: its last step; earlier when it stopped
+  early). With `keep_best_by`, `best_step` and `best_perplexity` are the evaluation after
+  training (step > 0) with the lowest loss, the first of equals, as `early_stopping.Record`
+  chooses it: the exported checkpoint's.
+  """
   evals = [r for r in records if 'eval_perplexity' in r]
   tokens = steps_run * run.global_batch_size * run.config.block_size
+  final_step = run.total_steps if final_step is None else final_step
+  best = {}
+  key = run.config.keep_best_by
+  trained = [r for r in evals if r['step'] > 0 and math.isfinite(r[key])] if key else []
+  if trained:
+    chosen = min(trained, key=lambda r: r[key])  # The first of equals.
+    best = {'best_step': chosen['step'], 'best_perplexity': chosen['eval_perplexity']}
   return {
-      'steps': run.total_steps, 'steps_this_run': steps_run, 'wall_time_s': wall,
+      'steps': final_step, 'planned_steps': run.total_steps,
+      'stopped_early': final_step < run.total_steps, **best,
+      'steps_this_run': steps_run, 'wall_time_s': wall,
       'tokens_per_s': tokens / wall if wall > 0 else 0.0,
       'eval_loss': evals[-1]['eval_loss'] if evals else float('nan'),
       'perplexity_before': evals[0]['eval_perplexity'] if evals else float('nan'),
@@ -30,11 +48,15 @@ def summary(run, records: list[dict], wall: float, steps_run: int) -> dict:
 
 
 def print_summary(figures: dict) -> None:
-  log(f'Done: {figures["steps"]} steps ({figures["steps_this_run"]} in this run) in '
+  early = (f' (stopped early; {figures["planned_steps"]} planned)' if figures['stopped_early']
+           else '')
+  best = (f'  best: step {figures["best_step"]}, perplexity {figures["best_perplexity"]:.2f} '
+          '(the export)\n' if 'best_step' in figures else '')
+  log(f'Done: {figures["steps"]} steps{early} ({figures["steps_this_run"]} in this run) in '
       f'{figures["wall_time_s"]:.1f} s, {figures["tokens_per_s"]:,.0f} tokens/s.\n'
       f'  eval loss {figures["eval_loss"]:.4f}, accuracy {figures["eval_accuracy"]:.3f}\n'
       f'  perplexity {figures["perplexity_before"]:.2f} before -> '
-      f'{figures["perplexity_after"]:.2f} after training\n'
+      f'{figures["perplexity_after"]:.2f} after training\n{best}'
       f'  checkpoints: {figures["checkpoint_dir"]}\n  export: {figures["export_dir"]}')
 
 

@@ -37,6 +37,8 @@ def _train(run: Run, steps: steps_lib.Steps, state: steps_lib.TrainState,
   books.bar.update(start_step)
   if start_step == 0:
     books.evaluate(state)
+  if books.best.exhausted(run.config.early_stopping_patience):
+    return state  # Stopped early before; only its export may be missing.
   batches = (sharding.shard_batch(batch, steps.mesh, batch_axis=1)
              for batch in input_pipeline.train_batches(
                  run.blocks.train, run.global_batch_size, run.config.grad_accum_steps,
@@ -50,11 +52,13 @@ def _train(run: Run, steps: steps_lib.Steps, state: steps_lib.TrainState,
         books.check_finite(step - 1, previous)
       previous = step_metrics
       books.after_step(step, state, step_metrics)
+      if books.stopped_early:  # Every host alike: the eval loss is global.
+        break
       number = preemption.agreed_stop(stop, step, run.config.stop_check_every_steps)
       if number or books.manager.reached_preemption(step):
         books.stop(state, number)
     if previous is not None:
-      books.check_finite(run.total_steps, previous)
+      books.check_finite(step, previous)
   return state
 
 
@@ -67,7 +71,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
              f'{config.block_size} tokens; {jax.device_count()} device(s), global batch '
              f'{run.global_batch_size}; {run.total_steps} steps')
 
-  manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
+  manager = checkpoint.make_manager(workdir, config.keep_checkpoints,
+                                    best_by=config.keep_best_by)
   schedule_steps = optim.plan_schedule(run.total_steps, checkpoint.saved_schedule_steps(manager),
                                        config.replan_schedule, report.log)
   mesh = sharding.make_mesh(config.fsdp)
@@ -82,12 +87,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       sep_id=document_separator(config, run.tokenizer))
   state = checkpoint.restore_newest(manager, workdir, state, run.config_record(), report.log)
   start_step = int(sharding.to_host(state.step))
+  best = checkpoint.saved_early_stopping(manager, start_step)
   export_dir = checkpoint.export_dir(workdir)
   is_main = jax.process_index() == 0
-  if start_step >= run.total_steps and _has_export(export_dir):
-    report.log(f'{workdir} holds a finished run (step {start_step} of {run.total_steps}); '
-               'nothing to train. Use a new --workdir to train again.')
-    return report.summary(run, metric_writers.read_metrics(workdir), 0.0, 0)
+  finished = start_step >= run.total_steps or best.exhausted(config.early_stopping_patience)
+  if finished and _has_export(export_dir):
+    report.log(f'{workdir} holds a finished run (step {start_step} of {run.total_steps}'
+               f'{", stopped early" if start_step < run.total_steps else ""}); nothing to '
+               'train. Use a new --workdir to train again.')
+    return report.summary(run, metric_writers.read_metrics(workdir), 0.0, 0, start_step)
 
   sharding.on_process_zero(  # What inference needs to rebuild the model around a checkpoint.
       lambda: storage.save_with(run.model.config.save_pretrained,
@@ -95,14 +103,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f'process 0 could not save the model config in {workdir} (see its error)')
   start_time = time.time()
   books = bookkeeping.Bookkeeping(run, steps, manager, metric_writers.MetricsWriter(
-      workdir, enabled=is_main, start_step=start_step), schedule_steps)
+      workdir, enabled=is_main, start_step=start_step), schedule_steps, best)
   try:
     state = _train(run, steps, state, books)
   finally:
     books.close()
   wall = time.time() - start_time
+  final_step = int(sharding.to_host(state.step))
 
-  params = sharding.to_host(state.params)  # Every host takes part in gathering sharded ones.
+  params = sharding.to_host(_exported_params(manager, state, config.keep_best_by))  # Every host gathers.
   # Also where a run stopped between its last checkpoint and its export. No host reports (or
   # exits) before it is written, nor waits for it forever.
   sharding.on_process_zero(
@@ -110,12 +119,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f'process 0 could not write the export in {export_dir} (see its error); the checkpoint '
       'holds the trained parameters: fix that and rerun the same command')
   summary = report.summary(run, metric_writers.read_metrics(workdir), wall,
-                           run.total_steps - start_step)
+                           final_step - start_step, final_step)
   report.print_summary(summary)
   if config.push_to_hub:  # The others wait for the upload: no host ends long before another.
     sharding.on_process_zero(lambda: report.push_to_hub(export_dir, config.hub_model_id),
                              'process 0 could not push the export to the hub (see its error)')
   return summary
+
+
+def _exported_params(manager, state: steps_lib.TrainState, best_by: str):
+  """The parameters to export: the best checkpoint's where one is kept (`keep_best_by`) and
+  is not the final state, else the final state's."""
+  best_step = manager.best_step() if best_by else None
+  if best_step is None or best_step == int(sharding.to_host(state.step)):
+    return state.params
+  report.log(f'Exporting the best checkpoint, step {best_step}')
+  best, _, _ = checkpoint.restore(manager, best_step, state)
+  return best.params
 
 
 def _export(run: Run, params, export_dir, checkpointed_step: int | None) -> None:

@@ -20,13 +20,25 @@ _AT_LEAST_ONE = ('block_size', 'per_device_batch_size', 'grad_accum_steps', 'eva
                  'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                  'keep_checkpoints', 'num_proc', 'max_nonfinite_steps', 'fsdp',
                  'tokenizer_vocab_size', 'tokenizer_train_max_texts', 'stop_check_every_steps')
-_AT_LEAST_ZERO = ('warmup_steps', 'weight_decay', 'seed', 'max_eval_blocks')
+_AT_LEAST_ZERO = ('warmup_steps', 'weight_decay', 'seed', 'max_eval_blocks',
+                  'early_stopping_patience')
+PLL_VARIANTS = ('original', 'within_word_l2r')  # See scoring.py.
+KEEP_BEST_BY = ('eval_loss', '')  # The eval losses a best checkpoint can be chosen by; '': none.
 
 
 def check_choice(key: str, value, choices: tuple) -> None:
   if value not in choices:
     raise UserError(f'{key}={value!r} is not supported; set --config.{key} to one of '
                     f'{", ".join(choices)}')
+
+
+def check_scoring(variant: str, batch_size: int) -> None:
+  """The flags of PLL scoring (`mlm_jax.score`, `infer.iter_scores`)."""
+  if variant not in PLL_VARIANTS:
+    raise UserError(f'variant {variant!r} is not supported; pass --variant= one of '
+                    f'{", ".join(PLL_VARIANTS)}')
+  if batch_size < 1:
+    raise UserError(f'batch_size={batch_size} must be at least 1; pass --batch_size=N')
 
 
 def _check_range(config: ml_collections.ConfigDict) -> None:
@@ -63,5 +75,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                     'train for num_epochs')
   if config.num_train_steps == -1 and config.num_epochs < 1:
     raise UserError(f'num_epochs={config.num_epochs} must be at least 1')
+  if config.keep_best_by not in KEEP_BEST_BY:
+    raise UserError(f'keep_best_by={config.keep_best_by!r} is not an eval loss; set '
+                    "--config.keep_best_by=eval_loss, or '' to keep no best checkpoint")
+  if config.early_stopping_patience and not config.keep_best_by:
+    raise UserError(f'early_stopping_patience={config.early_stopping_patience} needs a loss to '
+                    'watch; set --config.keep_best_by=eval_loss')
   if config.push_to_hub and not config.hub_model_id:
     raise UserError('push_to_hub=True needs --config.hub_model_id=USER/NAME')

@@ -3,7 +3,9 @@
 `cpu_vs_torch.py` keeps torch out of the default install: without torch it says so in one line
 and exits with status 2 (no traceback); where torch is present, its matrix-products comparison
 reports the rates of both sides and their ratio. `infer.py` runs on its tiny model and reports
-every padded batch of the texts it times.
+every padded batch of the texts it times. `score.py` (PLL scoring against PyTorch's loop) keeps
+torch out the same way, and where torch is present reports both sides and how far apart their
+PLLs are.
 """
 
 import importlib.util
@@ -39,6 +41,26 @@ def test_an_unknown_comparison_is_refused_by_name():
   result = cpu_vs_torch('--only=products,train-huge')
   assert result.returncode == 2
   assert 'train-huge' in result.stderr
+
+
+@pytest.mark.skipif(HAS_TORCH, reason='torch is installed here: the torch-less path is CI\'s')
+def test_score_benchmark_without_torch_says_so_in_one_line_and_exits_2():
+  result = benchmark('score.py', '--shape=tiny')
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip().count('\n') == 0, result.stderr
+  assert 'torch' in result.stderr and 'Traceback' not in result.stderr
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason='needs torch (pip install torch==2.13.0, CPU build)')
+def test_score_benchmark_reports_both_sides_and_their_agreement(tmp_path):
+  report_path = tmp_path / 'score.json'
+  result = benchmark('score.py', '--shape=tiny', '--texts=2', '--words=6', '--rounds=1',
+                     f'--json={report_path}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  row = json.loads(report_path.read_text())['plain-loop']
+  assert row['ours_texts_per_s'] > 0 and row['theirs_texts_per_s'] > 0
+  assert row['ratio'] == pytest.approx(row['ours_texts_per_s'] / row['theirs_texts_per_s'])
+  assert row['max_pll_difference'] < 1e-4
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason='needs torch (pip install torch==2.13.0, CPU build)')

@@ -3,7 +3,7 @@
 Guards that a model's figures are exactly those training recorded (the same test blocks,
 eval masks and eval step): a workdir's latest and earlier checkpoints and its export; the
 entry point's printed line and JSON; that the config's attention scope applies; and
-one-line errors for a model that is not there, a workdir without a checkpoint and a
+the pseudo-perplexity of `--metric=pll` against a plain loop; one-line errors for a model that is not there, a workdir without a checkpoint and a
 block_size beyond the model's positions (refused before any data is prepared)."""
 
 import json
@@ -12,10 +12,15 @@ import shutil
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from mlm_jax import evaluation
+from mlm_jax import infer
 from mlm_jax import metric_writers
+from mlm_jax import run as run_lib
+from mlm_jax.data import preparation
 from mlm_jax.errors import UserError
 from tests.conftest import ROOT
 
@@ -59,6 +64,43 @@ def test_the_attention_scope_of_the_config_applies(recorded):
   assert figures['eval_loss'] != evals[config.num_train_steps]['eval_loss']
   assert figures['eval_loss'] == pytest.approx(evals[config.num_train_steps]['eval_loss'],
                                                rel=1e-3)
+
+
+def _plain_loop_pll(predictor: infer.Predictor, block: np.ndarray) -> tuple[float, int]:
+  """(PLL, scored tokens) of a block the plain way: each non-special token masked in turn,
+  one copy at a time through the model's whole forward (every position's logits)."""
+  forward = jax.jit(lambda ids: jax.nn.log_softmax(
+      predictor.model(ids[None], params=predictor.params).logits[0], axis=-1))
+  special = set(predictor.tokenizer.all_special_ids)
+  total, tokens = 0.0, 0
+  for position, token in enumerate(block):
+    if int(token) in special:
+      continue
+    copy = block.copy()
+    copy[position] = predictor.tokenizer.mask_token_id
+    total += float(forward(copy)[position, token])
+    tokens += 1
+  return total, tokens
+
+
+def test_pll_metric_is_the_evaluated_blocks_pseudo_perplexity(recorded):
+  config, workdir, _, _ = recorded
+  config = config.copy_and_resolve_references()
+  # Ten blocks, the first ten of the seeded draw to hold a text's end (special tokens): most
+  # blocks lie inside a text.
+  config.max_eval_blocks = 10
+  figures = evaluation.evaluate_model(config, workdir, pll=True)
+  predictor = infer.load_predictor(workdir)
+  test = preparation.prepare(config, predictor.tokenizer, lambda _: None,
+                             check_tokenizer=run_lib.tokenizer_check(config)).blocks.test
+  blocks = evaluation.evaluated_blocks(test, config)
+  assert len(blocks) == 10 and all((test == block).all(1).any() for block in blocks)
+  plls, tokens = zip(*(_plain_loop_pll(predictor, block) for block in blocks))
+  assert figures['eval_pll_tokens'] == sum(tokens) < blocks.size  # Special tokens unscored.
+  assert figures['eval_pseudo_perplexity'] == pytest.approx(np.exp(-sum(plls) / sum(tokens)),
+                                                            rel=1e-5)
+  assert (f'pseudo-perplexity {figures["eval_pseudo_perplexity"]:.4f} over '
+          f'{sum(tokens)} tokens') in evaluation.describe(figures, config.block_size)
 
 
 def _evaluate_cli(*args):

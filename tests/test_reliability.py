@@ -110,6 +110,16 @@ def test_signal_saves_a_checkpoint_and_exits_non_zero(signalled_runs, name):
   assert _latest_step(workdir) == stopped_at > 0
 
 
+def test_the_signals_checkpoint_holds_the_early_stopping_count(signalled_runs):
+  """What a resume after SIGTERM counts on from (`early_stopping.Record`): the run evaluated
+  at step 0 only, which is not counted."""
+  workdir, _, _ = signalled_runs['SIGTERM']
+  manager = checkpoint.make_manager(str(workdir), keep=None, create=False)
+  cursor, _ = checkpoint.read_metadata(manager, manager.latest_step())
+  assert cursor['early_stopping'] == {'best_loss': None, 'best_step': None,
+                                      'evals_since_best': 0}
+
+
 def test_second_signal_exits_at_once_without_saving(signalled_runs):
   workdir, status, stderr = signalled_runs['SIGTERM+SIGINT']
   assert status in (128 + signal.SIGTERM, 128 + signal.SIGINT)

@@ -80,6 +80,9 @@ def test_checkpoint_holds_data_cursor_schedule_and_config(trained):
   manager = checkpoint.make_manager(workdir, keep=None, create=False)
   for step in (10, 20):  # 1,099 train blocks make 137 batches of 8 an epoch.
     cursor, saved_config = checkpoint.read_metadata(manager, step)
+    best = cursor.pop('early_stopping')  # The eval loss falls at each evaluation.
+    assert best == {'best_step': step, 'best_loss': pytest.approx(best['best_loss']),
+                    'evals_since_best': 0}
     assert cursor == {'epoch': 0, 'batch': step, 'schedule_steps': 20}
     assert saved_config == {**config.to_dict(), 'global_batch_size': 8}
 
