@@ -31,7 +31,7 @@ RESUMABLE_CHANGES = frozenset({
     'cache_dir', 'per_device_batch_size', 'max_nonfinite_steps', 'fsdp', 'max_eval_blocks',
     'tokenizer_train_max_texts', 'replan_schedule', 'stop_check_every_steps',
     # How the forward is computed, not what: the same parameters and numbers.
-    'model_impl', 'attention_impl'})
+    'model_impl', 'attention_impl', 'remat_policy'})
 # Keys added to the config since earlier releases: a checkpoint that lacks one was made with
 # the behaviour its default keeps.
 ADDED_KEYS = {'wsd_decay_fraction': 0.1, 'wsd_decay': '1-sqrt', 'attention_scope': 'block'}

@@ -34,7 +34,7 @@ def scratch_model_config(config, tokenizer) -> transformers.RobertaConfig:
 def create_model(config, tokenizer) -> FlaxAutoModelForMaskedLM:
   """The model in `config.dtype` for computation; its parameters stay float32."""
   kwargs = dict(dtype=compute_dtype(config.dtype), seed=config.seed,
-                attention_impl=config.attention_impl)
+                attention_impl=config.attention_impl, remat_policy=config.remat_policy)
   if config.model_name_or_path:
     model = FlaxAutoModelForMaskedLM.from_pretrained(config.model_name_or_path, log=report.log,
                                                      **kwargs)

@@ -30,6 +30,7 @@ from tests.conftest import ROOT, load_config
     ('tokenizer_vocab_size', 0, 'must be at least 1'),
     ('dtype', 'float16', 'one of float32, bfloat16'),
     ('attention_impl', 'flash', 'one of xla, cudnn'),
+    ('remat_policy', 'everything', 'one of none, full, minimal, dots'),
     ('num_train_steps', -2, 'or -1 to train for num_epochs'),
     ('wsd_decay_fraction', 0.0, 'must be in (0, 1]'),
     ('wsd_decay_fraction', 1.5, 'must be in (0, 1]'),
