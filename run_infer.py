@@ -11,6 +11,7 @@ from absl import app, flags
 
 from mlm_jax import cli
 from mlm_jax import host_memory
+from mlm_jax import memory
 
 flags.DEFINE_string('model', None, 'A training workdir, an HF-format directory or a hub id.',
                     required=True)
@@ -49,7 +50,7 @@ def main(argv):
     texts, fills = cli.fill_mask(FLAGS.model, FLAGS.text, FLAGS.input_file, FLAGS.top_k,
                                  FLAGS.targets, FLAGS.step, FLAGS.batch_size)
     _print_fills(texts, fills, FLAGS.json)
-  cli.run_user_facing(fill_and_print)
+  cli.run_user_facing(fill_and_print, out_of_memory=memory.INFER_ADVICE)
 
 
 if __name__ == '__main__':

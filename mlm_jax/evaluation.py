@@ -47,8 +47,10 @@ def evaluate_model(config: ml_collections.ConfigDict, model: str, step: int | No
       masking.spec_from_config(predictor.tokenizer, config), config.seed, sharding.make_mesh(),
       sep_id=run_lib.document_separator(config, predictor.tokenizer))
   test = prepared.blocks.test
-  figures = steps_lib.evaluate(steps, predictor.params, test, run_lib.eval_batch_size(config),
-                               config.max_eval_blocks, config.seed)
+  rows = steps_lib.eval_rows_that_fit(steps, predictor.params, run_lib.eval_batch_size(config),
+                                      config.block_size, log)
+  figures = steps_lib.evaluate(steps, predictor.params, test, rows, config.max_eval_blocks,
+                               config.seed)
   evaluated = min(config.max_eval_blocks, len(test)) if config.max_eval_blocks else len(test)
   return {**figures, 'eval_blocks': evaluated}
 
