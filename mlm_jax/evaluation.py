@@ -24,6 +24,7 @@ from mlm_jax import sharding
 from mlm_jax import steps as steps_lib
 from mlm_jax import storage
 from mlm_jax import validation
+from mlm_jax.data import input_pipeline
 from mlm_jax.data import preparation
 
 
@@ -47,11 +48,11 @@ def evaluate_model(config: ml_collections.ConfigDict, model: str, step: int | No
       masking.spec_from_config(predictor.tokenizer, config), config.seed, sharding.make_mesh(),
       sep_id=run_lib.document_separator(config, predictor.tokenizer))
   test = prepared.blocks.test
+  evaluated = input_pipeline.evaluated_blocks(len(test), config.max_eval_blocks)
   rows = steps_lib.eval_rows_that_fit(steps, predictor.params, run_lib.eval_batch_size(config),
-                                      config.block_size, log)
+                                      config.block_size, log, blocks=evaluated)
   figures = steps_lib.evaluate(steps, predictor.params, test, rows, config.max_eval_blocks,
                                config.seed)
-  evaluated = min(config.max_eval_blocks, len(test)) if config.max_eval_blocks else len(test)
   return {**figures, 'eval_blocks': evaluated}
 
 

@@ -240,12 +240,16 @@ def compile_steps(apply_fn: Callable, tx: optax.GradientTransformation,
 
 
 def eval_rows_that_fit(steps: Steps, params: Any, rows: int, length: int,
-                       log: Callable[[str], None], available: int | None = None) -> int:
+                       log: Callable[[str], None], available: int | None = None,
+                       blocks: int | None = None) -> int:
   """The rows of an eval batch (`rows`, the configured `eval_batch_size`, or fewer) whose
   compiled eval step fits the memory free on the devices (`available` bytes per device,
-  default `memory.free_bytes`), said once in the log where they are fewer. The figures do
-  not change: each row's masks follow from its index among the evaluated rows. Every host
-  takes the fewest rows any host can hold. One row that does not fit is a `UserError`."""
+  default `memory.free_bytes`), said once in the log where they are fewer; no more than
+  the `blocks` evaluated need (rounded up to the devices). The figures do not change: each
+  row's masks follow from its index among the evaluated rows. Every host takes the fewest
+  rows any host can hold. One row that does not fit is a `UserError`."""
+  if blocks:
+    rows = min(rows, math.ceil(blocks / steps.mesh.size) * steps.mesh.size)
   def need(batch_rows: int) -> int:
     ids = jax.ShapeDtypeStruct((batch_rows, length), jnp.int32)
     row_weights = jax.ShapeDtypeStruct((batch_rows,), jnp.float32)

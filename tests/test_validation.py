@@ -68,6 +68,18 @@ def test_a_checkpoint_without_the_added_keys_compares_against_their_defaults():
       "attention_scope: 'block' -> 'document'"]
 
 
+def test_a_resume_may_lower_the_memory_a_step_needs_but_not_the_batch():
+  """What the out-of-memory line advises is resumable: the same global batch in smaller
+  micro-batches, a remat policy, a smaller eval batch; another global batch is not."""
+  saved = load_config('tiny_test').to_dict() | {'global_batch_size': 32}
+  saved.update(per_device_batch_size=32, grad_accum_steps=1)
+  lower = saved | dict(per_device_batch_size=8, grad_accum_steps=4, remat_policy='full',
+                       eval_batch_size=1)
+  assert checkpoint.config_differences(saved, lower) == []
+  assert checkpoint.config_differences(saved, lower | {'global_batch_size': 8}) == [
+      'global_batch_size: 32 -> 8']
+
+
 def test_a_bad_value_fails_before_data_or_tokenizer(tmp_path):
   config = load_config('tiny_test')
   config.data_files = '/nonexistent/eli5.jsonl'  # Would be the error after loading began.
