@@ -46,15 +46,12 @@ def recipe(checkpoint_dir: str, cache_dir: str, block_size: int):
 
 
 def long_text(tokenizer, tokens: int) -> str:
-  """The shipped sample's answers joined, cut to about `tokens` tokens, with a mask near its
-  end: the fill must see the whole text."""
+  """The shipped sample's answers joined and cut at about `tokens` tokens, with a mask at its
+  end: the fill sees the whole text."""
   with open(sources.sample_data_path(), encoding='utf-8') as f:
-    words = ' '.join(' '.join(json.loads(line)['answers']['text']) for line in f).split()
-  text = ' '.join(words[:tokens])
-  while len(tokenizer(text)['input_ids']) > tokens - 8:
-    words = words[:int(len(words) * 0.95)]
-    text = ' '.join(words[:tokens])
-  return text + ' and the [MASK] is blue.'
+    text = ' '.join(' '.join(json.loads(line)['answers']['text']) for line in f)
+  offsets = tokenizer(text, return_offsets_mapping=True)['offset_mapping']
+  return text[:offsets[tokens - 12][1]] + ' and the [MASK] is blue.'
 
 
 def run_end_to_end(checkpoint_dir: str, tmp_path, block_size: int) -> None:
