@@ -9,11 +9,12 @@ package keeps `layers/0`, `layers/1`, ... (the checkpoints' names).
 
 Each variant compiles the gradient of the MLM loss (forward and backward, full logits) of
 one row, in its own process, so that no cache is shared; reported: tracing + lowering and
-XLA's compilation in seconds, then one timed run.
+XLA's compilation in seconds, one timed run, and XLA's temporaries (memory_analysis).
 
 Usage:
   python benchmarks/scan_layers.py                      # ModernBERT-base shape, 22 layers
   python benchmarks/scan_layers.py --layers=7 --seq=256
+  python benchmarks/scan_layers.py --seq=1024 --remat_policy=full   # remat inside the scan
 """
 
 import argparse
@@ -43,22 +44,27 @@ def config(args) -> transformers.ModernBertConfig:
 
 
 class _Group(nn.Module):
-  """One period of the layer pattern: layers `first`, `first + 1`, ... of their types."""
+  """One period of the layer pattern, each layer rematerialised under `remat_policy`."""
   config: object
   size: int
+  remat_policy: str = 'none'
 
   @nn.compact
   def __call__(self, hidden, _):
     for offset in range(self.size):
       # index 1 + offset: a layer with attn_norm (as every layer but the first), the type
       # of layer `offset` of the period.
-      layer = backbone.Layer(self.config, self.size + offset, name=str(offset))
-      hidden = layer(hidden, None, True)
+      layer_class = backbone.Layer
+      if self.remat_policy != 'none':
+        layer_class = nn.remat(backbone.Layer, static_argnums=(3,),
+                               policy=layers.REMAT_POLICIES[self.remat_policy])
+      hidden = layer_class(self.config, self.size + offset, name=str(offset))(hidden, None, True)
     return hidden, None
 
 
 class _ScannedBackbone(nn.Module):
   config: object
+  remat_policy: str = 'none'
 
   @nn.compact
   def __call__(self, input_ids):
@@ -68,7 +74,7 @@ class _ScannedBackbone(nn.Module):
     hidden, table = backbone.Embeddings(cfg, name='embeddings')(input_ids, True)
     scanned = nn.scan(_Group, variable_axes={'params': 0}, split_rngs={'params': True},
                       length=groups)
-    hidden, _ = scanned(cfg, period, name='groups')(hidden, None)
+    hidden, _ = scanned(cfg, period, self.remat_policy, name='groups')(hidden, None)
     for index in range(rest):
       hidden = backbone.Layer(cfg, groups * period + index, name=f'rest_{index}')(
           hidden, None, True)
@@ -81,11 +87,12 @@ def measure(args) -> dict:
   cfg = config(args)
   ids = jnp.asarray(np.random.default_rng(0).integers(5, args.vocab, (1, args.seq)), jnp.int32)
   if args.variant == 'unrolled':
-    model = FlaxAutoModelForMaskedLM.from_config(cfg, _do_init=False)
+    model = FlaxAutoModelForMaskedLM.from_config(cfg, _do_init=False,
+                                                 remat_policy=args.remat_policy)
     apply = lambda params: model(ids, params=params).logits
     params = jax.eval_shape(model.init_weights, model.key)
   else:
-    module = _ScannedBackbone(cfg)
+    module = _ScannedBackbone(cfg, args.remat_policy)
     params = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids))['params']
     apply = lambda params: module.apply({'params': params}, ids)
 
@@ -103,7 +110,8 @@ def measure(args) -> dict:
   start = time.perf_counter()
   jax.block_until_ready(compiled(real))
   run_s = time.perf_counter() - start
-  return {'variant': args.variant, 'layers': args.layers, 'seq': args.seq,
+  return {'variant': args.variant, 'remat_policy': args.remat_policy, 'layers': args.layers,
+          'seq': args.seq,
           'trace_lower_s': round(traced, 2), 'compile_s': round(compile_s, 2),
           'first_run_s': round(run_s, 2),
           'temp_bytes': compiled.memory_analysis().temp_size_in_bytes}
@@ -117,6 +125,8 @@ def main() -> None:
   parser.add_argument('--intermediate', type=int, default=1152)
   parser.add_argument('--vocab', type=int, default=50368)
   parser.add_argument('--seq', type=int, default=128)
+  parser.add_argument('--remat_policy', choices=sorted(layers.REMAT_POLICIES), default='none',
+                      help='each layer rematerialised under this policy, in both variants')
   parser.add_argument('--variant', choices=('unrolled', 'scanned'), default=None,
                       help='measure one variant in this process (default: both, each in its own)')
   args = parser.parse_args()
