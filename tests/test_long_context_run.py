@@ -78,7 +78,7 @@ def run_end_to_end(checkpoint_dir: str, tmp_path, block_size: int, split: str = 
 
 
 def test_modernbert_runs_end_to_end_at_1024_tokens(checkpoint_dir, tmp_path):
-  run_end_to_end(checkpoint_dir, tmp_path, 1024, split='train[:60]')  # 9 train / 2 test blocks.
+  run_end_to_end(checkpoint_dir, tmp_path, 1024, split='train[:60]')
 
 
 @pytest.mark.slow
