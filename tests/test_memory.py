@@ -1,5 +1,6 @@
-"""Memory (`mlm_jax.memory`): an eval batch sized to the memory free, checked on the compiled
-program before it runs, and running out of memory as one line naming what to lower."""
+"""Memory (`mlm_jax.memory`): eval and fill-mask batches sized to the memory free, checked on
+the compiled program before it runs, and running out of memory as one line naming what to
+lower."""
 
 import sys
 
@@ -10,11 +11,13 @@ import optax
 import pytest
 
 from mlm_jax import cli
+from mlm_jax import infer
 from mlm_jax import masking
 from mlm_jax import memory
 from mlm_jax import sharding
 from mlm_jax import steps as steps_lib
 from mlm_jax.errors import UserError
+from tests import tiny_models
 
 _VOCAB, _LENGTH = 37, 256
 
@@ -72,6 +75,30 @@ def test_a_single_row_too_large_is_one_line_naming_block_size():
   with pytest.raises(UserError, match=r'evaluating 1 row\(s\) of 256 tokens needs .* more '
                      r'than the .* free; lower --config.block_size'):
     steps_lib.eval_rows_that_fit(steps, _PARAMS, 64, _LENGTH, print, _need(steps, 1) // 2)
+
+
+def test_a_fill_mask_batch_too_large_for_the_free_memory_runs_in_parts_alike(tmp_path,
+                                                                             monkeypatch):
+  predictor = infer.load_predictor(tiny_models.save_modernbert(str(tmp_path)))
+  texts = [f'the sky is [MASK] on day {day} of the year.' for day in range(8)]
+  whole = infer.fill_mask(predictor, texts, top_k=3)
+  # Every batch checked, and no room for more than one row.
+  monkeypatch.setattr(infer, 'CHECKED_FROM_TOKENS', 0)
+  monkeypatch.setattr(memory, 'free_bytes', lambda device: 1)
+  forward, rows_run = predictor.top_k_at, []
+
+  class CountingRows:  # The compiled forward, noting the rows of each call.
+    lower = forward.lower
+
+    def __call__(self, params, ids, *args, **kwargs):
+      rows_run.append(len(ids))
+      return forward(params, ids, *args, **kwargs)
+  predictor.top_k_at = CountingRows()
+  parts = infer.fill_mask(predictor, texts, top_k=3)
+  assert rows_run == [1] * len(texts)
+  for [a], [b] in zip(whole, parts):
+    assert [f['token'] for f in a] == [f['token'] for f in b]
+    np.testing.assert_allclose([f['score'] for f in a], [f['score'] for f in b], rtol=1e-5)
 
 
 def _allocate_too_much() -> None:
