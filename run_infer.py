@@ -11,6 +11,7 @@ from absl import app, flags
 
 from mlm_jax import cli
 from mlm_jax import host_memory
+from mlm_jax import memory
 
 flags.DEFINE_string('model', None, 'A training workdir, an HF-format directory or a hub id.',
                     required=True)
@@ -54,7 +55,7 @@ def main(argv):
                                  FLAGS.targets, FLAGS.step, FLAGS.batch_size,
                                  FLAGS.targets_by_pll)
     _print_fills(texts, fills, FLAGS.json)
-  cli.run_user_facing(fill_and_print)
+  cli.run_user_facing(fill_and_print, out_of_memory=memory.INFER_ADVICE)
 
 
 if __name__ == '__main__':

@@ -113,6 +113,7 @@ class Shape:
   mask_probability: float = 0.15  # config.mlm_probability (ModernBERT trains with 0.3).
   window: int = 128  # ModernBERT's local_attention: the whole sliding window, in tokens.
   global_every: int = 3  # ModernBERT's global_attn_every_n_layers.
+  remat_policy: str = 'none'  # config.remat_policy (see layers.REMAT_POLICIES).
 
   def describe(self) -> str:
     family = self.model_type
@@ -122,7 +123,7 @@ class Shape:
             f'intermediate {self.intermediate}, vocab {self.vocab}, seq {self.seq}, batch '
             f'{self.batch}/device, {self.dtype}, {"masked-only" if self.masked_head else "full"} '
             f'vocabulary head, {self.attention} attention, {self.masking} masking at '
-            f'{self.mask_probability:g}')
+            f'{self.mask_probability:g}, remat {self.remat_policy}')
 
   def keys_per_layer(self) -> list[int]:
     """Keys each query attends to, per layer: a local layer sees its window (as anchors.py
@@ -175,6 +176,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help='computation dtype (parameters stay float32); default float32')
   parser.add_argument('--attention', choices=sorted(layers.ATTENTION_IMPLS), default=None,
                       help='config.attention_impl (cudnn: GPU only); default xla')
+  parser.add_argument('--remat_policy', choices=sorted(layers.REMAT_POLICIES), default=None,
+                      help="each layer rematerialised under this policy (config.remat_policy)")
   parser.add_argument('--masking', choices=masking.SCHEMES, default=None,
                       help='the masking scheme (config.masking); default token')
   parser.add_argument('--masked_head', action='store_true',
@@ -279,7 +282,7 @@ def build_step(shape: Shape, mesh: jax.sharding.Mesh,
   model_lib.check_block_size(shape.seq, config)
   model = FlaxAutoModelForMaskedLM.from_config(
       config, seed=SEED, dtype=model_lib.compute_dtype(shape.dtype),
-      attention_impl=shape.attention)
+      attention_impl=shape.attention, remat_policy=shape.remat_policy)
   tx, schedule = optim.make_optimizer(optimizer_config(), total_steps)
   state, state_shardings = steps_lib.init_train_state(model, tx, SEED, mesh)
   spec = masking_spec(shape)

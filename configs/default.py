@@ -28,6 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.masked_lm_head = True
   # jax.nn.dot_product_attention's implementation: 'xla' (any device) or 'cudnn' (GPU, bfloat16).
   config.attention_impl = 'xla'
+  # What each layer's backward pass recomputes rather than keeps (less memory, more time):
+  # 'none'; 'full' (the whole layer); 'minimal' (all but the weight products); 'dots' (all but
+  # the products, the attention scores too). See docs/long_context.md.
+  config.remat_policy = 'none'
   # 'block': every token of a block attends to the whole block, as run_mlm does. 'document':
   # only to the tokens of its own text (the block's texts are cut at the separator the
   # tokenizer ends each one with), as Llama 3 and ModernBERT pretrain packed sequences.

@@ -33,8 +33,10 @@ RESUMABLE_CHANGES = frozenset({
     'cache_dir', 'per_device_batch_size', 'max_nonfinite_steps', 'fsdp', 'max_eval_blocks',
     'tokenizer_train_max_texts', 'replan_schedule', 'stop_check_every_steps',
     'early_stopping_patience',
+    # The rows of a step may be split otherwise; the record's global_batch_size must hold.
+    'grad_accum_steps',
     # How the forward is computed, not what: the same parameters and numbers.
-    'model_impl', 'attention_impl'})
+    'model_impl', 'attention_impl', 'remat_policy'})
 # Keys added to the config since earlier releases: a checkpoint that lacks one was made with
 # the behaviour its default keeps.
 ADDED_KEYS = {'wsd_decay_fraction': 0.1, 'wsd_decay': '1-sqrt', 'attention_scope': 'block',

@@ -13,6 +13,7 @@ from typing import Callable, NoReturn, TypeVar
 import jax
 
 from mlm_jax import errors
+from mlm_jax import memory
 from mlm_jax import preemption
 from mlm_jax import validation
 from mlm_jax.errors import UserError
@@ -89,10 +90,11 @@ def use_compilation_cache() -> None:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
 
-def run_user_facing(fn: Callable[[], T]) -> T:
+def run_user_facing(fn: Callable[[], T], out_of_memory: str = memory.TRAIN_ADVICE) -> T:
   """Runs `fn`; a `UserError` becomes one line on stderr and exit status 2, and so does a full
   disk wherever it is met (the checkpoints and the export say more: `checkpoint.save_errors`,
-  `train.train_and_evaluate`).
+  `train.train_and_evaluate`), and running out of device or host memory, with the
+  `out_of_memory` advice (`memory.*_ADVICE`: what to lower).
 
   A run stopped by a signal (after saving) exits with 128 + the signal's number.
   """
@@ -104,6 +106,8 @@ def run_user_facing(fn: Callable[[], T]) -> T:
     print(str(e), file=sys.stderr, flush=True)
     sys.exit(e.exit_code)
   except Exception as e:  # pylint: disable=broad-except
+    if memory.is_out_of_memory(e):
+      fail(memory.out_of_memory_message(e, out_of_memory))
     if not errors.is_disk_full(e):
       raise
     fail(f'a disk is full ({errors.described(e)}); free disk space and rerun the same command')

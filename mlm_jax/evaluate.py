@@ -17,6 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mlm_jax import cli
+from mlm_jax import memory
 from mlm_jax import validation
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -50,7 +51,8 @@ def main(argv) -> None:
   cli.quiet_libraries()
   figures = cli.run_user_facing(
       lambda: evaluation.evaluate_model(config, _MODEL.value, _STEP.value, log=_print,
-                                        pll=_METRIC.value == 'pll'))
+                                        pll=_METRIC.value == 'pll'),
+      out_of_memory=memory.EVAL_ADVICE)
   _print(f'{_MODEL.value}: {evaluation.describe(figures, config.block_size)}')
   if _JSON.value:
     cli.run_user_facing(

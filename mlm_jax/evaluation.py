@@ -79,9 +79,11 @@ def evaluate_model(config: ml_collections.ConfigDict, model: str, step: int | No
       run_lib.masking_spec(config, predictor.tokenizer), config.seed, sharding.make_mesh(),
       sep_id=run_lib.document_separator(config, predictor.tokenizer))
   test = prepared.blocks.test
-  figures = steps_lib.evaluate(steps, predictor.params, test, run_lib.eval_batch_size(config),
-                               config.max_eval_blocks, config.seed)
-  evaluated = min(config.max_eval_blocks, len(test)) if config.max_eval_blocks else len(test)
+  evaluated = input_pipeline.evaluated_blocks(len(test), config.max_eval_blocks)
+  rows = steps_lib.eval_rows_that_fit(steps, predictor.params, run_lib.eval_batch_size(config),
+                                      config.block_size, log, blocks=evaluated)
+  figures = steps_lib.evaluate(steps, predictor.params, test, rows, config.max_eval_blocks,
+                               config.seed)
   figures = {**figures, 'eval_blocks': evaluated}
   if pll:
     figures.update(pseudo_perplexity(predictor, evaluated_blocks(test, config)))

@@ -22,6 +22,7 @@ import numpy as np
 from mlm_jax import checkpoint
 from mlm_jax import compiler_options
 from mlm_jax import host_memory
+from mlm_jax import memory
 from mlm_jax import model as model_lib
 from mlm_jax import scoring
 from mlm_jax import storage
@@ -40,6 +41,10 @@ DEFAULT_BATCH_SIZE = 64  # Texts per forward pass: memory stays bounded whatever
 SORTED_BATCHES = 8
 # Masked copies per forward pass when scoring: a text of n tokens is n copies.
 DEFAULT_SCORE_BATCH_SIZE = 128
+# A batch of more tokens than this (8 rows of 8,192, 64 of 1,024) runs as many of its rows at
+# a time as the memory free holds, by XLA's figures for the compiled forward
+# (`Predictor.rows_that_fit`); smaller ones run whole without compiling to check.
+CHECKED_FROM_TOKENS = 1 << 16
 
 
 @dataclasses.dataclass
@@ -64,6 +69,36 @@ class Predictor:
     self.token_log_probs = jax.jit(functools.partial(scoring.token_log_probs,
                                                      logits_fn=logits_fn),
                                    compiler_options=options)
+    self._fitting_rows = {}  # By the shapes of a batch: how many of its rows run at a time.
+
+  def rows_that_fit(self, batch: 'PaddedBatch', candidates: np.ndarray | None,
+                    top_k: int) -> int:
+    """How many of `batch`'s rows one forward runs: all of a batch of at most
+    `CHECKED_FROM_TOKENS` tokens, else as many as `memory.rows_that_fit` finds room for."""
+    rows, length = batch.ids.shape
+    if rows == 1 or rows * length <= CHECKED_FROM_TOKENS:
+      return rows
+    key = (rows, length, batch.predict_at.shape[1], top_k,
+           None if candidates is None else len(candidates))
+    if key not in self._fitting_rows:
+      def need(fewer: int) -> int:
+        shape = lambda a: jax.ShapeDtypeStruct((fewer,) + a.shape[1:], a.dtype)
+        return memory.needed_bytes(self.top_k_at.lower(
+            self.params, shape(batch.ids), shape(batch.attention_mask), shape(batch.predict_at),
+            candidates, top_k=top_k).compile())
+      self._fitting_rows[key] = memory.rows_that_fit(
+          need, rows, 1, memory.free_bytes(jax.local_devices()[0]))[0]
+    return self._fitting_rows[key]
+
+  def top_k(self, batch: 'PaddedBatch', candidates: np.ndarray | None,
+            top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, indices) [rows, masks, top_k] of `batch`, `rows_that_fit` rows at a time."""
+    step = self.rows_that_fit(batch, candidates, top_k)
+    parts = [jax.device_get(self.top_k_at(
+        self.params, batch.ids[start:start + step], batch.attention_mask[start:start + step],
+        batch.predict_at[start:start + step], candidates, top_k=top_k))
+             for start in range(0, len(batch.ids), step)]
+    return tuple(np.concatenate(arrays) for arrays in zip(*parts))
 
 
 def load_predictor(model: str, step: int | None = None, dtype: Any = jnp.float32,
@@ -184,9 +219,7 @@ def iter_fill_mask(predictor: Predictor, texts: Sequence[str], top_k: int = 5,
   for start in range(0, len(encoded), window):
     fills = {}
     for batch in padded_batches(tokenizer, encoded[start:start + window], batch_size):
-      scores, indices = jax.device_get(predictor.top_k_at(
-          predictor.params, batch.ids, batch.attention_mask, batch.predict_at, candidates,
-          top_k=k))
+      scores, indices = predictor.top_k(batch, candidates, k)
       if candidates is not None:
         indices = candidates[indices]
       for row, (index, seq, where) in enumerate(zip(batch.order, batch.encoded, batch.mask_at)):

@@ -35,7 +35,7 @@ def create_model(config, tokenizer,
   """The model in `config.dtype` for computation; its parameters stay float32. `log` takes
   the loader's one-line notices (a fresh head for a bare encoder): the loop passes its own."""
   kwargs = dict(dtype=compute_dtype(config.dtype), seed=config.seed,
-                attention_impl=config.attention_impl)
+                attention_impl=config.attention_impl, remat_policy=config.remat_policy)
   if config.model_name_or_path:
     model = FlaxAutoModelForMaskedLM.from_pretrained(config.model_name_or_path, log=log,
                                                      **kwargs)

@@ -21,11 +21,13 @@ from mlm_jax.data import input_pipeline
 from mlm_jax import compiler_options
 from mlm_jax import host_memory
 from mlm_jax import masking
+from mlm_jax import memory
 from mlm_jax import metrics as metrics_lib
 from mlm_jax import model as model_lib
 from mlm_jax import optim
 from mlm_jax import sharding
 from mlm_jax import threefry
+from mlm_jax.errors import UserError
 
 EVAL_STREAM = 1  # Eval masking draws from fold_in(PRNGKey(seed), EVAL_STREAM), fixed.
 
@@ -235,6 +237,38 @@ def compile_steps(apply_fn: Callable, tx: optax.GradientTransformation,
                     sharding.batch_sharding(mesh), replicated),
       out_shardings=replicated, compiler_options=options)
   return Steps(train, evaluate_batch, mesh)
+
+
+def eval_rows_that_fit(steps: Steps, params: Any, rows: int, length: int,
+                       log: Callable[[str], None], available: int | None = None,
+                       blocks: int | None = None) -> int:
+  """The rows of an eval batch (`rows`, the configured `eval_batch_size`, or fewer) whose
+  compiled eval step fits the memory free on the devices (`available` bytes per device,
+  default `memory.free_bytes`), said once in the log where they are fewer; no more than
+  the `blocks` evaluated need (rounded up to the devices). The figures do not change: each
+  row's masks follow from its index among the evaluated rows. Every host takes the fewest
+  rows any host can hold. One row that does not fit is a `UserError`."""
+  if blocks:
+    rows = min(rows, math.ceil(blocks / steps.mesh.size) * steps.mesh.size)
+  def need(batch_rows: int) -> int:
+    ids = jax.ShapeDtypeStruct((batch_rows, length), jnp.int32)
+    row_weights = jax.ShapeDtypeStruct((batch_rows,), jnp.float32)
+    return memory.needed_bytes(
+        steps.evaluate_batch.lower(params, ids, row_weights, np.int32(0)).compile())
+  if available is None:
+    available = memory.free_bytes(steps.mesh.devices.flat[0])
+  fitted, needed = memory.rows_that_fit(need, rows, steps.mesh.size, available)
+  fitted = int(sharding.gather_hosts(np.int32(fitted)).min())
+  where = f'{steps.mesh.devices.flat[0].platform} device'
+  if available is not None and needed > available:
+    raise UserError(f'evaluating {fitted} row(s) of {length} tokens needs '
+                    f'{memory.gigabytes(needed)} per {where}, more than the '
+                    f'{memory.gigabytes(available)} free; lower --config.block_size')
+  if fitted < rows:
+    log(f'eval_batch_size={rows} at {length} tokens a row needs more than the '
+        f'{memory.gigabytes(available)} free per {where}: evaluating {fitted} rows at a time '
+        '(the same figures)')
+  return fitted
 
 
 def evaluate(steps: Steps, params: Any, blocks: np.ndarray, global_batch_size: int,

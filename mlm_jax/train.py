@@ -86,6 +86,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           masking.count_dispersion(run.blocks.train, run.spec)),
       sep_id=document_separator(config, run.tokenizer))
   state = checkpoint.restore_newest(manager, workdir, state, run.config_record(), report.log)
+  run.eval_batch_size = steps_lib.eval_rows_that_fit(
+      steps, state.params, run.eval_batch_size, config.block_size, report.log,
+      blocks=input_pipeline.evaluated_blocks(len(run.blocks.test), config.max_eval_blocks))
   start_step = int(sharding.to_host(state.step))
   best = checkpoint.saved_early_stopping(manager, start_step)
   export_dir = checkpoint.export_dir(workdir)

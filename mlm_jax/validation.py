@@ -10,6 +10,7 @@ from mlm_jax.errors import UserError
 
 DTYPE_NAMES = ('float32', 'bfloat16')  # Computation dtypes (see model.DTYPES).
 ATTENTION_IMPLS = ('xla', 'cudnn')  # jax.nn.dot_product_attention's (see models/layers.py).
+REMAT_POLICIES = ('none', 'full', 'minimal', 'dots')  # See models/layers.py.
 LR_SCHEDULES = ('linear', 'cosine', 'wsd')  # See optim.make_schedule.
 WSD_DECAYS = ('1-sqrt', 'linear')  # The decay of lr_schedule='wsd' (optim.WSD_DECAYS).
 ATTENTION_SCOPES = ('block', 'document')  # See steps.document_ids.
@@ -70,6 +71,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check_choice('attention_scope', config.attention_scope, ATTENTION_SCOPES)
   check_choice('dtype', config.dtype, DTYPE_NAMES)
   check_choice('attention_impl', config.attention_impl, ATTENTION_IMPLS)
+  check_choice('remat_policy', config.remat_policy, REMAT_POLICIES)
   if config.num_train_steps == 0 or config.num_train_steps < -1:
     raise UserError(f'num_train_steps={config.num_train_steps} must be positive, or -1 to '
                     'train for num_epochs')

@@ -30,6 +30,7 @@ from tests.conftest import ROOT, load_config
     ('tokenizer_vocab_size', 0, 'must be at least 1'),
     ('dtype', 'float16', 'one of float32, bfloat16'),
     ('attention_impl', 'flash', 'one of xla, cudnn'),
+    ('remat_policy', 'everything', 'one of none, full, minimal, dots'),
     ('num_train_steps', -2, 'or -1 to train for num_epochs'),
     ('wsd_decay_fraction', 0.0, 'must be in (0, 1]'),
     ('wsd_decay_fraction', 1.5, 'must be in (0, 1]'),
@@ -66,6 +67,18 @@ def test_a_checkpoint_without_the_added_keys_compares_against_their_defaults():
   current['attention_scope'] = 'document'
   assert checkpoint.config_differences(older, current) == [
       "attention_scope: 'block' -> 'document'"]
+
+
+def test_a_resume_may_lower_the_memory_a_step_needs_but_not_the_batch():
+  """What the out-of-memory line advises is resumable: the same global batch in smaller
+  micro-batches, a remat policy, a smaller eval batch; another global batch is not."""
+  saved = load_config('tiny_test').to_dict() | {'global_batch_size': 32}
+  saved.update(per_device_batch_size=32, grad_accum_steps=1)
+  lower = saved | dict(per_device_batch_size=8, grad_accum_steps=4, remat_policy='full',
+                       eval_batch_size=1)
+  assert checkpoint.config_differences(saved, lower) == []
+  assert checkpoint.config_differences(saved, lower | {'global_batch_size': 8}) == [
+      'global_batch_size: 32 -> 8']
 
 
 def test_a_bad_value_fails_before_data_or_tokenizer(tmp_path):

@@ -12,7 +12,8 @@ from mlm_jax.models import FlaxAutoModelForMaskedLM
 MODERNBERT_SPECIALS = ['[UNK]', '[CLS]', '[SEP]', '[PAD]', '[MASK]']  # After the BPE's ids.
 
 
-def modernbert_style_tokenizer(texts: list[str]) -> transformers.PreTrainedTokenizerFast:
+def modernbert_style_tokenizer(texts: list[str],
+                               max_length: int = 128) -> transformers.PreTrainedTokenizerFast:
   """A byte-level BPE with ModernBERT's special tokens at the end of the vocabulary and its
   [CLS] ... [SEP] template, as `answerdotai/ModernBERT-base`'s tokenizer.json has them."""
   bpe = tokenizers.ByteLevelBPETokenizer()
@@ -25,20 +26,20 @@ def modernbert_style_tokenizer(texts: list[str]) -> transformers.PreTrainedToken
       special_tokens=[(t, backend.token_to_id(t)) for t in ('[CLS]', '[SEP]')])
   return transformers.PreTrainedTokenizerFast(
       tokenizer_object=backend, unk_token='[UNK]', cls_token='[CLS]', sep_token='[SEP]',
-      pad_token='[PAD]', mask_token='[MASK]', model_max_length=128)
+      pad_token='[PAD]', mask_token='[MASK]', model_max_length=max_length)
 
 
-def save_modernbert(directory: str, dropout: float = 0.0) -> str:
-  """A fresh 3-layer ModernBERT (global every 3rd layer, window 8) and its tokenizer, trained
-  on the shipped sample, in `directory`."""
+def save_modernbert(directory: str, dropout: float = 0.0, positions: int = 64) -> str:
+  """A fresh 3-layer ModernBERT (global every 3rd layer, window 8) of `positions` positions
+  and its tokenizer, trained on the shipped sample, in `directory`."""
   with open(sources.sample_data_path(), encoding='utf-8') as f:
     texts = [' '.join(json.loads(line)['answers']['text']) for line in f]
-  tokenizer = modernbert_style_tokenizer(texts)
+  tokenizer = modernbert_style_tokenizer(texts, max(128, positions))
   tokenizer.save_pretrained(directory)
   config = transformers.ModernBertConfig(
       vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
       num_attention_heads=2, global_attn_every_n_layers=3, local_attention=8,
-      max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+      max_position_embeddings=positions, pad_token_id=tokenizer.pad_token_id,
       cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
       bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
       embedding_dropout=dropout, attention_dropout=dropout, mlp_dropout=dropout)

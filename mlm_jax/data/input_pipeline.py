@@ -182,6 +182,11 @@ def train_batches(blocks: np.ndarray, global_batch_size: int, grad_accum_steps: 
   return iter(dataset[start_step:].to_iter_dataset(_READ_OPTIONS))
 
 
+def evaluated_blocks(blocks: int, max_blocks: int) -> int:
+  """How many of `blocks` test blocks an evaluation covers (see `eval_batches`)."""
+  return min(max_blocks, blocks) if max_blocks else blocks
+
+
 def eval_batches(blocks: np.ndarray, global_batch_size: int, max_blocks: int = 0,
                  seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Yields (this host's ids, row weights) covering the evaluated blocks once.

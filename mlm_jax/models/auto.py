@@ -76,11 +76,14 @@ class FlaxAutoModelForMaskedLM:
   """
 
   def __init__(self, config: transformers.PretrainedConfig, params: Any = None,
-               dtype: Any = jnp.float32, seed: int = 0, attention_impl: str = 'xla'):
+               dtype: Any = jnp.float32, seed: int = 0, attention_impl: str = 'xla',
+               remat_policy: str = 'none'):
     self.config = config
     self.family = registry.family(config.model_type)
     self.dtype = _dtype(dtype)
-    self.module = self.family.module(config, self.dtype, attention_impl)
+    # `remat_policy` (see `layers.REMAT_POLICIES`) changes what a gradient's backward pass
+    # recomputes, never the numbers.
+    self.module = self.family.module(config, self.dtype, attention_impl, remat_policy)
     self.key = jax.random.PRNGKey(seed)
     self._params = params
 
@@ -88,19 +91,20 @@ class FlaxAutoModelForMaskedLM:
 
   @classmethod
   def from_config(cls, config, dtype: Any = jnp.float32, seed: int = 0, _do_init: bool = True,
-                  attention_impl: str = 'xla') -> 'FlaxAutoModelForMaskedLM':
+                  attention_impl: str = 'xla',
+                  remat_policy: str = 'none') -> 'FlaxAutoModelForMaskedLM':
     """A fresh model. `_do_init=False` leaves the parameters to `init_weights` (so that they
     can be created sharded, inside a jit), as transformers' argument of that name did."""
     if isinstance(config, dict):
       config = config_from_dict(config, 'the config')
-    model = cls(config, None, dtype, seed, attention_impl)
+    model = cls(config, None, dtype, seed, attention_impl, remat_policy)
     if _do_init:
       model._params = model.init_weights(model.key)
     return model
 
   @classmethod
   def from_pretrained(cls, name_or_path: str, dtype: Any = jnp.float32, seed: int = 0,
-                      attention_impl: str = 'xla',
+                      attention_impl: str = 'xla', remat_policy: str = 'none',
                       log: Callable[[str], None] = _logger.warning) -> 'FlaxAutoModelForMaskedLM':
     """A hub id, or a local or `gs://` directory saved by `save_pretrained` (PyTorch's or ours)."""
     with contextlib.ExitStack() as stack:
@@ -108,7 +112,7 @@ class FlaxAutoModelForMaskedLM:
         name_or_path = stack.enter_context(storage.local_copy(name_or_path))
       directory = hf_checkpoint.local_directory(name_or_path)
       config = config_from_dict(hf_checkpoint.read_config_dict(directory), directory)
-      model = cls(config, None, dtype, seed, attention_impl)
+      model = cls(config, None, dtype, seed, attention_impl, remat_policy)
       model._params = model.load_params(directory, log)
     return model
 

@@ -19,6 +19,20 @@ Dtype = Any
 # jax.nn.dot_product_attention's implementations, by the name `config.attention_impl` uses.
 ATTENTION_IMPLS = {'xla': 'xla', 'cudnn': 'cudnn'}
 
+# What the backward pass keeps of each layer's forward, by the name `config.remat_policy` uses
+# (MaxText's names where it has one): None keeps everything, as without remat; a policy of
+# `jax.checkpoint_policies` keeps what it saves and recomputes the rest, layer by layer.
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    'none': None,
+    # Only each layer's input: the whole layer runs again in the backward pass.
+    'full': jax.checkpoint_policies.nothing_saveable,
+    # The weight products (projections, feed-forward): attention scores, softmax and the
+    # element-wise work are recomputed, so no [seq, seq] array outlives its layer.
+    'minimal': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Every product, the attention scores too: less recomputed, more kept.
+    'dots': jax.checkpoint_policies.dots_saveable,
+}
+
 
 def gelu(x: Array) -> Array:
   """Exact GELU as PyTorch writes it, x/2 (1 + erf(x/sqrt(2))): jax.nn.gelu's erfc form costs
@@ -133,17 +147,33 @@ class LayerStack(nn.Module):
   those rows: with the masked-only head (and in fill-mask) nothing else of its output is used,
   and past its attention (every token still attends to every token) its per-token work, three
   quarters of a layer, is done for the predicted rows alone.
+
+  `remat_policy` (a name of `REMAT_POLICIES`) rematerialises each layer (`nn.remat`, as
+  MaxText's `remat_policy` wraps its decoder layer): the parameters and their names are
+  the same, and so are the outputs and gradients; the backward pass recomputes what the
+  policy does not save.
   """
   layer: Callable[[int, str], nn.Module]
   count: int
+  remat_policy: str = 'none'
 
   @nn.compact
   def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
                predict_at: Array | None = None) -> Array:
+    apply = _apply_layer
+    if self.remat_policy != 'none':
+      # `deterministic` (argument 3, the layer being 0) chooses Python branches: static.
+      apply = nn.remat(_apply_layer, policy=REMAT_POLICIES[self.remat_policy],
+                       static_argnums=(3,))
     for index in range(self.count):
       rows = {} if predict_at is None or index < self.count - 1 else {'predict_at': predict_at}
-      hidden = self.layer(index, str(index))(hidden, mask, deterministic, **rows)
+      hidden = apply(self.layer(index, str(index)), hidden, mask, deterministic, **rows)
     return hidden
+
+
+def _apply_layer(layer: nn.Module, hidden: Array, mask: Array | None, deterministic: bool,
+                 **rows) -> Array:
+  return layer(hidden, mask, deterministic, **rows)
 
 
 class Dropout(nn.Module):

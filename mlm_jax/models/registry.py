@@ -16,7 +16,8 @@ from mlm_jax.models import roberta
 class Family:
   """What the package needs of a family: its Flax masked LM, its checkpoint names, the
   PyTorch class an export names, and how many tokens a row may hold."""
-  module: type  # module(config, dtype, attention_impl); see `auto.FlaxAutoModelForMaskedLM`.
+  # module(config, dtype, attention_impl, remat_policy); see `auto.FlaxAutoModelForMaskedLM`.
+  module: type
   checkpoint_names: Callable[..., checkpoint_names.Table]
   architecture: str
   max_positions: Callable[..., int] = lambda config: config.max_position_embeddings

@@ -65,12 +65,14 @@ class LayerGroup(nn.Module):
   config: object
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
+  remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact
   def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
                predict_at: Array | None = None) -> Array:
     layer = lambda index, name: Layer(self.config, self.dtype, self.attention_impl, name=name)
-    return layers.LayerStack(layer, self.config.inner_group_num, name='albert_layers')(
+    return layers.LayerStack(layer, self.config.inner_group_num, self.remat_policy,
+                             name='albert_layers')(
         hidden, mask, deterministic, predict_at)
 
 
@@ -81,12 +83,13 @@ class LayerGroups(nn.Module):
   config: object
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
+  remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact
   def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
                predict_at: Array | None = None) -> Array:
     cfg = self.config
-    groups = [LayerGroup(cfg, self.dtype, self.attention_impl, name=str(g))
+    groups = [LayerGroup(cfg, self.dtype, self.attention_impl, self.remat_policy, name=str(g))
               for g in range(cfg.num_hidden_groups)]
     last = cfg.num_hidden_layers - 1
     for i in range(cfg.num_hidden_layers):
@@ -100,6 +103,7 @@ class Encoder(nn.Module):
   config: object
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
+  remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact
   def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
@@ -107,7 +111,8 @@ class Encoder(nn.Module):
     cfg = self.config
     hidden = layers.dense(cfg.hidden_size, self.dtype, cfg.initializer_range,
                           'embedding_hidden_mapping_in')(hidden)
-    return LayerGroups(cfg, self.dtype, self.attention_impl, name='albert_layer_groups')(
+    return LayerGroups(cfg, self.dtype, self.attention_impl, self.remat_policy,
+                       name='albert_layer_groups')(
         hidden, mask, deterministic, predict_at)
 
 
@@ -117,6 +122,7 @@ class Albert(nn.Module):
   config: object
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
+  remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact
   def __call__(self, input_ids: Array, mask: Array | None, deterministic: bool,
@@ -124,6 +130,6 @@ class Albert(nn.Module):
     cfg = self.config
     hidden, word_table = bert.Embeddings(cfg, self.dtype, cfg.embedding_size, name='embeddings')(
         input_ids, 0, deterministic)
-    hidden = Encoder(cfg, self.dtype, self.attention_impl, name='encoder')(
+    hidden = Encoder(cfg, self.dtype, self.attention_impl, self.remat_policy, name='encoder')(
         hidden, mask, deterministic, predict_at)
     return hidden, word_table

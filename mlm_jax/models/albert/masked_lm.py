@@ -31,12 +31,14 @@ class AlbertForMaskedLM(nn.Module):
   config: object
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
+  remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                segment_ids: Array | None = None, predict_at: Array | None = None,
                deterministic: bool = True) -> Array:
     mask = layers.keys_mask(attention_mask, segment_ids)
-    encoder = backbone.Albert(self.config, self.dtype, self.attention_impl, name='albert')
+    encoder = backbone.Albert(self.config, self.dtype, self.attention_impl, self.remat_policy,
+                              name='albert')
     hidden, word_table = encoder(input_ids, mask, deterministic, predict_at)
     return MLMHead(self.config, self.dtype, name='predictions')(hidden, word_table)

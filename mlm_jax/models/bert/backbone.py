@@ -117,12 +117,14 @@ class Encoder(nn.Module):
   config: object
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
+  remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact
   def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
                predict_at: Array | None = None) -> Array:
     layer = lambda index, name: Layer(self.config, self.dtype, self.attention_impl, name=name)
-    return layers.LayerStack(layer, self.config.num_hidden_layers, name='layer')(
+    return layers.LayerStack(layer, self.config.num_hidden_layers, self.remat_policy,
+                             name='layer')(
         hidden, mask, deterministic, predict_at)
 
 
@@ -132,12 +134,14 @@ class Backbone(nn.Module):
   config: object
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
+  remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact
   def __call__(self, input_ids: Array, positions: int | Array, mask: Array | None,
                deterministic: bool, predict_at: Array | None = None) -> tuple[Array, Array]:
     hidden, word_table = Embeddings(self.config, self.dtype, name='embeddings')(
         input_ids, positions, deterministic)
-    hidden = Encoder(self.config, self.dtype, self.attention_impl, name='encoder')(
+    hidden = Encoder(self.config, self.dtype, self.attention_impl, self.remat_policy,
+                     name='encoder')(
         hidden, mask, deterministic, predict_at)
     return hidden, word_table

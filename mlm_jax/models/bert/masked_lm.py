@@ -50,12 +50,14 @@ class BertForMaskedLM(nn.Module):
   config: object
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
+  remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                segment_ids: Array | None = None, predict_at: Array | None = None,
                deterministic: bool = True) -> Array:
     mask = layers.keys_mask(attention_mask, segment_ids)
-    encoder = backbone.Backbone(self.config, self.dtype, self.attention_impl, name='bert')
+    encoder = backbone.Backbone(self.config, self.dtype, self.attention_impl, self.remat_policy,
+                                name='bert')
     hidden, word_table = encoder(input_ids, 0, mask, deterministic, predict_at)
     return _Cls(self.config, self.dtype, name='cls')(hidden, word_table)

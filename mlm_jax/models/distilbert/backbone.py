@@ -102,13 +102,14 @@ class Transformer(nn.Module):
   config: object
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
+  remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact
   def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
                predict_at: Array | None = None) -> Array:
     block = lambda index, name: TransformerBlock(self.config, self.dtype, self.attention_impl,
                                                  name=name)
-    return layers.LayerStack(block, self.config.n_layers, name='layer')(
+    return layers.LayerStack(block, self.config.n_layers, self.remat_policy, name='layer')(
         hidden, mask, deterministic, predict_at)
 
 
@@ -118,12 +119,14 @@ class DistilBert(nn.Module):
   config: object
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
+  remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact
   def __call__(self, input_ids: Array, mask: Array | None, deterministic: bool,
                predict_at: Array | None = None) -> tuple[Array, Array]:
     hidden, word_table = Embeddings(self.config, self.dtype, name='embeddings')(
         input_ids, deterministic)
-    hidden = Transformer(self.config, self.dtype, self.attention_impl, name='transformer')(
+    hidden = Transformer(self.config, self.dtype, self.attention_impl, self.remat_policy,
+                         name='transformer')(
         hidden, mask, deterministic, predict_at)
     return hidden, word_table

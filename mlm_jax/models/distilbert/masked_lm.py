@@ -28,6 +28,7 @@ class DistilBertForMaskedLM(nn.Module):
   config: object
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
+  remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
@@ -35,7 +36,8 @@ class DistilBertForMaskedLM(nn.Module):
                deterministic: bool = True) -> Array:
     cfg = self.config
     mask = layers.keys_mask(attention_mask, segment_ids)
-    encoder = backbone.DistilBert(cfg, self.dtype, self.attention_impl, name='distilbert')
+    encoder = backbone.DistilBert(cfg, self.dtype, self.attention_impl, self.remat_policy,
+                                  name='distilbert')
     hidden, word_table = encoder(input_ids, mask, deterministic, predict_at)
     hidden = layers.dense(cfg.dim, self.dtype, cfg.initializer_range, 'vocab_transform')(hidden)
     hidden = layers.activation(cfg.activation)(hidden)

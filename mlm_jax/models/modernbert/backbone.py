@@ -151,6 +151,7 @@ class Backbone(nn.Module):
   config: object
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
+  remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact
   def __call__(self, input_ids: Array, mask: Array | None, deterministic: bool,
@@ -159,6 +160,7 @@ class Backbone(nn.Module):
         input_ids, deterministic)
     layer = lambda index, name: Layer(self.config, index, self.dtype, self.attention_impl,
                                       name=name)
-    hidden = layers.LayerStack(layer, self.config.num_hidden_layers, name='layers')(
-        hidden, mask, deterministic, predict_at)
+    stack = layers.LayerStack(layer, self.config.num_hidden_layers, self.remat_policy,
+                              name='layers')
+    hidden = stack(hidden, mask, deterministic, predict_at)
     return norm(self.config, self.dtype, 'final_norm')(hidden), word_table

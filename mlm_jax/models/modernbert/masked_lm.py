@@ -53,6 +53,7 @@ class ModernBertForMaskedLM(nn.Module):
   config: object
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
+  remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   def __post_init__(self):
     configuration.check_config(self.config)
@@ -63,7 +64,8 @@ class ModernBertForMaskedLM(nn.Module):
                segment_ids: Array | None = None, predict_at: Array | None = None,
                deterministic: bool = True) -> Array:
     mask = layers.keys_mask(attention_mask, segment_ids)
-    encoder = backbone.Backbone(self.config, self.dtype, self.attention_impl, name='model')
+    encoder = backbone.Backbone(self.config, self.dtype, self.attention_impl, self.remat_policy,
+                                name='model')
     hidden, word_table = encoder(input_ids, mask, deterministic, predict_at)
     hidden = Head(self.config, self.dtype, name='head')(hidden)
     return Decoder(self.config, self.dtype, name='decoder')(hidden, word_table)

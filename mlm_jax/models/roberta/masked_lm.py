@@ -48,6 +48,7 @@ class RobertaForMaskedLM(nn.Module):
   config: object
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
+  remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
@@ -59,6 +60,7 @@ class RobertaForMaskedLM(nn.Module):
     else:
       positions = position_ids(input_ids, cfg.pad_token_id)
     mask = layers.keys_mask(attention_mask, segment_ids)
-    hidden, word_table = bert.Backbone(cfg, self.dtype, self.attention_impl, name='roberta')(
+    hidden, word_table = bert.Backbone(cfg, self.dtype, self.attention_impl, self.remat_policy,
+                                       name='roberta')(
         input_ids, positions, mask, deterministic, predict_at)
     return LMHead(cfg, self.dtype, name='lm_head')(hidden, word_table)
