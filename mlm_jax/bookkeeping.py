@@ -12,6 +12,7 @@ from mlm_jax.data import input_pipeline
 from mlm_jax import metric_writers
 from mlm_jax import metrics as metrics_lib
 from mlm_jax import preemption
+from mlm_jax import report
 from mlm_jax import sharding
 from mlm_jax import steps as steps_lib
 from mlm_jax.errors import UserError
@@ -40,15 +41,18 @@ class Bookkeeping:
   def evaluate(self, state: steps_lib.TrainState) -> None:
     step = int(sharding.to_host(state.step))
     config = self.run.config
-    self.writer.write(step, steps_lib.evaluate(self.steps, state.params, self.run.blocks.test,
-                                               self.run.eval_batch_size, config.max_eval_blocks,
-                                               config.seed))
+    figures = steps_lib.evaluate_sources(self.steps, state.params, self.run.sources,
+                                         self.run.eval_batch_size, config.max_eval_blocks,
+                                         config.seed)
+    self.writer.write(step, figures)
+    if len(self.run.sources) > 1 and jax.process_index() == 0:
+      self.bar.write(report.describe_eval(step, figures))  # Above the progress bar.
 
   def save(self, state: steps_lib.TrainState) -> None:
     """Starts saving `state`; a failure (disk full, say) of this or the previous save is a
     `UserError`, and the newest complete checkpoint stays intact."""
     step = int(sharding.to_host(state.step))
-    cursor = input_pipeline.cursor_at(step, len(self.run.blocks.train),
+    cursor = input_pipeline.cursor_at(step, self.run.blocks_per_epoch,
                                       self.run.global_batch_size)
     with checkpoint.save_errors(self.manager, self.run.workdir, step):
       checkpoint.save(self.manager, step, state,

@@ -4,6 +4,7 @@ import jax
 
 from mlm_jax import checkpoint
 from mlm_jax import errors
+from mlm_jax import metrics as metrics_lib
 from mlm_jax import storage
 
 
@@ -13,10 +14,35 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
+def describe_blocks(sources) -> str:
+  """'N train / M test blocks', and for a mixture each source's with its share of the rows."""
+  def count(split: str) -> int:
+    return sum(len(getattr(s.blocks, split)) for s in sources)
+  text = f'{count("train")} train / {count("test")} test blocks'
+  if len(sources) > 1:
+    total = sum(s.weight for s in sources)
+    text += ' (' + ', '.join(f'{s.name}: {len(s.blocks.train)} / {len(s.blocks.test)}, '
+                             f'{s.weight / total:.0%} of the rows' for s in sources) + ')'
+  return text
+
+
+def describe_eval(step: int, figures: dict) -> str:
+  """An evaluation in one line: the overall perplexity, then each source's."""
+  parts = [f'step {step}: eval perplexity {figures["eval_perplexity"]:.3f}']
+  parts += [f'{name} {own["perplexity"]:.3f}'
+            for name, own in metrics_lib.by_source(figures).items()]
+  return ', '.join(parts)
+
+
 def summary(run, records: list[dict], wall: float, steps_run: int) -> dict:
-  """The run's closing figures, from its metrics records (see `metric_writers.read_metrics`)."""
+  """The run's closing figures, from its metrics records (see `metric_writers.read_metrics`);
+  a mixture's adds each source's perplexity before and after (`perplexity_by_source`)."""
   evals = [r for r in records if 'eval_perplexity' in r]
   tokens = steps_run * run.global_batch_size * run.config.block_size
+  first, last = (metrics_lib.by_source(evals[i]) if evals else {} for i in (0, -1))
+  by_source = {name: {'perplexity_before': first.get(name, {}).get('perplexity', float('nan')),
+                      'perplexity_after': own['perplexity'], 'eval_loss': own['loss']}
+               for name, own in last.items()}
   return {
       'steps': run.total_steps, 'steps_this_run': steps_run, 'wall_time_s': wall,
       'tokens_per_s': tokens / wall if wall > 0 else 0.0,
@@ -26,6 +52,7 @@ def summary(run, records: list[dict], wall: float, steps_run: int) -> dict:
       'eval_accuracy': evals[-1]['eval_accuracy'] if evals else float('nan'),
       'checkpoint_dir': str(checkpoint.checkpoint_dir(run.workdir)),
       'export_dir': str(checkpoint.export_dir(run.workdir)),
+      **({'perplexity_by_source': by_source} if by_source else {}),
   }
 
 
@@ -34,7 +61,9 @@ def print_summary(figures: dict) -> None:
       f'{figures["wall_time_s"]:.1f} s, {figures["tokens_per_s"]:,.0f} tokens/s.\n'
       f'  eval loss {figures["eval_loss"]:.4f}, accuracy {figures["eval_accuracy"]:.3f}\n'
       f'  perplexity {figures["perplexity_before"]:.2f} before -> '
-      f'{figures["perplexity_after"]:.2f} after training\n'
+      f'{figures["perplexity_after"]:.2f} after training\n' +
+      ''.join(f'    {name}: {own["perplexity_before"]:.2f} -> {own["perplexity_after"]:.2f}\n'
+              for name, own in figures.get('perplexity_by_source', {}).items()) +
       f'  checkpoints: {figures["checkpoint_dir"]}\n  export: {figures["export_dir"]}')
 
 

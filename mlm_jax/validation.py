@@ -6,6 +6,7 @@ heavy imports of training; the masking checks import `masking` when they run.
 
 import ml_collections
 
+from mlm_jax.data import mixture
 from mlm_jax.errors import UserError
 
 DTYPE_NAMES = ('float32', 'bfloat16')  # Computation dtypes (see model.DTYPES).
@@ -45,9 +46,20 @@ def _check_range(config: ml_collections.ConfigDict) -> None:
                     'held-out examples; set --config.test_size, e.g. 0.2 or 1000')
 
 
+def _check_mixture(config: ml_collections.ConfigDict) -> None:
+  """A mixture's entries parse (`mixture.parse` names a bad one), and it is the only source."""
+  if not mixture.parse(config.mixture):
+    return
+  for key in ('data_files', 'dataset'):
+    if config[key]:
+      raise UserError(f'--config.mixture and --config.{key} both name the data; a mixture '
+                      f'lists every source itself: drop --config.{key}')
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Rejects every value that would fail later, with the key and the fix."""
   _check_range(config)
+  _check_mixture(config)
   from mlm_jax import masking  # pylint: disable=import-outside-toplevel
   masking.check_config(config)  # mlm_probability, the scheme and the 80/10/10 split.
   check_choice('lr_schedule', config.lr_schedule, LR_SCHEDULES)
