@@ -303,12 +303,6 @@ def source_config(config, source: mixture.Source):
   return single
 
 
-def _mixture_fingerprint(config) -> dict:
-  """A mixture by its sources' contents and weights: the key of its from-scratch tokenizer."""
-  return {'version': CACHE_VERSION,
-          'mixture': [{'name': s.name, 'weight': s.weight,
-                       **source_fingerprint(source_config(config, s))}
-                      for s in mixture.parse(config.mixture)]}
 
 
 def _tokenizer_key(config) -> dict:
@@ -323,6 +317,16 @@ def _naming(source: mixture.Source) -> Iterator[None]:
   except UserError as e:
     raise UserError(f'mixture source {source.name!r} ({source.files}): '
                     f'{str(e).replace("--config.data_files", "--config.mixture")}') from None
+
+
+def _mixture_fingerprint(config) -> dict:
+  """A mixture by its sources' contents and weights: the key of its from-scratch tokenizer."""
+  parts = []
+  for source in mixture.parse(config.mixture):
+    with _naming(source):
+      parts.append({'name': source.name, 'weight': source.weight,
+                    **source_fingerprint(source_config(config, source))})
+  return {'version': CACHE_VERSION, 'mixture': parts}
 
 
 def _mixture_texts(config, log: Callable[[str], None]) -> Iterator[str]:
