@@ -47,13 +47,11 @@ def _check_range(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_mixture(config: ml_collections.ConfigDict) -> None:
-  """A mixture's entries parse (`mixture.parse` names a bad one), and it is the only source."""
-  if not mixture.parse(config.mixture):
-    return
-  for key in ('data_files', 'dataset'):
-    if config[key]:
-      raise UserError(f'--config.mixture and --config.{key} both name the data; a mixture '
-                      f'lists every source itself: drop --config.{key}')
+  """A mixture's entries parse (`mixture.parse` names a bad one). It wins over `dataset` (a
+  config file's default source), as `data_files` does; beside `data_files` it is ambiguous."""
+  if mixture.parse(config.mixture) and config.data_files:
+    raise UserError('--config.mixture and --config.data_files both name data files; a mixture '
+                    'lists every source itself: drop --config.data_files')
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

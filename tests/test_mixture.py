@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 
+from mlm_jax import evaluation
 from mlm_jax import metric_writers
 from mlm_jax import train
 from mlm_jax import validation
@@ -98,12 +99,20 @@ def test_a_bad_mixture_is_one_line_naming_the_entry_and_the_fix(spec, says):
   assert says in message and '--config.mixture' in message and '\n' not in message
 
 
-@pytest.mark.parametrize('key', ['data_files', 'dataset'])
-def test_a_mixture_with_data_files_or_dataset_is_refused(key):
+def test_a_mixture_beside_data_files_is_refused():
   config = load_config('tiny_test')
-  config.mixture, config[key] = 'a.txt:1,b.txt:1', 'other'
-  with pytest.raises(UserError, match=f'drop --config.{key}'):
+  config.mixture, config.data_files = 'a.txt:1,b.txt:1', 'c.txt'
+  with pytest.raises(UserError, match='drop --config.data_files'):
     validation.validate_config(config)
+
+
+def test_a_mixture_wins_over_a_configs_dataset(corpora, tmp_path):
+  """As `data_files` does: configs/eli5_distilroberta.py names a hub dataset."""
+  config = mixture_config(corpora, tmp_path / 'cache')
+  config.dataset = 'no/such-dataset'
+  validation.validate_config(config)
+  names = [s.name for s in preparation.prepare_sources(config, **_QUIET).sources]
+  assert names == ['domain', 'general']
 
 
 # ----------------------------------------------------------------------------
@@ -297,6 +306,16 @@ def test_the_sources_perplexities_differ_and_both_fall(mixed_run):
   assert by_source['domain']['perplexity_after'] != by_source['general']['perplexity_after']
   last = [r for r in metric_writers.read_metrics(workdir) if 'eval_loss' in r][-1]
   assert by_source['domain']['perplexity_after'] == last['eval/domain/perplexity']
+
+
+def test_evaluate_gives_the_runs_last_figures_for_each_source(mixed_run):
+  config, workdir, _ = mixed_run
+  figures = evaluation.evaluate_model(config, workdir, log=lambda message: None)
+  last = [r for r in metric_writers.read_metrics(workdir) if 'eval_loss' in r][-1]
+  for key in ('eval_loss', 'eval/domain/loss', 'eval/general/perplexity',
+              'eval/general/masked_tokens'):
+    assert figures[key] == pytest.approx(last[key], rel=1e-6), key
+  assert 'domain: perplexity' in evaluation.describe(figures, config.block_size)
 
 
 def tensorboard_scalars(folder: str) -> dict[str, list[int]]:
