@@ -5,17 +5,19 @@ within 1% over an epoch, read each source's blocks at most once an epoch, resume
 any step and split over hosts as one process reads them; that each source is prepared into
 its own cache folder, the blocks a run of that source alone prepares, once per cluster; and
 that a run reports each source's perplexity at every evaluation (metrics file, TensorBoard,
-log line, closing summary) beside the overall figures.
+log line, closing summary, `evaluate`) beside the overall figures, and resumes exactly.
 """
 
 import itertools
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
 import pytest
 
+from mlm_jax import checkpoint
 from mlm_jax import evaluation
 from mlm_jax import metric_writers
 from mlm_jax import train
@@ -25,7 +27,7 @@ from mlm_jax.data import mixture
 from mlm_jax.data import preparation
 from mlm_jax.errors import UserError
 from tests.conftest import ROOT, load_config
-from tests.multidevice import free_port, run_hosts
+from tests.multidevice import assert_same_training, free_port, run_hosts
 from tests.test_data import read_sample, write_jsonl
 
 _QUIET = {'log': lambda message: None, 'progress': False}
@@ -306,6 +308,29 @@ def test_the_sources_perplexities_differ_and_both_fall(mixed_run):
   assert by_source['domain']['perplexity_after'] != by_source['general']['perplexity_after']
   last = [r for r in metric_writers.read_metrics(workdir) if 'eval_loss' in r][-1]
   assert by_source['domain']['perplexity_after'] == last['eval/domain/perplexity']
+
+
+def test_a_resumed_mixed_run_trains_as_the_uninterrupted_one(mixed_run, tmp_path):
+  """Steps 11-20 again from the step-10 checkpoint: the same rows of each source, so the same
+  parameters and logged losses."""
+  config, workdir, _ = mixed_run
+  resumed = tmp_path / 'run'
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(resumed / 'checkpoints' / '20')
+  shutil.rmtree(resumed / 'export')
+  assert train.train_and_evaluate(config, str(resumed))['steps_this_run'] == 10
+  assert_same_training(workdir, resumed)
+  manager = checkpoint.make_manager(str(resumed), keep=None, create=False)
+  # An epoch of the mixture is 134 batches of 8 (the domain corpus read once at 0.7).
+  assert checkpoint.read_metadata(manager, 20)[0] == {'epoch': 0, 'batch': 20,
+                                                     'schedule_steps': 20}
+
+
+def test_a_resume_with_other_weights_is_refused(mixed_run, corpora):
+  config, workdir, _ = mixed_run
+  changed = mixture_config(corpora, config.cache_dir, weights=(0.5, 0.5))
+  with pytest.raises(UserError, match=r'mixture: .*:0\.7,.* -> .*:0\.5,'):
+    train.train_and_evaluate(changed, workdir)
 
 
 def test_evaluate_gives_the_runs_last_figures_for_each_source(mixed_run):
