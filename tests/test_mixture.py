@@ -25,6 +25,7 @@ from mlm_jax import validation
 from mlm_jax.data import input_pipeline
 from mlm_jax.data import mixture
 from mlm_jax.data import preparation
+from mlm_jax.data import sources
 from mlm_jax.errors import UserError
 from tests.conftest import ROOT, load_config
 from tests.multidevice import assert_same_training, free_port, run_hosts
@@ -217,6 +218,18 @@ def test_each_source_is_prepared_as_a_run_of_it_alone_into_its_own_folder(corpor
                                 **_QUIET)
     assert alone.from_cache and alone.blocks.directory == source.blocks.directory
     assert len(source.blocks.test) > 0
+
+
+def test_a_from_scratch_tokenizer_learns_from_every_source_by_its_weight(corpora, tmp_path):
+  """Of `tokenizer_train_max_texts` = 10 texts at 0.7 / 0.3: the first 7 train texts of the
+  domain corpus, then the first 3 of the general one."""
+  config = mixture_config(corpora, tmp_path / 'cache')
+  config.tokenizer_train_max_texts = 10
+  expected = []
+  for source, count in zip(mixture.parse(config.mixture), (7, 3)):
+    corpus = sources.load_corpus(preparation.source_config(config, source), lambda m: None)
+    expected += list(corpus.train_texts(count))
+  assert list(preparation._mixture_texts(config, lambda m: None)) == expected  # pylint: disable=protected-access
 
 
 def test_a_source_that_matches_no_file_is_one_line_naming_it(corpora, tmp_path):
