@@ -8,6 +8,8 @@ that a run reports each source's perplexity at every evaluation (metrics file, T
 log line, closing summary, `evaluate`) beside the overall figures, and resumes exactly.
 """
 
+import contextlib
+import io
 import itertools
 import json
 import os
@@ -27,7 +29,7 @@ from mlm_jax.data import mixture
 from mlm_jax.data import preparation
 from mlm_jax.data import sources
 from mlm_jax.errors import UserError
-from tests.conftest import ROOT, load_config
+from tests.conftest import load_config
 from tests.multidevice import assert_same_training, free_port, run_hosts
 from tests.test_data import read_sample, write_jsonl
 
@@ -290,13 +292,18 @@ def test_two_hosts_prepare_the_sources_once_and_read_their_rows_of_the_mixed_bat
 
 @pytest.fixture(scope='module')
 def mixed_run(corpora, tmp_path_factory):
+  """The tiny config on the domain and general corpora at 0.7 / 0.3: (config, workdir, summary,
+  what it printed)."""
   workdir = str(tmp_path_factory.mktemp('mixed_run'))
   config = mixture_config(corpora, tmp_path_factory.mktemp('cache'))
-  return config, workdir, train.train_and_evaluate(config, workdir)
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    summary = train.train_and_evaluate(config, workdir)
+  return config, workdir, summary, printed.getvalue()
 
 
 def test_every_evaluation_records_each_sources_figures_beside_the_overall_ones(mixed_run):
-  config, workdir, _ = mixed_run
+  config, workdir, *_ = mixed_run
   evals = [r for r in metric_writers.read_metrics(workdir) if 'eval_loss' in r]
   assert [r['step'] for r in evals] == [0, 10, 20]
   for record in evals:
@@ -313,7 +320,7 @@ def test_every_evaluation_records_each_sources_figures_beside_the_overall_ones(m
 
 
 def test_the_sources_perplexities_differ_and_both_fall(mixed_run):
-  _, workdir, summary = mixed_run
+  _, workdir, summary, _ = mixed_run
   by_source = summary['perplexity_by_source']
   assert set(by_source) == {'domain', 'general'}
   for own in by_source.values():
@@ -326,7 +333,7 @@ def test_the_sources_perplexities_differ_and_both_fall(mixed_run):
 def test_a_resumed_mixed_run_trains_as_the_uninterrupted_one(mixed_run, tmp_path):
   """Steps 11-20 again from the step-10 checkpoint: the same rows of each source, so the same
   parameters and logged losses."""
-  config, workdir, _ = mixed_run
+  config, workdir, *_ = mixed_run
   resumed = tmp_path / 'run'
   shutil.copytree(workdir, resumed)
   shutil.rmtree(resumed / 'checkpoints' / '20')
@@ -340,14 +347,14 @@ def test_a_resumed_mixed_run_trains_as_the_uninterrupted_one(mixed_run, tmp_path
 
 
 def test_a_resume_with_other_weights_is_refused(mixed_run, corpora):
-  config, workdir, _ = mixed_run
+  config, workdir, *_ = mixed_run
   changed = mixture_config(corpora, config.cache_dir, weights=(0.5, 0.5))
   with pytest.raises(UserError, match=r'mixture: .*:0\.7,.* -> .*:0\.5,'):
     train.train_and_evaluate(changed, workdir)
 
 
 def test_evaluate_gives_the_runs_last_figures_for_each_source(mixed_run):
-  config, workdir, _ = mixed_run
+  config, workdir, *_ = mixed_run
   figures = evaluation.evaluate_model(config, workdir, log=lambda message: None)
   last = [r for r in metric_writers.read_metrics(workdir) if 'eval_loss' in r][-1]
   for key in ('eval_loss', 'eval/domain/loss', 'eval/general/perplexity',
@@ -375,7 +382,7 @@ def tensorboard_scalars(folder: str) -> dict[str, list[int]]:
 
 
 def test_tensorboard_has_each_sources_scalars(mixed_run):
-  _, workdir, _ = mixed_run
+  _, workdir, *_ = mixed_run
   scalars = tensorboard_scalars(os.path.join(workdir, 'tensorboard'))
   for name in ('domain', 'general'):
     for figure in ('loss', 'perplexity', 'accuracy'):
@@ -383,27 +390,17 @@ def test_tensorboard_has_each_sources_scalars(mixed_run):
   assert scalars['eval_loss'] == [0, 10, 20]
 
 
-def test_the_log_and_the_summary_name_each_sources_perplexity(corpora, tmp_path):
-  """Through run_train.py: a line per evaluation, and the closing summary, with each
-  source's perplexity; the start names each source's blocks and share of the rows."""
-  import subprocess  # pylint: disable=import-outside-toplevel
-  config = mixture_config(corpora, tmp_path / 'cache')
-  result = subprocess.run(
-      [sys.executable, 'run_train.py', '--config=configs/tiny_test.py',
-       '--config.split=train', '--config.num_train_steps=4', '--config.eval_every_steps=2',
-       f'--config.cache_dir={config.cache_dir}', f'--config.mixture={config.mixture}',
-       f'--workdir={tmp_path / "run"}'],
-      cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
-  out = result.stdout
-  records = {r['step']: r for r in metric_writers.read_metrics(str(tmp_path / 'run'))
-             if 'eval_loss' in r}
-  for step in (0, 2, 4):
+def test_the_log_and_the_summary_name_each_sources_perplexity(mixed_run):
+  """A line per evaluation and the closing summary, with each source's perplexity; the start
+  names each source's blocks and share of the rows."""
+  _, workdir, _, out = mixed_run
+  records = {r['step']: r for r in metric_writers.read_metrics(workdir) if 'eval_loss' in r}
+  for step in (0, 10, 20):
     r = records[step]
     assert (f'step {step}: eval perplexity {r["eval_perplexity"]:.3f}, '
             f'domain {r["eval/domain/perplexity"]:.3f}, '
-            f'general {r["eval/general/perplexity"]:.3f}') in out
-  assert (f'    domain: {records[0]["eval/domain/perplexity"]:.2f} -> '
-          f'{records[4]["eval/domain/perplexity"]:.2f}') in out
-  assert (f'    general: {records[0]["eval/general/perplexity"]:.2f} -> '
-          f'{records[4]["eval/general/perplexity"]:.2f}') in out
+            f'general {r["eval/general/perplexity"]:.3f}\n') in out
+  for name in ('domain', 'general'):
+    assert (f'    {name}: {records[0][f"eval/{name}/perplexity"]:.2f} -> '
+            f'{records[20][f"eval/{name}/perplexity"]:.2f}\n') in out
   assert '70% of the rows' in out and '30% of the rows' in out
