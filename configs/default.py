@@ -42,6 +42,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset = ''
   config.dataset_config = ''
   config.data_files = ''  # Comma-separated paths or globs: .jsonl/.json/.parquet/.csv/.txt.
+  # Several weighted sources instead: '[NAME=]FILES:WEIGHT,...', e.g.
+  # 'domain=notes/*.jsonl:0.7,general=wiki/*.txt:0.3'. Each keeps its own held-out split,
+  # evaluated on its own (`eval/NAME/loss`); see docs/domain_adaptation.md.
+  config.mixture = ''
   config.split = 'train'
   config.test_size = 0.2  # Below 1: a fraction of the examples; from 1 on: a count of them.
   config.block_size = 64

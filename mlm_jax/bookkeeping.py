@@ -46,9 +46,12 @@ class Bookkeeping:
   def evaluate(self, state: steps_lib.TrainState) -> dict:
     step = int(sharding.to_host(state.step))
     config = self.run.config
-    figures = steps_lib.evaluate(self.steps, state.params, self.run.blocks.test,
-                                 self.run.eval_batch_size, config.max_eval_blocks, config.seed)
+    figures = steps_lib.evaluate_sources(self.steps, state.params, self.run.sources,
+                                         self.run.eval_batch_size, config.max_eval_blocks,
+                                         config.seed)
     self.writer.write(step, figures)
+    if len(self.run.sources) > 1 and jax.process_index() == 0:
+      self.bar.write(report.describe_eval(step, figures))  # Above the progress bar.
     return figures
 
   def save(self, state: steps_lib.TrainState, metrics: dict | None = None) -> None:
@@ -56,7 +59,7 @@ class Bookkeeping:
     (disk full, say) of this or the previous save is a `UserError`, and the newest complete
     checkpoint stays intact."""
     step = int(sharding.to_host(state.step))
-    cursor = input_pipeline.cursor_at(step, len(self.run.blocks.train),
+    cursor = input_pipeline.cursor_at(step, self.run.blocks_per_epoch,
                                       self.run.global_batch_size)
     with checkpoint.save_errors(self.manager, self.run.workdir, step):
       checkpoint.save(self.manager, step, state,

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from mlm_jax import infer
+from mlm_jax import metrics
 from mlm_jax import model as model_lib
 from mlm_jax import run as run_lib
 from mlm_jax import scoring
@@ -33,8 +34,9 @@ def evaluate_model(config: ml_collections.ConfigDict, model: str, step: int | No
                    log: Callable[[str], None] = print, pll: bool = False) -> dict:
   """The eval figures (`metrics.summarize_eval`'s, and `eval_blocks`) of `model` (a
   training workdir, at `step` or its latest checkpoint; an HF-format directory; a hub
-  id) on `config`'s test split, computed in `config.dtype`; with `pll`, also the same blocks'
-  pseudo-perplexity (`pseudo_perplexity`).
+  id) on `config`'s test split, computed in `config.dtype`; with a mixture, over every
+  source's test split, and each source's as `eval/NAME/...` (`steps.evaluate_sources`);
+  with `pll`, also the same blocks' pseudo-perplexity (`pseudo_perplexity`).
 
   A tiny untrained RoBERTa saved in HF format (no hub), evaluated on the held-out part of
   the sample that ships with the package, as `configs/default.py` has it (run from the
@@ -70,23 +72,24 @@ def evaluate_model(config: ml_collections.ConfigDict, model: str, step: int | No
   # Refused before any data is read or tokenized.
   model_lib.check_block_size(config.block_size, predictor.model.config)
   model_lib.check_vocabulary(predictor.tokenizer, predictor.model.config)
-  prepared = preparation.prepare(config, predictor.tokenizer, log,
-                                 check_tokenizer=run_lib.tokenizer_check(config))
+  prepared = preparation.prepare_sources(config, predictor.tokenizer, log,
+                                         check_tokenizer=run_lib.tokenizer_check(config))
   # The training steps, for their eval step; the train step is never called, so never
   # compiled, and needs no real optimizer.
   steps = steps_lib.compile_steps(
       predictor.model, optax.identity(), optax.constant_schedule(0.0),
       run_lib.masking_spec(config, predictor.tokenizer), config.seed, sharding.make_mesh(),
       sep_id=run_lib.document_separator(config, predictor.tokenizer))
-  test = prepared.blocks.test
-  evaluated = input_pipeline.evaluated_blocks(len(test), config.max_eval_blocks)
+  evaluated = [input_pipeline.evaluated_blocks(len(s.blocks.test), config.max_eval_blocks)
+               for s in prepared.sources]
   rows = steps_lib.eval_rows_that_fit(steps, predictor.params, run_lib.eval_batch_size(config),
-                                      config.block_size, log, blocks=evaluated)
-  figures = steps_lib.evaluate(steps, predictor.params, test, rows, config.max_eval_blocks,
-                               config.seed)
-  figures = {**figures, 'eval_blocks': evaluated}
+                                      config.block_size, log, blocks=max(evaluated))
+  figures = steps_lib.evaluate_sources(steps, predictor.params, prepared.sources, rows,
+                                       config.max_eval_blocks, config.seed)
+  figures = {**figures, 'eval_blocks': sum(evaluated)}
   if pll:
-    figures.update(pseudo_perplexity(predictor, evaluated_blocks(test, config)))
+    figures.update(pseudo_perplexity(predictor, np.concatenate(
+        [evaluated_blocks(s.blocks.test, config) for s in prepared.sources])))
   return figures
 
 
@@ -109,11 +112,13 @@ def pseudo_perplexity(predictor: infer.Predictor, blocks: np.ndarray) -> dict:
 
 
 def describe(figures: dict, block_size: int) -> str:
-  """The figures in one line, for the console."""
+  """The figures in one line, for the console (a mixture's sources' perplexities after)."""
+  sources = ''.join(f'; {name}: perplexity {own["perplexity"]:.4f}'
+                    for name, own in metrics.by_source(figures).items())
   return (f'perplexity {figures["eval_perplexity"]:.4f}, masked-token accuracy '
           f'{figures["eval_accuracy"]:.4f}, loss {figures["eval_loss"]:.4f} over '
           f'{figures["eval_masked_tokens"]:,.0f} masked tokens in {figures["eval_blocks"]:,} '
-          f'test blocks of {block_size} tokens' + (
+          f'test blocks of {block_size} tokens{sources}' + (
               f'; pseudo-perplexity {figures["eval_pseudo_perplexity"]:.4f} over '
               f'{figures["eval_pll_tokens"]:,} tokens, each masked in turn'
               if 'eval_pseudo_perplexity' in figures else ''))

@@ -41,6 +41,21 @@ def summarize_eval(loss_sum: float, correct: float, count: float) -> dict[str, f
           'eval_accuracy': correct / count, 'eval_masked_tokens': count}
 
 
+def source_figures(name: str, figures: dict[str, float]) -> dict[str, float]:
+  """A mixture source's `summarize_eval` figures under its own names: `eval/NAME/loss`,
+  `.../perplexity`, `.../accuracy`, `.../masked_tokens` (TensorBoard groups them by source)."""
+  return {f'eval/{name}/{key.removeprefix("eval_")}': value for key, value in figures.items()}
+
+
+def by_source(record: dict[str, float]) -> dict[str, dict[str, float]]:
+  """{NAME: {'loss': ..., 'perplexity': ...}} of the `source_figures` in a metrics record."""
+  sources: dict[str, dict[str, float]] = {}
+  for key, value in record.items():
+    if key.startswith('eval/') and key.count('/') == 2:
+      _, name, figure = key.split('/')
+      sources.setdefault(name, {})[figure] = value
+  return sources
+
 
 class TrainSums(struct.PyTreeNode):
   """A train step's metrics as sums, so that a log interval's are the sum of its steps'

@@ -3,7 +3,8 @@
     python -m mlm_jax.prepare --config=configs/NAME.py [--config.KEY=VALUE ...]
 
 writes exactly what `run_train.py` with the same config would prepare (the tokenizer
-trained from scratch, if any, and the token blocks of both splits) and prints where;
+trained from scratch, if any, and the token blocks of both splits, of each source of a
+mixture) and prints where;
 `run_train.py` then starts from it without tokenizing.
 """
 
@@ -29,7 +30,7 @@ def main(argv) -> None:
   from mlm_jax.data import preparation  # pylint: disable=import-outside-toplevel
   cli.quiet_libraries()
   # Says where the tokenizer and blocks are, as it finds or writes them.
-  cli.run_user_facing(lambda: preparation.prepare(_CONFIG.value, log=_print))
+  cli.run_user_facing(lambda: preparation.prepare_sources(_CONFIG.value, log=_print))
 
 
 def _print(message: str) -> None:

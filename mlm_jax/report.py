@@ -6,6 +6,7 @@ import jax
 
 from mlm_jax import checkpoint
 from mlm_jax import errors
+from mlm_jax import metrics as metrics_lib
 from mlm_jax import storage
 
 
@@ -15,6 +16,26 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
+def describe_blocks(sources) -> str:
+  """'N train / M test blocks', and for a mixture each source's with its share of the rows."""
+  def count(split: str) -> int:
+    return sum(len(getattr(s.blocks, split)) for s in sources)
+  text = f'{count("train")} train / {count("test")} test blocks'
+  if len(sources) > 1:
+    total = sum(s.weight for s in sources)
+    text += ' (' + ', '.join(f'{s.name}: {len(s.blocks.train)} / {len(s.blocks.test)}, '
+                             f'{s.weight / total:.0%} of the rows' for s in sources) + ')'
+  return text
+
+
+def describe_eval(step: int, figures: dict) -> str:
+  """An evaluation in one line: the overall perplexity, then each source's."""
+  parts = [f'step {step}: eval perplexity {figures["eval_perplexity"]:.3f}']
+  parts += [f'{name} {own["perplexity"]:.3f}'
+            for name, own in metrics_lib.by_source(figures).items()]
+  return ', '.join(parts)
+
+
 def summary(run, records: list[dict], wall: float, steps_run: int,
             final_step: int | None = None) -> dict:
   """The run's closing figures, from its metrics records (see `metric_writers.read_metrics`).
@@ -22,7 +43,8 @@ def summary(run, records: list[dict], wall: float, steps_run: int,
   `final_step` is where the run ended (default: its last step; earlier when it stopped
   early). With `keep_best_by`, `best_step` and `best_perplexity` are the evaluation after
   training (step > 0) with the lowest loss, the first of equals, as `early_stopping.Record`
-  chooses it: the exported checkpoint's.
+  chooses it: the exported checkpoint's. A mixture's adds each source's perplexity before
+  and after (`perplexity_by_source`).
   """
   evals = [r for r in records if 'eval_perplexity' in r]
   tokens = steps_run * run.global_batch_size * run.config.block_size
@@ -33,6 +55,10 @@ def summary(run, records: list[dict], wall: float, steps_run: int,
   if trained:
     chosen = min(trained, key=lambda r: r[key])  # The first of equals.
     best = {'best_step': chosen['step'], 'best_perplexity': chosen['eval_perplexity']}
+  first, last = (metrics_lib.by_source(evals[i]) if evals else {} for i in (0, -1))
+  by_source = {name: {'perplexity_before': first.get(name, {}).get('perplexity', float('nan')),
+                      'perplexity_after': own['perplexity'], 'eval_loss': own['loss']}
+               for name, own in last.items()}
   return {
       'steps': final_step, 'planned_steps': run.total_steps,
       'stopped_early': final_step < run.total_steps, **best,
@@ -44,6 +70,7 @@ def summary(run, records: list[dict], wall: float, steps_run: int,
       'eval_accuracy': evals[-1]['eval_accuracy'] if evals else float('nan'),
       'checkpoint_dir': str(checkpoint.checkpoint_dir(run.workdir)),
       'export_dir': str(checkpoint.export_dir(run.workdir)),
+      **({'perplexity_by_source': by_source} if by_source else {}),
   }
 
 
@@ -56,7 +83,9 @@ def print_summary(figures: dict) -> None:
       f'{figures["wall_time_s"]:.1f} s, {figures["tokens_per_s"]:,.0f} tokens/s.\n'
       f'  eval loss {figures["eval_loss"]:.4f}, accuracy {figures["eval_accuracy"]:.3f}\n'
       f'  perplexity {figures["perplexity_before"]:.2f} before -> '
-      f'{figures["perplexity_after"]:.2f} after training\n{best}'
+      f'{figures["perplexity_after"]:.2f} after training\n' +
+      ''.join(f'    {name}: {own["perplexity_before"]:.2f} -> {own["perplexity_after"]:.2f}\n'
+              for name, own in figures.get('perplexity_by_source', {}).items()) + best +
       f'  checkpoints: {figures["checkpoint_dir"]}\n  export: {figures["export_dir"]}')
 
 

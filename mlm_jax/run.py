@@ -9,6 +9,7 @@ import ml_collections
 
 from mlm_jax.data import block_store
 from mlm_jax.data import input_pipeline
+from mlm_jax.data import mixture
 from mlm_jax import masking
 from mlm_jax import model as model_lib
 from mlm_jax.data import preparation
@@ -26,10 +27,29 @@ class Run:
   tokenizer: Any
   spec: masking.MaskingSpec
   model: Any
-  blocks: block_store.Prepared
+  sources: tuple[mixture.SourceBlocks, ...]  # One, named '', without a mixture.
   global_batch_size: int  # Rows per optimizer step, over all devices and micro-batches.
   eval_batch_size: int
   total_steps: int
+
+  @property
+  def blocks(self) -> block_store.Prepared:
+    """The blocks of a run of one source."""
+    if len(self.sources) != 1:
+      raise ValueError('a mixture has several sources: read `sources`')
+    return self.sources[0].blocks
+
+  @property
+  def train_blocks(self) -> list:
+    return [s.blocks.train for s in self.sources]
+
+  @property
+  def weights(self) -> list[float]:
+    return [s.weight for s in self.sources]
+
+  @property
+  def blocks_per_epoch(self) -> int:
+    return blocks_per_epoch(self.sources)
 
   def config_record(self) -> dict:
     """The config as a checkpoint records it, to refuse a resume that changes its meaning."""
@@ -39,16 +59,16 @@ class Run:
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str):
-  """(tokenizer, blocks): process 0 prepares them (or finds them in the cache); the other
-  hosts wait, then open what it wrote. A run's saved tokenizer wins over the config's."""
+  """(tokenizer, sources' blocks): process 0 prepares them (or finds them in the cache); the
+  other hosts wait, then open what it wrote. A run's saved tokenizer wins over the config's."""
   prepared = sharding.on_process_zero(
-      lambda: preparation.prepare(config, tokenizer_lib.saved_tokenizer(workdir), report.log,
-                                  check_tokenizer=tokenizer_check(config)),
+      lambda: preparation.prepare_sources(config, tokenizer_lib.saved_tokenizer(workdir),
+                                          report.log, check_tokenizer=tokenizer_check(config)),
       'process 0 could not prepare the data (see its error); fix it and rerun')
   if prepared is not None:
-    return prepared.tokenizer, prepared.blocks
+    return prepared.tokenizer, prepared.sources
   tokenizer = preparation.tokenizer_of(config, workdir)
-  return tokenizer, preparation.open_prepared(config, tokenizer)
+  return tokenizer, preparation.open_sources(config, tokenizer)
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
@@ -56,7 +76,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
 
   The config is validated already (`train.train_and_evaluate` does it first).
   """
-  tokenizer, blocks = prepare_data(config, workdir)
+  tokenizer, sources = prepare_data(config, workdir)
   spec = masking_spec(config, tokenizer)
   model = model_lib.create_model(config, tokenizer, log=report.log)
   model_lib.check_block_size(config.block_size, model.config)
@@ -67,10 +87,16 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
                            f'process 0 could not save the tokenizer in {workdir} (see its error)')
   devices = jax.device_count()
   global_batch = config.per_device_batch_size * devices * config.grad_accum_steps
-  per_epoch = input_pipeline.steps_per_epoch(len(blocks.train), global_batch)
+  per_epoch = input_pipeline.steps_per_epoch(blocks_per_epoch(sources), global_batch)
   total = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * per_epoch
-  return Run(config, workdir, tokenizer, spec, model, blocks, global_batch,
+  return Run(config, workdir, tokenizer, spec, model, sources, global_batch,
              eval_batch_size(config), total)
+
+
+def blocks_per_epoch(sources: tuple[mixture.SourceBlocks, ...]) -> int:
+  """Train blocks per epoch (of a mixture: until its first source has been read once)."""
+  return input_pipeline.blocks_per_epoch([len(s.blocks.train) for s in sources],
+                                         [s.weight for s in sources])
 
 
 def tokenizer_check(config: ml_collections.ConfigDict) -> Callable[[Any], None]:

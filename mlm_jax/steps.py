@@ -271,14 +271,35 @@ def eval_rows_that_fit(steps: Steps, params: Any, rows: int, length: int,
   return fitted
 
 
-def evaluate(steps: Steps, params: Any, blocks: np.ndarray, global_batch_size: int,
-             max_blocks: int = 0, seed: int = 0) -> dict[str, float]:
-  """Perplexity and accuracy over the evaluated blocks (all, or a fixed seeded
-  `max_blocks` of them; see `input_pipeline.eval_batches`), each counted once."""
+def _eval_totals(steps: Steps, params: Any, blocks: np.ndarray, global_batch_size: int,
+                 max_blocks: int, seed: int) -> np.ndarray:
+  """(loss sum, correct, masked tokens) over the evaluated blocks."""
   totals = np.zeros(3, np.float64)
   for index, (ids, row_weights) in enumerate(
       input_pipeline.eval_batches(blocks, global_batch_size, max_blocks, seed)):
     ids, row_weights = sharding.shard_batch((ids, row_weights), steps.mesh)
     totals += sharding.to_host(steps.evaluate_batch(params, ids, row_weights,
                                                     np.int32(index * global_batch_size)))
-  return metrics_lib.summarize_eval(*totals)
+  return totals
+
+
+def evaluate(steps: Steps, params: Any, blocks: np.ndarray, global_batch_size: int,
+             max_blocks: int = 0, seed: int = 0) -> dict[str, float]:
+  """Perplexity and accuracy over the evaluated blocks (all, or a fixed seeded
+  `max_blocks` of them; see `input_pipeline.eval_batches`), each counted once."""
+  return metrics_lib.summarize_eval(
+      *_eval_totals(steps, params, blocks, global_batch_size, max_blocks, seed))
+
+
+def evaluate_sources(steps: Steps, params: Any, sources, global_batch_size: int,
+                     max_blocks: int = 0, seed: int = 0) -> dict[str, float]:
+  """`evaluate` of each source's test blocks (`mixture.SourceBlocks`, `max_blocks` of each),
+  named `eval/NAME/...`, and the overall figures over all of them, as one split's. A run of
+  one unnamed source gets the overall figures only, as `evaluate`'s."""
+  totals, figures = np.zeros(3, np.float64), {}
+  for source in sources:
+    own = _eval_totals(steps, params, source.blocks.test, global_batch_size, max_blocks, seed)
+    totals += own
+    if source.name:
+      figures.update(metrics_lib.source_figures(source.name, metrics_lib.summarize_eval(*own)))
+  return {**metrics_lib.summarize_eval(*totals), **figures}

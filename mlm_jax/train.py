@@ -41,8 +41,8 @@ def _train(run: Run, steps: steps_lib.Steps, state: steps_lib.TrainState,
     return state  # Stopped early before; only its export may be missing.
   batches = (sharding.shard_batch(batch, steps.mesh, batch_axis=1)
              for batch in input_pipeline.train_batches(
-                 run.blocks.train, run.global_batch_size, run.config.grad_accum_steps,
-                 run.config.seed, start_step))
+                 run.train_blocks, run.global_batch_size, run.config.grad_accum_steps,
+                 run.config.seed, start_step, run.weights))
   previous = None
   with preemption.StopRequest() as stop:
     for step in range(start_step + 1, run.total_steps + 1):
@@ -67,9 +67,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validation.validate_config(config)
   storage.check_writable(workdir, host=jax.process_index())
   run = prepare(config, workdir)
-  report.log(f'{len(run.blocks.train)} train / {len(run.blocks.test)} test blocks of '
-             f'{config.block_size} tokens; {jax.device_count()} device(s), global batch '
-             f'{run.global_batch_size}; {run.total_steps} steps')
+  report.log(f'{report.describe_blocks(run.sources)} of {config.block_size} tokens; '
+             f'{jax.device_count()} device(s), global batch {run.global_batch_size}; '
+             f'{run.total_steps} steps')
 
   manager = checkpoint.make_manager(workdir, config.keep_checkpoints,
                                     best_by=config.keep_best_by)
@@ -83,12 +83,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       head_fn=model_lib.head_fn(run.model) if config.masked_lm_head else None,
       max_predictions=model_lib.max_predictions(
           config.block_size, config.mlm_probability,
-          masking.count_dispersion(run.blocks.train, run.spec)),
+          max(masking.count_dispersion(b, run.spec) for b in run.train_blocks)),
       sep_id=document_separator(config, run.tokenizer))
   state = checkpoint.restore_newest(manager, workdir, state, run.config_record(), report.log)
   run.eval_batch_size = steps_lib.eval_rows_that_fit(
       steps, state.params, run.eval_batch_size, config.block_size, report.log,
-      blocks=input_pipeline.evaluated_blocks(len(run.blocks.test), config.max_eval_blocks))
+      blocks=max(input_pipeline.evaluated_blocks(len(source.blocks.test), config.max_eval_blocks)
+                 for source in run.sources))
   start_step = int(sharding.to_host(state.step))
   best = checkpoint.saved_early_stopping(manager, start_step)
   export_dir = checkpoint.export_dir(workdir)

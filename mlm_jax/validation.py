@@ -6,6 +6,7 @@ heavy imports of training; the masking checks import `masking` when they run.
 
 import ml_collections
 
+from mlm_jax.data import mixture
 from mlm_jax.errors import UserError
 
 DTYPE_NAMES = ('float32', 'bfloat16')  # Computation dtypes (see model.DTYPES).
@@ -58,9 +59,18 @@ def _check_range(config: ml_collections.ConfigDict) -> None:
                     'held-out examples; set --config.test_size, e.g. 0.2 or 1000')
 
 
+def _check_mixture(config: ml_collections.ConfigDict) -> None:
+  """A mixture's entries parse (`mixture.parse` names a bad one). It wins over `dataset` (a
+  config file's default source), as `data_files` does; beside `data_files` it is ambiguous."""
+  if mixture.parse(config.mixture) and config.data_files:
+    raise UserError('--config.mixture and --config.data_files both name data files; a mixture '
+                    'lists every source itself: drop --config.data_files')
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Rejects every value that would fail later, with the key and the fix."""
   _check_range(config)
+  _check_mixture(config)
   from mlm_jax import masking  # pylint: disable=import-outside-toplevel
   masking.check_config(config)  # mlm_probability, the scheme and the 80/10/10 split.
   check_choice('lr_schedule', config.lr_schedule, LR_SCHEDULES)

@@ -5,7 +5,7 @@ folder that holds what they name: `configs/`, `run_train.py`, `run_infer.py`, an
 no hub is needed, tiny local stand-ins for the hub ids the docs use (a folder
 `distilbert/distilroberta-base` holding a tiny RoBERTa saved in the hub's format, likewise
 `answerdotai/ModernBERT-base`, and a dataset folder `eli5_category` holding the shipped ELI5
-sample), plus `my_data/*.jsonl` and `texts.txt`. Transformers, datasets and this package all
+sample), plus `my_data/*.jsonl`, `notes/*.jsonl`, `wiki/*.txt` and `texts.txt`. Transformers, datasets and this package all
 read a local folder before the hub, so the commands' own words resolve to them.
 
 Training, preparing and evaluating get `TINY` appended where the command leaves a key unset,
@@ -141,6 +141,12 @@ def make_scratch_folder(folder: pathlib.Path) -> None:
   (folder / 'texts.txt').write_text('The Milky Way is a <mask> galaxy.\nCells get <mask> '
                                     'from food.\n')
   texts = [' '.join(json.loads(line)['answers']['text']) for line in lines]
+  # A domain corpus and a general one, for docs/domain_adaptation.md's mixture.
+  (folder / 'notes').mkdir()
+  (folder / 'notes' / 'part-0.jsonl').write_text('\n'.join(lines[::3]) + '\n')
+  (folder / 'wiki').mkdir()
+  (folder / 'wiki' / 'part-0.txt').write_text(
+      ''.join(text.replace('\n', ' ') + '\n' for text in texts[1::3]))
   _save_roberta(folder / 'distilbert' / 'distilroberta-base', texts)
   tiny_models.save_modernbert(str(folder / 'answerdotai' / 'ModernBERT-base'))
 

@@ -282,7 +282,8 @@ from tests.conftest import load_config
 from mlm_jax import run
 config = load_config('tiny_test')
 config.split, config.cache_dir = 'train[:40]', sys.argv[3]
-tokenizer, blocks = run.prepare_data(config, sys.argv[4])
+tokenizer, (source,) = run.prepare_data(config, sys.argv[4])
+blocks = source.blocks
 digest = lambda a: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 print(json.dumps({'train': digest(blocks.train), 'test': digest(blocks.test),
                   'vocab': sorted(tokenizer.get_vocab().items())}))

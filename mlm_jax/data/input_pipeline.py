@@ -7,6 +7,13 @@ a new one each epoch (`BlockOrderMapDataset`), the last partial batch of an epoc
 so the global batch does not depend on the number of hosts or devices. Batch `s` is
 element `s` of a random-access Grain dataset, a function of (seed, s) alone: resuming
 at step `s` starts reading there, and the loader needs no state of its own in a checkpoint.
+
+A mixture of sources (`mixture.py`) mixes each source's own seeded block order with Grain's
+`MapDataset.mix`, which gives entry k of the mixed order to a source by a fixed interleaving
+of the weights (a function of k alone), so every run of batches follows the weights; an
+epoch is the mixture's length, until its first source has been read once. The entries are
+numbered across the sources (source i's blocks after those of sources before it), and one
+batched read gathers each source's rows from its own blocks.
 """
 
 import dataclasses
@@ -44,9 +51,9 @@ def cursor_at(step: int, num_blocks: int, global_batch_size: int) -> DataCursor:
   return DataCursor(epoch, batch)
 
 
-def _shuffle_seed(seed: int, stream: int) -> int:
-  """A 32-bit seed for (seed, stream); the shuffle adds the epoch to it."""
-  return int(np.random.SeedSequence([seed % 2**32, stream]).generate_state(1)[0])
+def _shuffle_seed(seed: int, stream: int, *source: int) -> int:
+  """A 32-bit seed for (seed, stream), and a mixture's source; the shuffle adds the epoch."""
+  return int(np.random.SeedSequence([seed % 2**32, stream, *source]).generate_state(1)[0])
 
 
 def _mix(values: np.ndarray) -> np.ndarray:
@@ -83,12 +90,13 @@ class BlockOrderMapDataset(grain.MapDataset):
 
   The permutation of epoch e is `permute` with seed + e (the construction of Grain's
   `index_shuffle`, vectorized), read a batch of indices at a time (`_getitems`);
-  `seed=None` keeps every epoch in order.
+  `seed=None` keeps every epoch in order. Every index is valid: one past an epoch reads the
+  next. `offset` is added to every block index (a mixture's numbering across its sources).
   """
 
-  def __init__(self, size: int, seed: int | None):
+  def __init__(self, size: int, seed: int | None, offset: int = 0):
     super().__init__()
-    self._size, self._seed = size, seed
+    self._size, self._seed, self._offset = size, seed, offset
 
   def __len__(self) -> int:
     return self._size
@@ -101,12 +109,12 @@ class BlockOrderMapDataset(grain.MapDataset):
   def _getitems(self, indices: Sequence[int]) -> np.ndarray:
     epochs, positions = np.divmod(np.asarray(indices, np.int64), self._size)
     if self._seed is None:
-      return positions
+      return positions + self._offset
     shuffled = np.empty_like(positions)
     for epoch in np.unique(epochs):
       chosen = epochs == epoch
       shuffled[chosen] = permute(positions[chosen], self._size, self._seed + int(epoch))
-    return shuffled
+    return shuffled + self._offset
 
 
 class BlockSource:
@@ -126,6 +134,54 @@ class BlockSource:
     return np.asarray(self._blocks[np.asarray(indices)], np.int32)
 
   _getitems = read  # The batched read of Grain's protocol.
+
+
+class MixedBlockSource(BlockSource):
+  """`BlockSource` over several sources' blocks, numbered one after another."""
+
+  def __init__(self, blocks: Sequence[np.ndarray]):  # pylint: disable=super-init-not-called
+    self._parts = list(blocks)
+    self._starts = np.cumsum([0] + [len(b) for b in self._parts])
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    return self.read([index])[0]
+
+  def read(self, indices: Sequence[int]) -> np.ndarray:
+    indices = np.asarray(indices, np.int64)
+    part = np.searchsorted(self._starts, indices, side='right') - 1
+    rows = np.empty((len(indices), self._parts[0].shape[1]), np.int32)
+    for p in np.unique(part):
+      chosen = part == p
+      rows[chosen] = self._parts[p][indices[chosen] - self._starts[p]]
+    return rows
+
+  _getitems = read
+
+
+def source_of_rows(blocks: Sequence[np.ndarray], indices: np.ndarray) -> np.ndarray:
+  """Which source each of a mixed order's block indices is of (see `MixedBlockSource`)."""
+  return np.searchsorted(np.cumsum([len(b) for b in blocks]), indices, side='right')
+
+
+def block_order(sizes: Sequence[int], weights: Sequence[float] | None,
+                seed: int) -> grain.MapDataset:
+  """Train block indices in reading order: one source's seeded epochs, or the mixture of
+  each source's (numbered across the sources), whose length is the mixture's epoch."""
+  if len(sizes) == 1:
+    return BlockOrderMapDataset(sizes[0], _shuffle_seed(seed, TRAIN_STREAM))
+  starts = np.cumsum([0, *sizes[:-1]])
+  orders = [BlockOrderMapDataset(size, _shuffle_seed(seed, TRAIN_STREAM, i), int(start))
+            for i, (size, start) in enumerate(zip(sizes, starts))]
+  return grain.MapDataset.mix(orders, weights)
+
+
+def blocks_per_epoch(sizes: Sequence[int], weights: Sequence[float] | None = None) -> int:
+  """Train blocks an epoch reads: all of one source's; of a mixture, as many as are read
+  until its first source has been read once."""
+  return len(block_order(sizes, weights, 0))
 
 
 class HostBatchesMapDataset(grain.MapDataset):
@@ -162,23 +218,40 @@ class HostBatchesMapDataset(grain.MapDataset):
     return result
 
 
-def train_dataset(blocks: np.ndarray, global_batch_size: int, grad_accum_steps: int,
-                  seed: int) -> grain.MapDataset:
+def train_indices(blocks: np.ndarray | Sequence[np.ndarray], global_batch_size: int,
+                  grad_accum_steps: int, seed: int,
+                  weights: Sequence[float] | None = None) -> grain.MapDataset:
+  """Element s: the block indices of this host's rows of step s's batch (numbered across a
+  mixture's sources), flat. Infinite: epoch e is elements [e * steps_per_epoch, (e + 1) *
+  steps_per_epoch)."""
+  parts = [blocks] if isinstance(blocks, np.ndarray) else list(blocks)
+  order = block_order([len(b) for b in parts], weights, seed)
+  per_epoch = steps_per_epoch(len(order), global_batch_size)
+  return HostBatchesMapDataset(order, global_batch_size, grad_accum_steps, per_epoch).repeat()
+
+
+def train_dataset(blocks: np.ndarray | Sequence[np.ndarray], global_batch_size: int,
+                  grad_accum_steps: int, seed: int,
+                  weights: Sequence[float] | None = None) -> grain.MapDataset:
   """Element s: this host's [grad_accum_steps, rows, block_size] int32 slice of step s's batch.
 
-  Infinite: epoch e is elements [e * steps_per_epoch, (e + 1) * steps_per_epoch).
+  `blocks` is one source's [num_blocks, block_size] array, or a mixture's list of them with
+  their `weights`. Infinite: epoch e is elements [e * steps_per_epoch, (e + 1) *
+  steps_per_epoch).
   """
-  per_epoch = steps_per_epoch(len(blocks), global_batch_size)
-  order = BlockOrderMapDataset(len(blocks), _shuffle_seed(seed, TRAIN_STREAM))
-  batches = HostBatchesMapDataset(order, global_batch_size, grad_accum_steps, per_epoch)
-  source, shape = BlockSource(blocks), (grad_accum_steps, -1, blocks.shape[1])
-  return batches.map(lambda indices: source.read(indices).reshape(shape)).repeat()
+  single = isinstance(blocks, np.ndarray) or len(blocks) == 1
+  parts = [blocks] if isinstance(blocks, np.ndarray) else list(blocks)
+  source = BlockSource(parts[0]) if single else MixedBlockSource(parts)
+  shape = (grad_accum_steps, -1, parts[0].shape[1])
+  return train_indices(parts, global_batch_size, grad_accum_steps, seed, weights).map(
+      lambda indices: source.read(indices).reshape(shape))
 
 
-def train_batches(blocks: np.ndarray, global_batch_size: int, grad_accum_steps: int,
-                  seed: int, start_step: int = 0) -> Iterator[np.ndarray]:
+def train_batches(blocks: np.ndarray | Sequence[np.ndarray], global_batch_size: int,
+                  grad_accum_steps: int, seed: int, start_step: int = 0,
+                  weights: Sequence[float] | None = None) -> Iterator[np.ndarray]:
   """The batches of `train_dataset` from `start_step` on, read ahead by background threads."""
-  dataset = train_dataset(blocks, global_batch_size, grad_accum_steps, seed)
+  dataset = train_dataset(blocks, global_batch_size, grad_accum_steps, seed, weights)
   return iter(dataset[start_step:].to_iter_dataset(_READ_OPTIONS))
 
 

@@ -6,13 +6,17 @@ from scratch on a bounded sample of the train texts, then the blocks of both spl
 tokenized in batches (in `num_proc` worker processes), concatenated and cut into
 `block_size` blocks as they stream by. Both are keyed by what they are made of, so
 `python -m mlm_jax.prepare` and `run_train.py` with the same config share them.
+`prepare_sources` does the same for each source of a mixture (`mixture.py`): one tokenizer
+for all, each source's blocks in their own cache folder, keyed by that source alone.
 """
 
+import contextlib
 import dataclasses
 import functools
 import glob
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 from typing import Any, Callable, Iterator
@@ -24,6 +28,7 @@ import transformers
 from etils import epath
 
 from mlm_jax.data import block_store
+from mlm_jax.data import mixture
 from mlm_jax.data import sources
 from mlm_jax import storage
 from mlm_jax import validation
@@ -196,16 +201,15 @@ def _cached_scratch_tokenizer(config, source: dict, log: Callable[[str], None]):
   return tokenizer
 
 
-def _train_scratch_tokenizer(config, source: dict, corpus: sources.Corpus,
+def _train_scratch_tokenizer(config, source: dict, texts: Iterator[str],
                              log: Callable[[str], None]):
-  """A tokenizer trained from scratch on a bounded sample of the train texts, then cached."""
+  """A tokenizer trained from scratch on `texts` (a bounded sample of the train texts), then
+  cached."""
   directory = _scratch_tokenizer_dir(config, source)
-  limit = config.tokenizer_train_max_texts
-  log(f'Training a {config.tokenizer_vocab_size}-token BPE tokenizer on the first {limit:,} '
-      'train texts')
+  log(f'Training a {config.tokenizer_vocab_size}-token BPE tokenizer on the first '
+      f'{config.tokenizer_train_max_texts:,} train texts')
   tokenizer = tokenizer_lib.train_bpe_tokenizer(
-      corpus.train_texts(limit), config.tokenizer_vocab_size,
-      model_max_length=validation.SCRATCH_MAX_LENGTH)
+      texts, config.tokenizer_vocab_size, model_max_length=validation.SCRATCH_MAX_LENGTH)
   with block_store.new_folder(directory.parent, log) as folder:
     storage.save_with(tokenizer.save_pretrained, folder)
   block_store.commit(folder, {'kind': 'tokenizer', 'source': source}, directory)
@@ -230,7 +234,8 @@ def prepare(config, tokenizer=None, log: Callable[[str], None] = print,
   if tokenizer is None:
     tokenizer = _known_tokenizer(config, source, log)
   if tokenizer is None:
-    tokenizer = _train_scratch_tokenizer(config, source, corpus(), log)
+    tokenizer = _train_scratch_tokenizer(
+        config, source, corpus().train_texts(config.tokenizer_train_max_texts), log)
   check_tokenizer(tokenizer)
   directory = blocks_dir(config, tokenizer, source)
   if block_store.is_complete(directory):
@@ -261,7 +266,7 @@ def tokenizer_of(config, workdir: str):
   """The tokenizer another process prepared (multi-host: hosts other than 0)."""
   tokenizer = tokenizer_lib.saved_tokenizer(workdir)
   if tokenizer is None:
-    tokenizer = _known_tokenizer(config, source_fingerprint(config), lambda _: None)
+    tokenizer = _known_tokenizer(config, _tokenizer_key(config), lambda _: None)
   if tokenizer is None:
     raise UserError(f'the tokenizer prepared by process 0 is missing from {cache_root(config)} '
                     'on this host: every host needs the same --config.cache_dir on shared '
@@ -276,3 +281,94 @@ def open_prepared(config, tokenizer) -> block_store.Prepared:
     raise UserError(f'the prepared blocks {directory} are missing on this host: every host '
                     'needs the same --config.cache_dir on shared storage (NFS, a bucket)')
   return _open_checked(directory, tokenizer, config.block_size)
+
+
+# ----------------------------------------------------------------------------
+# A mixture: one tokenizer, each source prepared as a run of that source alone.
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedSources:
+  """A run's tokenizer and the prepared blocks of each of its sources, in the mixture's order
+  (one source named '' for a run without a mixture)."""
+  tokenizer: transformers.PreTrainedTokenizerBase
+  sources: tuple[mixture.SourceBlocks, ...]
+
+
+def source_config(config, source: mixture.Source):
+  """The config of a run on `source` alone: what its blocks are prepared and keyed with."""
+  single = config.copy_and_resolve_references()
+  with single.unlocked():
+    single.data_files, single.dataset, single.mixture = source.files, '', ''
+  return single
+
+
+
+
+def _tokenizer_key(config) -> dict:
+  return _mixture_fingerprint(config) if config.mixture else source_fingerprint(config)
+
+
+@contextlib.contextmanager
+def _naming(source: mixture.Source) -> Iterator[None]:
+  """A source's errors name it, and the key that sets its files."""
+  try:
+    yield
+  except UserError as e:
+    raise UserError(f'mixture source {source.name!r} ({source.files}): '
+                    f'{str(e).replace("--config.data_files", "--config.mixture")}') from None
+
+
+def _mixture_fingerprint(config) -> dict:
+  """A mixture by its sources' contents and weights: the key of its from-scratch tokenizer."""
+  parts = []
+  for source in mixture.parse(config.mixture):
+    with _naming(source):
+      parts.append({'name': source.name, 'weight': source.weight,
+                    **source_fingerprint(source_config(config, source))})
+  return {'version': CACHE_VERSION, 'mixture': parts}
+
+
+def _mixture_texts(config, log: Callable[[str], None]) -> Iterator[str]:
+  """The first train texts of each source, `tokenizer_train_max_texts` in all, shared out by
+  the weights: what a from-scratch tokenizer of a mixture is trained on."""
+  chosen = mixture.parse(config.mixture)
+  for source, share in zip(chosen, mixture.proportions(chosen)):
+    with _naming(source):
+      corpus = sources.load_corpus(source_config(config, source), log)
+      yield from corpus.train_texts(math.ceil(share * config.tokenizer_train_max_texts))
+
+
+def prepare_sources(config, tokenizer=None, log: Callable[[str], None] = print,
+                    progress: bool = True,
+                    check_tokenizer: Callable[[Any], Any] = lambda tokenizer: None
+                    ) -> PreparedSources:
+  """`prepare` for every source of the config's mixture, or for its one source."""
+  if not config.mixture:
+    prepared = prepare(config, tokenizer, log, progress, check_tokenizer)
+    return PreparedSources(prepared.tokenizer,
+                           (mixture.SourceBlocks('', 1.0, prepared.blocks),))
+  if tokenizer is None:
+    tokenizer = _known_tokenizer(config, _mixture_fingerprint(config), log)
+  if tokenizer is None:
+    tokenizer = _train_scratch_tokenizer(config, _mixture_fingerprint(config),
+                                         _mixture_texts(config, log), log)
+  check_tokenizer(tokenizer)
+  prepared = []
+  for source in mixture.parse(config.mixture):
+    with _naming(source):
+      blocks = prepare(source_config(config, source), tokenizer, log, progress).blocks
+    prepared.append(mixture.SourceBlocks(source.name, source.weight, blocks))
+  return PreparedSources(tokenizer, tuple(prepared))
+
+
+def open_sources(config, tokenizer) -> tuple[mixture.SourceBlocks, ...]:
+  """The blocks of every source that another process prepared (`open_prepared` of each)."""
+  if not config.mixture:
+    return (mixture.SourceBlocks('', 1.0, open_prepared(config, tokenizer)),)
+  opened = []
+  for source in mixture.parse(config.mixture):
+    with _naming(source):
+      opened.append(mixture.SourceBlocks(
+          source.name, source.weight, open_prepared(source_config(config, source), tokenizer)))
+  return tuple(opened)
