@@ -54,7 +54,7 @@ class FlaxAutoModelForMaskedLM:
   """A masked LM of any supported family (see `registry.FAMILIES`)."""
 
   def __init__(self, config: transformers.PretrainedConfig, params: Any = None,
-               dtype: Any = jnp.float32, seed: int = 0, attention_impl: str = 'xla'):
+               dtype: Any = jnp.float32, seed: int = 0, attention_impl: str = 'auto'):
     self.config = config
     self.family = registry.family(config.model_type)
     self.dtype = _dtype(dtype)
@@ -66,7 +66,7 @@ class FlaxAutoModelForMaskedLM:
 
   @classmethod
   def from_config(cls, config, dtype: Any = jnp.float32, seed: int = 0, _do_init: bool = True,
-                  attention_impl: str = 'xla') -> 'FlaxAutoModelForMaskedLM':
+                  attention_impl: str = 'auto') -> 'FlaxAutoModelForMaskedLM':
     """A fresh model. `_do_init=False` leaves the parameters to `init_weights` (so that they
     can be created sharded, inside a jit), as transformers' argument of that name did."""
     if isinstance(config, dict):
@@ -78,7 +78,7 @@ class FlaxAutoModelForMaskedLM:
 
   @classmethod
   def from_pretrained(cls, name_or_path: str, dtype: Any = jnp.float32, seed: int = 0,
-                      attention_impl: str = 'xla',
+                      attention_impl: str = 'auto',
                       log: Callable[[str], None] = _logger.warning) -> 'FlaxAutoModelForMaskedLM':
     """A hub id, or a local or `gs://` directory saved by `save_pretrained` (PyTorch's or ours)."""
     with contextlib.ExitStack() as stack:

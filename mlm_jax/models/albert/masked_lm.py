@@ -30,7 +30,7 @@ class AlbertForMaskedLM(nn.Module):
   """ALBERT masked LM; see `bert.masked_lm.BertForMaskedLM` for the call."""
   config: object
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,

@@ -49,7 +49,7 @@ class BertForMaskedLM(nn.Module):
   indices `predict_at` [batch, k] (the head sees only those); see `models.MaskedLM`."""
   config: object
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,

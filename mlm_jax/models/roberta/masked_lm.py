@@ -47,7 +47,7 @@ class RobertaForMaskedLM(nn.Module):
   """
   config: object
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
