@@ -35,11 +35,12 @@ Array = jax.Array
 
 # `config.attention_impl`'s choices, and the backends each runs on (None: every backend).
 IMPLS = {'auto': None, 'xla': None, 'blocked': None, 'cudnn': ('gpu',), 'splash': ('tpu',)}
-# 'auto' runs the dense path up to this many tokens and the blocked one beyond (measured on
-# CPU, BENCHMARKS.md "Attention that scales"; the same on GPU and TPU until measured there).
-DENSE_UP_TO = 512
+# 'auto' runs the dense path up to these many tokens and the blocked one beyond, global and
+# local layers (measured on CPU, BENCHMARKS.md "Attention that scales"; the same on GPU and
+# TPU until measured there).
+DENSE_UP_TO = {False: 512, True: 256}
 # Key block of a global layer, and query block of a local one (measured, BENCHMARKS.md).
-GLOBAL_BLOCK = 512
+GLOBAL_BLOCK = 256
 LOCAL_BLOCK = 64
 # The dense path's fill for masked scores (jax.nn.dot_product_attention's, in float32).
 _NEG = np.float32(-0.7 * np.finfo(np.float32).max)
@@ -75,13 +76,13 @@ def dense_mask(mask: KeyMask | None) -> Array | None:
 def choose(implementation: str, *, length: int, local: bool, dropping: bool,
            backend: str | None = None) -> str:
   """The implementation one attention call runs: 'xla' (dense), 'blocked', 'cudnn' or
-  'splash'. 'auto' is dense up to `DENSE_UP_TO` tokens and blocked beyond; a step with
+  'splash'. 'auto' is dense up to `DENSE_UP_TO` tokens (global, local layers) and blocked beyond; a step with
   attention dropout (`dropping`) runs dense whatever the choice (the blocked kernels have no
   dropout); cuDNN takes no two-sided window, so its local layers run blocked."""
   if dropping:
     return 'xla'
   if implementation == 'auto':
-    return 'xla' if length <= DENSE_UP_TO else 'blocked'
+    return 'xla' if length <= DENSE_UP_TO[local] else 'blocked'
   if implementation == 'cudnn' and local:
     return 'blocked'
   return implementation
