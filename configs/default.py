@@ -26,8 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.dtype = 'float32'  # Computation dtype: float32 | bfloat16 (params stay float32).
   # Train the vocabulary head on the masked positions only (the same loss, a fraction of the FLOPs).
   config.masked_lm_head = True
-  # jax.nn.dot_product_attention's implementation: 'xla' (any device) or 'cudnn' (GPU, bfloat16).
-  config.attention_impl = 'xla'
+  # Attention's implementation (docs/long_context.md): 'auto' (dense up to 512 tokens, blocked
+  # beyond), 'xla' (dense [L, L] scores), 'blocked' (memory linear in length, any device),
+  # 'cudnn' (GPU: cuDNN's kernel for global layers), 'splash' (TPU: Pallas splash attention).
+  config.attention_impl = 'auto'
   # 'block': every token of a block attends to the whole block, as run_mlm does. 'document':
   # only to the tokens of its own text (the block's texts are cut at the separator the
   # tokenizer ends each one with), as Llama 3 and ModernBERT pretrain packed sequences.
