@@ -152,3 +152,18 @@ def test_every_family_trains_the_same_through_blocked_attention(family):
   for path, (a, b) in zip(jax.tree_util.tree_flatten_with_path(dense_grads)[0],
                           zip(jax.tree.leaves(dense_grads), jax.tree.leaves(blocked_grads))):
     np.testing.assert_allclose(b, a, atol=TOLERANCE, rtol=0, err_msg=str(path[0]))
+
+
+def test_splash_attention_equals_dense_in_interpret_mode():
+  """The TPU kernel, run by Pallas' interpreter on this CPU: a local layer with documents and
+  fully masked padding rows (its global form is checked by the same code path's FullMask)."""
+  segments = np.zeros((2, 21), np.int32)
+  segments[:, 3:], segments[:, 9:], segments[0, 17:] = 1, 2, 7
+  padding = np.ones((2, 21), np.int32)
+  padding[0, 17:] = 0
+  inputs = _inputs(21)
+  mask = attention.keys_mask(padding, segments)
+  dense = _output_and_gradients('xla', *inputs, mask, (3, 3))
+  splash = _output_and_gradients('splash', *inputs, mask, (3, 3))
+  for name, a, b in zip(('output', 'd query', 'd key', 'd value'), dense, splash):
+    np.testing.assert_allclose(b, a, atol=TOLERANCE, rtol=0, err_msg=name)

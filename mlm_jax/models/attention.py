@@ -241,36 +241,106 @@ def _flash_backward(block, saved, gradients):
 _flash.defvjp(_flash_forward, _flash_backward)
 
 
-def _banded(query, key, value, padding, segments, window):
-  """Sliding-window attention, query block by query block: each block's keys are the
-  `2 * reach + 1` key blocks around it (`reach` blocks cover the window), so that the
-  scores are [batch, heads, seq, (2 reach + 1) block], O(L w). Plain autodiff: what it saves
-  is of that size too. -> (output, seen [batch, seq, 1]: rows with a visible key)."""
-  batch, length, heads, head_dim = query.shape
-  block = min(LOCAL_BLOCK, length)
+def _band(length, padding, segments, window, block):
+  """The keys around each query block: `reach` blocks each side cover the window. ->
+  (around: [batch, (count + 2 reach) block, ...] -> [batch, count, spans * block, ...], the
+  key rows' padding in front, allowed [batch or 1, count, block, spans * block])."""
   count = -(-length // block)
   reach = -(-max(window) // block)
   spans = 2 * reach + 1
   before = reach * block
   key_ok, key_ids = _key_rules(length, padding, segments, (count + 2 * reach) * block, before)
 
-  def around(x):  # [batch, (count + 2 reach) block, ...] -> [batch, count, spans block, ...]
+  def around(x):
     x = x.reshape((x.shape[0], count + 2 * reach, block) + x.shape[2:])
     return jnp.concatenate([x[:, i:i + count] for i in range(spans)], axis=2)
 
-  queries = _pad(query, count * block).reshape(batch, count, block, heads, head_dim)
-  keys, values = (around(_pad(x, (count + 2 * reach) * block, 0, before)) for x in (key, value))
   query_at = np.arange(count * block).reshape(count, block)
   key_at = around(np.arange((count + 2 * reach) * block)[None] - before)[0]
   offset = key_at[:, None, :] - query_at[:, :, None]  # [count, block, span]
   allowed = (offset >= -window[0]) & (offset <= window[1]) & around(key_ok)[:, :, None, :]
   if segments is not None:
-    query_ids = _pad(segments, count * block).reshape(batch, count, block)
+    query_ids = _pad(segments, count * block).reshape(-1, count, block)
     allowed = allowed & (query_ids[..., None] == around(key_ids)[:, :, None, :])
+  return around, before, allowed
+
+
+def _banded(query, key, value, padding, segments, window):
+  """Sliding-window attention, query block by query block: each block's keys are the
+  `2 * reach + 1` key blocks around it (`_band`), so that the scores are [batch, heads, seq,
+  (2 reach + 1) block], O(L w). Plain autodiff: what it saves is of that size too.
+  -> (output, seen [batch, seq, 1]: rows with a visible key)."""
+  batch, length, heads, head_dim = query.shape
+  block = min(LOCAL_BLOCK, length)
+  around, before, allowed = _band(length, padding, segments, window, block)
+  count = allowed.shape[1]
+  queries = _pad(query, count * block).reshape(batch, count, block, heads, head_dim)
+  keys, values = (around(_pad(x, (count * block) + 2 * before, 0, before)) for x in (key, value))
   scores = jnp.einsum('BQTNH,BQSNH->BNQTS', queries, keys, preferred_element_type=jnp.float32)
   scores = jnp.where(allowed[:, None], scores * np.float32(1 / math.sqrt(head_dim)), _NEG)
   probs = jax.nn.softmax(scores, axis=-1)
   out = jnp.einsum('BNQTS,BQSNH->BQTNH', probs.astype(value.dtype), values,
                    preferred_element_type=jnp.float32).astype(query.dtype)
-  seen = jnp.broadcast_to(allowed.any(-1), (batch, count, block)).reshape(batch, -1, 1)
-  return out.reshape(batch, count * block, heads, head_dim)[:, :length], seen[:, :length]
+  seen = _band_seen(allowed, batch, length)
+  return out.reshape(batch, count * block, heads, head_dim)[:, :length], seen
+
+
+def _band_seen(allowed: Array, batch: int, length: int) -> Array:
+  """[batch, seq, 1]: the queries that see at least one key of their band."""
+  return jnp.broadcast_to(allowed.any(-1), (batch,) + allowed.shape[1:3]).reshape(
+      batch, -1, 1)[:, :length]
+
+
+def _global_seen(length: int, padding: Array | None, segments: Array | None) -> Array:
+  """[batch, seq, 1]: the queries whose document has a key that is not padding (sorted
+  keys' ids searched per query: O(L log L), no [L, L] array)."""
+  ok = jnp.ones((1, length), bool) if padding is None else padding
+  ids = jnp.zeros(ok.shape, jnp.int32) if segments is None else segments
+  ids, ok = jnp.broadcast_arrays(ids, ok)
+  keys = jnp.sort(jnp.where(ok, ids, jnp.iinfo(ids.dtype).min), axis=1)
+  at = jax.vmap(jnp.searchsorted)(keys, ids).clip(max=length - 1)
+  return (jnp.take_along_axis(keys, at, axis=1) == ids)[..., None]
+
+
+def splash(query: Array, key: Array, value: Array, mask: KeyMask | None,
+           local_window: tuple[int, int] | None = None, interpret: bool | None = None) -> Array:
+  """The TPU's Pallas splash-attention kernel (`make_splash_mha`, vmapped over the batch):
+  the window as a `LocalMask` (key blocks outside it skipped from the static mask), padding
+  and documents as `SegmentIds` (padding keys get an id no query has). Off TPU it runs in
+  Pallas' interpret mode (slow; for checking numbers only). The same numbers as `blocked`."""
+  # pylint: disable=import-outside-toplevel
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask
+  batch, length, heads, head_dim = query.shape
+  block = min(512, -(-length // 128) * 128)  # The kernel's blocks are multiples of 128.
+  padded = -(-length // block) * block
+  shape = (padded, padded)
+  one = (splash_attention_mask.FullMask(shape) if local_window is None else
+         splash_attention_mask.LocalMask(shape, local_window, offset=0))
+  sizes = splash_attention_kernel.BlockSizes(*(block,) * 8)
+  kernel = splash_attention_kernel.make_splash_mha(
+      splash_attention_mask.MultiHeadMask([one] * heads), head_shards=1, q_seq_shards=1,
+      block_sizes=sizes,
+      interpret=jax.default_backend() != 'tpu' if interpret is None else interpret)
+  padding, segments = mask if mask is not None else (None, None)
+  ok, ids = _key_rules(length, padding, segments, padded)
+  ids = jnp.zeros(ok.shape, jnp.int32) if ids is None else ids.astype(jnp.int32)
+  ids, ok = jnp.broadcast_arrays(ids, ok)
+  ids = jnp.broadcast_to(ids, (batch, padded))
+  no_query = jnp.iinfo(jnp.int32).min  # Padding keys: an id that no query has.
+  kv_ids = jnp.broadcast_to(jnp.where(ok, ids, no_query), (batch, padded))
+  query_ids = jnp.where(ids == no_query, no_query + 1, ids)
+  heads_first = lambda x: jnp.swapaxes(_pad(x, padded), 1, 2)  # [batch, heads, seq, dim]
+  out = jax.vmap(kernel)(
+      heads_first(query * np.asarray(1 / math.sqrt(head_dim), query.dtype)), heads_first(key),
+      heads_first(value), segment_ids=splash_attention_kernel.SegmentIds(query_ids, kv_ids))
+  out = jnp.swapaxes(out, 1, 2)[:, :length].astype(query.dtype)
+  if padding is None and segments is None:
+    return out  # Every query sees itself.
+  if local_window is not None and max(local_window) < length - 1:
+    seen = _band_seen(_band(length, padding, segments, local_window,
+                            min(LOCAL_BLOCK, length))[2], batch, length)
+  else:
+    seen = _global_seen(length, padding, segments)
+  everything = jnp.mean(value.astype(jnp.float32), axis=1, keepdims=True).astype(value.dtype)
+  return jnp.where(seen[..., None], out, everything)
