@@ -18,10 +18,13 @@ Shapes: `small` is 6 layers x 256 (4 heads, intermediate 512, vocabulary 4096), 
 attention every 3rd layer, local_attention 128; `base` is ModernBERT-base's (22 x 768, 12
 heads, intermediate 1152, vocabulary 50368, global every 3rd, window 128).
 
-Needs torch and transformers (run with the torch environment's python); `--plot` draws
+Needs torch and transformers (run with the torch environment's python; `--jax-python` runs
+the package's side with another, one without torch: transformers imports torch wherever it is
+installed, which added 0.7 GB to the package side's peak RSS at 2,048 tokens); `--plot` draws
 time and peak memory against length, log-log, for every side (matplotlib).
 
-  python benchmarks/long_context.py --shape small --seqs 1024 2048 4096 8192 --json small.json
+  python benchmarks/long_context.py --shape small --seqs 1024 2048 4096 8192 --json small.json \
+      --jax-python python3
   python benchmarks/long_context.py --shape base --seqs 1024 --json base.json
   python benchmarks/long_context.py --plot docs/long_context.png small.json base.json
 """
@@ -139,7 +142,8 @@ def measure_one(args) -> dict:
 
 
 def in_subprocess(args, side: str, length: int) -> dict:
-  command = [sys.executable, __file__, '--shape', args.shape, '--steps', str(args.steps),
+  python = sys.executable if side == 'torch' else args.jax_python
+  command = [python, __file__, '--shape', args.shape, '--steps', str(args.steps),
              '--model-dir', args.model_dir, '--one', f'{side}:{length}']
   result = subprocess.run(command, capture_output=True, text=True, check=False,
                           env=os.environ | {'PYTHONPATH': os.getcwd()})
@@ -200,6 +204,9 @@ def main() -> None:
                       help="the package's config.attention_impl values to run (xla, blocked, "
                       'auto)')
   parser.add_argument('--no-torch', action='store_true', help='skip the PyTorch side')
+  parser.add_argument('--jax-python', default=sys.executable,
+                      help="the python of the package's side (default this one); where torch "
+                      'is installed, transformers imports it, and its RSS with it')
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--json', help='also write the rows here')
   parser.add_argument('--plot', nargs='+', metavar=('PNG', 'JSON'),
