@@ -2,7 +2,8 @@
 
 One train step is forward and backward of the masked-LM loss (cross-entropy at 30% of the
 positions, full logits on both sides, gradients of every parameter, no optimizer), batch 1,
-float32. Both sides load the same weights: a randomly initialised `ModernBertForMaskedLM`
+float32 (`--dtype bfloat16`: products in bfloat16, torch under autocast). Both sides load
+the same weights: a randomly initialised `ModernBertForMaskedLM`
 saved by PyTorch transformers (`save_pretrained`), loaded here by
 `FlaxAutoModelForMaskedLM.from_pretrained` with `attention_impl` set to each of `--impls`,
 and there by `ModernBertForMaskedLM.from_pretrained(attn_implementation='sdpa')`. The loss
@@ -12,7 +13,8 @@ Each (side, length) runs in its own process, so that its peak RSS (`ru_maxrss`: 
 weights, activations, gradients and the runtime's own) is its own. Both processes set the
 C allocator policy the package's CPU steps set (`mlm_jax.host_memory`). Reported: compile
 (or first-step) time, the median of `--steps` back-to-back steps after one untimed, the peak
-RSS, the loss, and ours over theirs (above 1: the project is faster).
+RSS (with `--gpu`: both sides on the GPU, and the peak device memory instead), the loss, and
+ours over PyTorch sdpa's (above 1: the project is faster).
 
 Shapes: `small` is 6 layers x 256 (4 heads, intermediate 512, vocabulary 4096), global
 attention every 3rd layer, local_attention 128; `base` is ModernBERT-base's (22 x 768, 12
@@ -31,14 +33,16 @@ time and peak memory against length, log-log, for every side (matplotlib).
 
 import os
 
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # Before jax is imported.
+import sys
+
+if '--gpu' not in sys.argv:
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # Before jax is imported.
 
 import argparse  # pylint: disable=wrong-import-position
 import json
 import resource
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -86,13 +90,14 @@ def timed(step, steps: int) -> tuple[float, float, float]:
   return first, statistics.median(times), loss
 
 
-def jax_step(directory: str, length: int, impl: str, steps: int) -> dict:
+def jax_step(directory: str, length: int, impl: str, args) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from mlm_jax import host_memory  # pylint: disable=import-outside-toplevel
   from mlm_jax.models import FlaxAutoModelForMaskedLM  # pylint: disable=import-outside-toplevel
-  host_memory.keep_freed_memory()
-  model = FlaxAutoModelForMaskedLM.from_pretrained(directory, attention_impl=impl)
+  host_memory.keep_freed_memory_if_on_cpu()
+  model = FlaxAutoModelForMaskedLM.from_pretrained(directory, attention_impl=impl,
+                                                   dtype=args.dtype)
   ids, labels, masked = batch(model.config.vocab_size, length)
 
   def loss(params, ids, labels, masked):
@@ -102,54 +107,69 @@ def jax_step(directory: str, length: int, impl: str, steps: int) -> dict:
 
   inputs = (model.params, ids.astype('int32'), labels.astype('int32'), masked)
   compiled = jax.jit(jax.value_and_grad(loss)).lower(*inputs).compile()
-  first, step_s, value = timed(lambda: float(jax.block_until_ready(compiled(*inputs))[0]), steps)
-  return dict(side=f'jax {impl}', first_s=first, step_s=step_s, loss=value)
+  first, step_s, value = timed(lambda: float(jax.block_until_ready(compiled(*inputs))[0]),
+                               args.steps)
+  row = dict(side=f'jax {impl}', first_s=first, step_s=step_s, loss=value)
+  if args.gpu:
+    row['peak_device_mb'] = jax.devices()[0].memory_stats()['peak_bytes_in_use'] / 2**20
+  return row
 
 
-def torch_step(directory: str, length: int, steps: int) -> dict:
+def torch_step(directory: str, length: int, attn: str, args) -> dict:
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
   from mlm_jax import host_memory  # pylint: disable=import-outside-toplevel
-  host_memory.keep_freed_memory()
-  torch.set_num_threads(os.cpu_count())
+  device = 'cuda' if args.gpu else 'cpu'
+  if not args.gpu:
+    host_memory.keep_freed_memory()
+    torch.set_num_threads(os.cpu_count())
   model = transformers.ModernBertForMaskedLM.from_pretrained(
-      directory, attn_implementation='sdpa', dtype=torch.float32)
+      directory, attn_implementation=attn, dtype=torch.float32).to(device)
   model.train()
   ids, labels, masked = batch(model.config.vocab_size, length)
-  ids = torch.from_numpy(ids)
+  ids = torch.from_numpy(ids).to(device)
   labels = torch.from_numpy(labels.copy())
   labels[~torch.from_numpy(masked)] = -100
+  labels = labels.to(device)
+  # float32 parameters, products in bfloat16 where asked: the package's dtype on both sides.
+  autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == 'bfloat16')
 
   def step():
     model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=labels).loss
+    with autocast:
+      loss = model(input_ids=ids, labels=labels).loss
     loss.backward()
-    return float(loss)
+    return float(loss)  # Waits for the device.
 
-  first, step_s, value = timed(step, steps)
-  return dict(side='torch sdpa', first_s=first, step_s=step_s, loss=value)
+  first, step_s, value = timed(step, args.steps)
+  row = dict(side=f'torch {attn}', first_s=first, step_s=step_s, loss=value)
+  if args.gpu:
+    row['peak_device_mb'] = torch.cuda.max_memory_allocated() / 2**20
+  return row
 
 
 def measure_one(args) -> dict:
   side, length = args.one.rsplit(':', 1)
   length = int(length)
-  if side == 'torch':
-    row = torch_step(args.model_dir, length, args.steps)
+  if side.startswith('torch '):
+    row = torch_step(args.model_dir, length, side.split()[1], args)
   else:
-    row = jax_step(args.model_dir, length, side, args.steps)
+    row = jax_step(args.model_dir, length, side, args)
   return row | dict(shape=args.shape, seq=length,
                     peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10)
 
 
 def in_subprocess(args, side: str, length: int) -> dict:
-  python = sys.executable if side == 'torch' else args.jax_python
+  python = sys.executable if side.startswith('torch ') else args.jax_python
   command = [python, __file__, '--shape', args.shape, '--steps', str(args.steps),
-             '--model-dir', args.model_dir, '--one', f'{side}:{length}']
+             '--dtype', args.dtype, '--model-dir', args.model_dir, '--one', f'{side}:{length}']
+  command += ['--gpu'] if args.gpu else []
   result = subprocess.run(command, capture_output=True, text=True, check=False,
                           env=os.environ | {'PYTHONPATH': os.getcwd()})
   if result.returncode:
     lines = result.stderr.strip().splitlines() or ['(no output)']
-    return dict(side=side if side == 'torch' else f'jax {side}', shape=args.shape, seq=length,
+    return dict(side=side if side.startswith('torch ') else f'jax {side}', shape=args.shape,
+                seq=length,
                 failed=f'exit {result.returncode}: {lines[-1][:200]}')
   return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -159,13 +179,14 @@ def print_table(rows: list[dict]) -> None:
         f'{"loss":>10} {"vs torch":>9}')
   torch_s = {(r['shape'], r['seq']): r['step_s'] for r in rows
              if r['side'] == 'torch sdpa' and 'failed' not in r}
+  memory = 'peak_device_mb' if any('peak_device_mb' in r for r in rows) else 'peak_rss_mb'
   for r in rows:
     if 'failed' in r:
       print(f'{r["shape"]:>6} {r["seq"]:>6} {r["side"]:>12} {r["failed"]}')
       continue
     ratio = torch_s.get((r['shape'], r['seq']), float('nan')) / r['step_s']
     print(f'{r["shape"]:>6} {r["seq"]:>6} {r["side"]:>12} {r["first_s"]:>8.2f} '
-          f'{r["step_s"]:>8.3f} {r["peak_rss_mb"]:>8.0f} {r["loss"]:>10.6f} {ratio:>8.2f}x')
+          f'{r["step_s"]:>8.3f} {r[memory]:>8.0f} {r["loss"]:>10.6f} {ratio:>8.2f}x')
 
 
 def plot(path: str, sources: list[str]) -> None:
@@ -203,7 +224,13 @@ def main() -> None:
   parser.add_argument('--impls', nargs='+', default=['auto'],
                       help="the package's config.attention_impl values to run (xla, blocked, "
                       'auto)')
-  parser.add_argument('--no-torch', action='store_true', help='skip the PyTorch side')
+  parser.add_argument('--torch-attn', nargs='*', default=['sdpa'],
+                      help="PyTorch's attn_implementation values to run (none: no PyTorch side; "
+                      'flash_attention_2 on GPU where flash-attn is installed)')
+  parser.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32',
+                      help='computation dtype of both sides (parameters stay float32)')
+  parser.add_argument('--gpu', action='store_true',
+                      help='both sides on the GPU; memory is the peak device memory')
   parser.add_argument('--jax-python', default=sys.executable,
                       help="the python of the package's side (default this one); where torch "
                       'is installed, transformers imports it, and its RSS with it')
@@ -224,7 +251,7 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as directory:
     args.model_dir = directory
     save_model(args.shape, max(args.seqs), directory)
-    sides = ([] if args.no_torch else ['torch']) + args.impls
+    sides = [f'torch {attn}' for attn in args.torch_attn] + args.impls
     for length in args.seqs:
       for side in sides:
         rows.append(in_subprocess(args, side, length))
