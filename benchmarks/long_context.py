@@ -221,7 +221,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--shape', choices=sorted(SHAPES), default='small')
   parser.add_argument('--seqs', type=int, nargs='+', default=[1024, 2048, 4096, 8192])
-  parser.add_argument('--impls', nargs='+', default=['auto'],
+  parser.add_argument('--impls', nargs='*', default=['auto'],
                       help="the package's config.attention_impl values to run (xla, blocked, "
                       'auto)')
   parser.add_argument('--torch-attn', nargs='*', default=['sdpa'],
