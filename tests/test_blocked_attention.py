@@ -112,8 +112,9 @@ def test_bfloat16_runs_with_float32_statistics():
     (256, True, False, 'xla'), (257, True, False, 'blocked'),
     (8192, False, True, 'xla'),  # No dropout in the blocked kernels.
 ])
-def test_auto_is_dense_where_dense_is_faster(length, local, dropping, expected):
-  assert attention.choose('auto', length=length, local=local, dropping=dropping) == expected
+def test_auto_on_cpu_is_dense_where_dense_is_faster(length, local, dropping, expected):
+  assert attention.choose('auto', length=length, local=local, dropping=dropping,
+                          backend='cpu') == expected
 
 
 def _family_configs():

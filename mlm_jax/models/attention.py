@@ -35,10 +35,12 @@ Array = jax.Array
 
 # `config.attention_impl`'s choices, and the backends each runs on (None: every backend).
 IMPLS = {'auto': None, 'xla': None, 'blocked': None, 'cudnn': ('gpu',), 'splash': ('tpu',)}
-# 'auto' runs the dense path up to these many tokens and the blocked one beyond, global and
-# local layers (measured on CPU, BENCHMARKS.md "Attention that scales"; the same on GPU and
-# TPU until measured there).
-DENSE_UP_TO = {False: 512, True: 256}
+# 'auto' runs the dense path up to this many tokens and the blocked one beyond, by backend and
+# by layer (global: False, local: True). CPU's are measured (BENCHMARKS.md, "CPU: attention
+# that scales"). Elsewhere nothing is measured yet: the dense path's fused kernels are kept up
+# to where its [L, L] scores start to cost gigabytes (gpu.sh's modernbert8k stage measures).
+DENSE_UP_TO = {'cpu': {False: 512, True: 256}}
+DENSE_UP_TO_ELSEWHERE = {False: 2048, True: 2048}
 # Key block of a global layer, and query block of a local one (measured, BENCHMARKS.md).
 GLOBAL_BLOCK = 256
 LOCAL_BLOCK = 64
@@ -76,13 +78,16 @@ def dense_mask(mask: KeyMask | None) -> Array | None:
 def choose(implementation: str, *, length: int, local: bool, dropping: bool,
            backend: str | None = None) -> str:
   """The implementation one attention call runs: 'xla' (dense), 'blocked', 'cudnn' or
-  'splash'. 'auto' is dense up to `DENSE_UP_TO` tokens (global, local layers) and blocked beyond; a step with
-  attention dropout (`dropping`) runs dense whatever the choice (the blocked kernels have no
-  dropout); cuDNN takes no two-sided window, so its local layers run blocked."""
+  'splash'. 'auto' is dense up to `DENSE_UP_TO` tokens on `backend` (JAX's default) and
+  blocked beyond; a step
+  with attention dropout (`dropping`) runs dense whatever the choice (the blocked kernels
+  have no dropout); cuDNN takes no two-sided window, so its local layers run blocked."""
   if dropping:
     return 'xla'
   if implementation == 'auto':
-    return 'xla' if length <= DENSE_UP_TO[local] else 'blocked'
+    backend = backend or jax.default_backend()
+    dense_up_to = DENSE_UP_TO.get(backend, DENSE_UP_TO_ELSEWHERE)[local]
+    return 'xla' if length <= dense_up_to else 'blocked'
   if implementation == 'cudnn' and local:
     return 'blocked'
   return implementation
