@@ -10,8 +10,10 @@ and there by `ModernBertForMaskedLM.from_pretrained(attn_implementation='sdpa')`
 of both is printed, to show they compute one thing.
 
 Each (side, length) runs in its own process, so that its peak RSS (`ru_maxrss`: the
-weights, activations, gradients and the runtime's own) is its own. Both processes set the
-C allocator policy the package's CPU steps set (`mlm_jax.host_memory`). Reported: compile
+weights, activations, gradients and the runtime's own) is its own. The C allocator is glibc's
+as it comes on both sides; `--keep-freed-memory` sets the policy the package's CPU steps set
+(`mlm_jax.host_memory`) on both: faster steps, but at 8,192 tokens it raised the package's
+peak RSS from 2.9 to 4.8 GB (two step buffers held at once; BENCHMARKS.md). Reported: compile
 (or first-step) time, the median of `--steps` back-to-back steps after one untimed, the peak
 RSS (with `--gpu`: both sides on the GPU, and the peak device memory instead), the loss, and
 ours over PyTorch sdpa's (above 1: the project is faster).
@@ -95,7 +97,8 @@ def jax_step(directory: str, length: int, impl: str, args) -> dict:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from mlm_jax import host_memory  # pylint: disable=import-outside-toplevel
   from mlm_jax.models import FlaxAutoModelForMaskedLM  # pylint: disable=import-outside-toplevel
-  host_memory.keep_freed_memory_if_on_cpu()
+  if args.keep_freed_memory:
+    host_memory.keep_freed_memory_if_on_cpu()
   model = FlaxAutoModelForMaskedLM.from_pretrained(directory, attention_impl=impl,
                                                    dtype=args.dtype)
   ids, labels, masked = batch(model.config.vocab_size, length)
@@ -121,7 +124,8 @@ def torch_step(directory: str, length: int, attn: str, args) -> dict:
   from mlm_jax import host_memory  # pylint: disable=import-outside-toplevel
   device = 'cuda' if args.gpu else 'cpu'
   if not args.gpu:
-    host_memory.keep_freed_memory()
+    if args.keep_freed_memory:
+      host_memory.keep_freed_memory()
     torch.set_num_threads(os.cpu_count())
   model = transformers.ModernBertForMaskedLM.from_pretrained(
       directory, attn_implementation=attn, dtype=torch.float32).to(device)
@@ -164,6 +168,7 @@ def in_subprocess(args, side: str, length: int) -> dict:
   command = [python, __file__, '--shape', args.shape, '--steps', str(args.steps),
              '--dtype', args.dtype, '--model-dir', args.model_dir, '--one', f'{side}:{length}']
   command += ['--gpu'] if args.gpu else []
+  command += ['--keep-freed-memory'] if args.keep_freed_memory else []
   result = subprocess.run(command, capture_output=True, text=True, check=False,
                           env=os.environ | {'PYTHONPATH': os.getcwd()})
   if result.returncode:
@@ -229,6 +234,9 @@ def main() -> None:
                       'flash_attention_2 on GPU where flash-attn is installed)')
   parser.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32',
                       help='computation dtype of both sides (parameters stay float32)')
+  parser.add_argument('--keep-freed-memory', action='store_true',
+                      help="both sides under the package's CPU allocator policy "
+                      '(mlm_jax.host_memory); default glibc as it comes')
   parser.add_argument('--gpu', action='store_true',
                       help='both sides on the GPU; memory is the peak device memory')
   parser.add_argument('--jax-python', default=sys.executable,
