@@ -199,6 +199,7 @@ def plot(path: str, sources: list[str]) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
   from matplotlib import pyplot  # pylint: disable=import-outside-toplevel
+  from matplotlib import ticker  # pylint: disable=import-outside-toplevel
   rows = [r for source in sources for r in json.load(open(source, encoding='utf-8'))
           if 'failed' not in r]
   figure, (left, right) = pyplot.subplots(1, 2, figsize=(10, 4))
@@ -210,9 +211,13 @@ def plot(path: str, sources: list[str]) -> None:
                  label=f'{shape}: {side}')
     left.plot(seqs, [r['step_s'] for r in line], **style)
     right.plot(seqs, [r['peak_rss_mb'] / 1024 for r in line], **style)
+  lengths = sorted({r['seq'] for r in rows})
   for axes, label in ((left, 'train step (s)'), (right, 'peak RSS (GiB)')):
     axes.set_xscale('log', base=2)
     axes.set_yscale('log')
+    axes.set_xticks(lengths, [f'{n:,}' for n in lengths])
+    axes.yaxis.set_major_formatter(ticker.FormatStrFormatter('%g'))
+    axes.yaxis.set_minor_formatter(ticker.FormatStrFormatter('%g'))
     axes.set_xlabel('tokens (batch 1)')
     axes.set_ylabel(label)
     axes.grid(True, which='both', alpha=0.3)
