@@ -25,6 +25,8 @@
 #   variants128 ~1.5 min  three jax variants
 #   seq512      ~0.7 min  torch eager rows only (COMPILE=0), our bf16 step
 #   curves      ~1   min  two 200-step runs of the default config
+#   modernbert8k ~3  min  ModernBERT-base, 1 x 8192, bf16: ours (auto, cudnn) vs PyTorch sdpa
+#                         and FlashAttention-2 where flash-attn imports (long_context.py)
 #   modernbert_cudnn ~1 min  our ModernBERT step, global layers through cuDNN (if time is left)
 #   rbg128      ~0.5 min  the bf16 step with 'rbg' keys, random bits not by Threefry (ditto)
 # Each stage prints its elapsed seconds; wrap the command in `timeout 540` so that a run over
@@ -34,7 +36,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to a folder for the results}
 ANCHORS=${ANCHORS:-.bench/anchors.py}
-STAGES=${STAGES:-anchors128 modernbert variants128 seq512 curves modernbert_cudnn rbg128}
+STAGES=${STAGES:-anchors128 modernbert variants128 seq512 curves modernbert8k modernbert_cudnn rbg128}
 DRY_RUN=${DRY_RUN:-0}
 PACK=${PACK:-}
 mkdir -p "$OUT"
@@ -52,6 +54,7 @@ if [ "$DRY_RUN" = 1 ]; then
   TINY_MB="$TINY_MB --batch=2 $small"
   export COMPILE=0  # anchors.py: eager rows only.
   CUDNN=""  # No cuDNN off GPU: the stage runs XLA's attention.
+  LONG="--shape=small --seqs 512 --impls auto"  # On CPU: no --gpu, no cuDNN.
   if python3 -c 'import torch' 2>/dev/null; then
     COMPARE="--compare --anchors=$ANCHORS --force"  # --force: off GPU and at tiny shapes.
   else
@@ -60,6 +63,7 @@ if [ "$DRY_RUN" = 1 ]; then
   fi
 else
   STEPS=30 CURVE_STEPS=200 TINY="" TINY_MB="" CUDNN="--attention=cudnn"
+  LONG="--gpu --shape=base --seqs 8192 --impls auto cudnn"
   COMPARE="--compare --anchors=$ANCHORS"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
 fi
@@ -92,6 +96,16 @@ run_stage() {
         --json="$OUT/modernbert_bf16_1024_cudnn.json" ;;
     rbg128)  # Dropout and masking bits from XLA's RngBitGenerator ('rbg' keys), not Threefry.
       JAX_DEFAULT_PRNG_IMPL=rbg step --dtype=bfloat16 --masked_head --json="$OUT/bf16_128_rbg.json" ;;
+    modernbert8k)  # ModernBERT-base at 8,192 tokens, one train step (full logits), in bf16:
+      # ours (auto: blocked attention; cudnn: its global layers fused) against PyTorch sdpa and
+      # FlashAttention-2 where flash-attn imports. Each side in its own process, peak memory its own.
+      if python3 -c 'import torch' 2>/dev/null; then
+        fa2=$(python3 -c 'import flash_attn' 2>/dev/null && echo flash_attention_2)
+        python3 benchmarks/long_context.py $LONG --dtype=bfloat16 --torch-attn sdpa $fa2 \
+          --steps=5 --json="$OUT/modernbert_8192.json" 2>&1 | grep -v -i 'warn\|deprecat\|shards'
+      else
+        echo "modernbert8k: torch does not import here; the stage needs it"
+      fi ;;
     curves)  # float32 vs the bf16 step over the default run, on the same batches.
       python3 benchmarks/loss_curves.py --out="$OUT/curves" --steps=$CURVE_STEPS 2>&1 | tail -12 ;;
     *) echo "unknown stage $1"; return 2 ;;

@@ -107,7 +107,7 @@ class Shape:
   batch: int  # Rows per device per step.
   dtype: str = 'float32'
   masked_head: bool = False  # The vocabulary head on masked positions only (config.masked_lm_head).
-  attention: str = 'xla'  # config.attention_impl: jax.nn.dot_product_attention's 'xla' or 'cudnn'.
+  attention: str = 'auto'  # config.attention_impl (models/attention.py; docs/long_context.md).
   masking: str = 'token'  # config.masking: 'token' or 'whole_word'.
   model_type: str = 'roberta'  # 'roberta' or 'modernbert' (the registry's model_type).
   mask_probability: float = 0.15  # config.mlm_probability (ModernBERT trains with 0.3).
@@ -175,7 +175,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--dtype', choices=sorted(model_lib.DTYPES), default=None,
                       help='computation dtype (parameters stay float32); default float32')
   parser.add_argument('--attention', choices=sorted(layers.ATTENTION_IMPLS), default=None,
-                      help='config.attention_impl (cudnn: GPU only); default xla')
+                      help='config.attention_impl (cudnn: GPU only); default auto')
   parser.add_argument('--remat_policy', choices=sorted(layers.REMAT_POLICIES), default=None,
                       help="each layer rematerialised under this policy (config.remat_policy)")
   parser.add_argument('--masking', choices=masking.SCHEMES, default=None,

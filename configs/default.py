@@ -26,8 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.dtype = 'float32'  # Computation dtype: float32 | bfloat16 (params stay float32).
   # Train the vocabulary head on the masked positions only (the same loss, a fraction of the FLOPs).
   config.masked_lm_head = True
-  # jax.nn.dot_product_attention's implementation: 'xla' (any device) or 'cudnn' (GPU, bfloat16).
-  config.attention_impl = 'xla'
+  # Attention's implementation (docs/long_context.md): 'auto' (dense up to 512 tokens, blocked
+  # beyond), 'xla' (dense [L, L] scores), 'blocked' (memory linear in length, any device),
+  # 'cudnn' (GPU: cuDNN's kernel for global layers), 'splash' (TPU: Pallas splash attention).
+  config.attention_impl = 'auto'
   # What each layer's backward pass recomputes rather than keeps (less memory, more time):
   # 'none'; 'full' (the whole layer); 'minimal' (all but the weight products); 'dots' (all but
   # the products, the attention scores too). See docs/long_context.md.

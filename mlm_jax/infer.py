@@ -102,7 +102,7 @@ class Predictor:
 
 
 def load_predictor(model: str, step: int | None = None, dtype: Any = jnp.float32,
-                   attention_impl: str = 'xla') -> Predictor:
+                   attention_impl: str = 'auto') -> Predictor:
   """Loads a training workdir, an HF-format directory or a hub id, to compute in `dtype`
   with `attention_impl` (the parameters stay float32)."""
   kwargs = dict(dtype=dtype, attention_impl=attention_impl)

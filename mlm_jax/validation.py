@@ -10,7 +10,8 @@ from mlm_jax.data import mixture
 from mlm_jax.errors import UserError
 
 DTYPE_NAMES = ('float32', 'bfloat16')  # Computation dtypes (see model.DTYPES).
-ATTENTION_IMPLS = ('xla', 'cudnn')  # jax.nn.dot_product_attention's (see models/layers.py).
+# models/attention.py's: 'auto' picks per length; 'cudnn' runs on GPU only, 'splash' on TPU.
+ATTENTION_IMPLS = ('auto', 'xla', 'blocked', 'cudnn', 'splash')
 REMAT_POLICIES = ('none', 'full', 'minimal', 'dots')  # See models/layers.py.
 LR_SCHEDULES = ('linear', 'cosine', 'wsd')  # See optim.make_schedule.
 WSD_DECAYS = ('1-sqrt', 'linear')  # The decay of lr_schedule='wsd' (optim.WSD_DECAYS).
@@ -41,6 +42,19 @@ def check_scoring(variant: str, batch_size: int) -> None:
                     f'{", ".join(PLL_VARIANTS)}')
   if batch_size < 1:
     raise UserError(f'batch_size={batch_size} must be at least 1; pass --batch_size=N')
+
+
+def check_attention_backend(implementation: str, backend: str | None = None) -> None:
+  """An `attention_impl` the backend (JAX's default unless given) cannot run, in one line."""
+  from mlm_jax.models import attention  # pylint: disable=import-outside-toplevel
+  if backend is None:
+    import jax  # pylint: disable=import-outside-toplevel
+    backend = jax.default_backend()
+  if not attention.runs_on(implementation, backend):
+    usable = [name for name in ATTENTION_IMPLS if attention.runs_on(name, backend)]
+    needs = '/'.join(attention.IMPLS[implementation]).upper()
+    raise UserError(f'attention_impl={implementation!r} needs a {needs} (this backend: '
+                    f'{backend}); set --config.attention_impl to one of {", ".join(usable)}')
 
 
 def _check_range(config: ml_collections.ConfigDict) -> None:
@@ -82,6 +96,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check_choice('dtype', config.dtype, DTYPE_NAMES)
   check_choice('attention_impl', config.attention_impl, ATTENTION_IMPLS)
   check_choice('remat_policy', config.remat_policy, REMAT_POLICIES)
+  check_attention_backend(config.attention_impl)
   if config.num_train_steps == 0 or config.num_train_steps < -1:
     raise UserError(f'num_train_steps={config.num_train_steps} must be positive, or -1 to '
                     'train for num_epochs')

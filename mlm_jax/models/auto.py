@@ -76,7 +76,7 @@ class FlaxAutoModelForMaskedLM:
   """
 
   def __init__(self, config: transformers.PretrainedConfig, params: Any = None,
-               dtype: Any = jnp.float32, seed: int = 0, attention_impl: str = 'xla',
+               dtype: Any = jnp.float32, seed: int = 0, attention_impl: str = 'auto',
                remat_policy: str = 'none'):
     self.config = config
     self.family = registry.family(config.model_type)
@@ -91,7 +91,7 @@ class FlaxAutoModelForMaskedLM:
 
   @classmethod
   def from_config(cls, config, dtype: Any = jnp.float32, seed: int = 0, _do_init: bool = True,
-                  attention_impl: str = 'xla',
+                  attention_impl: str = 'auto',
                   remat_policy: str = 'none') -> 'FlaxAutoModelForMaskedLM':
     """A fresh model. `_do_init=False` leaves the parameters to `init_weights` (so that they
     can be created sharded, inside a jit), as transformers' argument of that name did."""
@@ -104,7 +104,7 @@ class FlaxAutoModelForMaskedLM:
 
   @classmethod
   def from_pretrained(cls, name_or_path: str, dtype: Any = jnp.float32, seed: int = 0,
-                      attention_impl: str = 'xla', remat_policy: str = 'none',
+                      attention_impl: str = 'auto', remat_policy: str = 'none',
                       log: Callable[[str], None] = _logger.warning) -> 'FlaxAutoModelForMaskedLM':
     """A hub id, or a local or `gs://` directory saved by `save_pretrained` (PyTorch's or ours)."""
     with contextlib.ExitStack() as stack:

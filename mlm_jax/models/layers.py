@@ -13,11 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlm_jax.models import attention
+
 Array = jax.Array
 Dtype = Any
+Mask = attention.KeyMask | None  # The keys each query may see (see `attention.KeyMask`).
 
-# jax.nn.dot_product_attention's implementations, by the name `config.attention_impl` uses.
-ATTENTION_IMPLS = {'xla': 'xla', 'cudnn': 'cudnn'}
+# `config.attention_impl`'s choices (see `attention.choose`).
+ATTENTION_IMPLS = tuple(attention.IMPLS)
 
 # What the backward pass keeps of each layer's forward, by the name `config.remat_policy` uses
 # (MaxText's names where it has one): None keeps everything, as without remat; a policy of
@@ -158,7 +161,7 @@ class LayerStack(nn.Module):
   remat_policy: str = 'none'
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+  def __call__(self, hidden: Array, mask: Mask, deterministic: bool,
                predict_at: Array | None = None) -> Array:
     apply = _apply_layer
     if self.remat_policy != 'none':
@@ -195,49 +198,47 @@ class Dropout(nn.Module):
     return jax.lax.select(keep, inputs / keep_prob, jnp.zeros_like(inputs))
 
 
-def padding_mask(attention_mask: Array | None) -> Array | None:
-  """[batch, seq] 1/0 -> the boolean [batch, 1, 1, seq] mask of keys each query may see."""
-  return None if attention_mask is None else (attention_mask > 0)[:, None, None, :]
+def keys_mask(attention_mask: Array | None,
+              segment_ids: Array | None) -> attention.KeyMask | None:
+  """The masked LMs' one mask: keys that are not padding and lie in the query's segment, kept
+  as [batch, seq] rows (`attention.KeyMask`) for each implementation to apply its way."""
+  return attention.keys_mask(attention_mask, segment_ids)
 
 
-def keys_mask(attention_mask: Array | None, segment_ids: Array | None) -> Array | None:
-  """The masked LMs' one mask: keys that are not padding and lie in the query's segment."""
-  return combine_masks(padding_mask(attention_mask), segment_mask(segment_ids))
-
-
-def combine_masks(*masks: Array | None) -> Array | None:
-  """The keys allowed by every mask (None: no restriction)."""
-  present = [m for m in masks if m is not None]
-  if not present:
-    return None
-  return functools.reduce(jnp.logical_and, present)
-
-
-def attend(query: Array, key: Array, value: Array, mask: Array | None, *,
+def attend(query: Array, key: Array, value: Array, mask: attention.KeyMask | None, *,
            dropout_rate: float, deterministic: bool, dropout_rng: Callable[[], Array],
-           implementation: str = 'xla', local_window: tuple[int, int] | None = None) -> Array:
-  """Softmax attention over [batch, seq, heads, head_dim] queries, keys and values.
+           implementation: str = 'auto', local_window: tuple[int, int] | None = None) -> Array:
+  """Softmax attention over [batch, seq, heads, head_dim] queries, keys and values, the keys
+  restricted by `mask` and, with `local_window` (left, right), to that many positions around
+  the query; `implementation` is `config.attention_impl` (see `attention.choose`).
 
-  Inference, and training through cuDNN's fused kernel without attention dropout, is
-  `jax.nn.dot_product_attention`. Training otherwise writes the computation out: that
-  function has no dropout, and its XLA form's backward multiplies float32 score gradients
-  with bfloat16 keys and queries (products in float32 on a GPU), where `attention_scores`
-  keeps them in the computation dtype. Attention dropout drops probabilities element-wise,
-  per [batch, head, query, key], as PyTorch's `nn.Dropout` on the probabilities does. `mask`
-  is boolean, broadcast to [batch, heads, query, key]; `local_window` (left, right) keeps keys
-  within that many positions.
+  The dense path: inference, and training through cuDNN's fused kernel without attention
+  dropout, is `jax.nn.dot_product_attention`. Training otherwise writes the computation out:
+  that function has no dropout, and its XLA form's backward multiplies float32 score
+  gradients with bfloat16 keys and queries (products in float32 on a GPU), where
+  `attention_scores` keeps them in the computation dtype. Attention dropout drops
+  probabilities element-wise, per [batch, head, query, key], as PyTorch's `nn.Dropout` on the
+  probabilities does.
   """
+  dropping = not deterministic and dropout_rate > 0.0
+  implementation = attention.choose(implementation, length=query.shape[1],
+                                    local=local_window is not None, dropping=dropping)
+  if implementation == 'blocked':
+    return attention.blocked(query, key, value, mask, local_window)
+  if implementation == 'splash':
+    return attention.splash(query, key, value, mask, local_window)
+  mask = attention.dense_mask(mask)
   if local_window is not None and local_window[1] != 0:
-    # cuDNN takes a sliding window only with a causal mask (jax raises otherwise): an
-    # encoder's two-sided window goes through XLA, which applies it as a mask.
+    # cuDNN takes a sliding window only with a causal mask (jax raises otherwise).
     implementation = 'xla'
   if deterministic or (dropout_rate == 0.0 and implementation != 'xla'):
     return jax.nn.dot_product_attention(
-        query, key, value, mask=mask, implementation=ATTENTION_IMPLS[implementation],
+        query, key, value, mask=mask, implementation=implementation,
         local_window_size=local_window)
   logits = attention_scores(query, key) * np.float32(1 / np.sqrt(query.shape[-1]))
-  mask = combine_masks(mask, None if local_window is None else
-                       window_mask(query.shape[1], key.shape[1], local_window))
+  if local_window is not None:
+    window = window_mask(query.shape[1], key.shape[1], local_window)
+    mask = window if mask is None else jnp.logical_and(mask, window)
   if mask is not None:
     logits = jnp.where(mask, logits, np.float32(-0.7 * np.finfo(np.float32).max))
   weights = jax.nn.softmax(logits, axis=-1)
@@ -272,9 +273,9 @@ def _attention_scores_backward(saved: tuple[Array, Array],
 attention_scores.defvjp(_attention_scores_forward, _attention_scores_backward)
 
 
-def self_attention(module: nn.Module, hidden: Array, mask: Array | None, *,
+def self_attention(module: nn.Module, hidden: Array, mask: Mask, *,
                    names: tuple[str, str, str], heads: int, stddev: float, dtype: Dtype,
-                   dropout_rate: float, deterministic: bool, implementation: str) -> Array:
+                   dropout_rate: float, deterministic: bool, implementation: str = 'auto') -> Array:
   """Inside `module`'s compact call: the query, key and value projections named `names`
   (its children, as the reference's), multi-head attention (see `attend`; the dropout draws
   from `module`'s 'dropout' rng), heads merged back to [batch, seq, width]."""
@@ -346,10 +347,3 @@ def _add_vocab_bias_backward(_, gradient: Array) -> tuple[Array, Array]:
 
 
 add_vocab_bias.defvjp(_add_vocab_bias_forward, _add_vocab_bias_backward)
-
-
-def segment_mask(segment_ids: Array | None) -> Array | None:
-  """[batch, seq] segment ids -> [batch, 1, seq, seq]: each token sees its own segment only."""
-  if segment_ids is None:
-    return None
-  return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]

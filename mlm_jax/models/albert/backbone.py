@@ -21,10 +21,10 @@ class Attention(nn.Module):
   LayerNorm(x + residual): one module in the reference, so one scope here."""
   config: object
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+  def __call__(self, hidden: Array, mask: layers.Mask, deterministic: bool,
                predict_at: Array | None = None) -> Array:
     """[batch, seq, hidden]; with `predict_at` only those rows go on past the attention."""
     cfg = self.config
@@ -46,10 +46,10 @@ class Layer(nn.Module):
   drops nothing in the feed-forward part."""
   config: object
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+  def __call__(self, hidden: Array, mask: layers.Mask, deterministic: bool,
                predict_at: Array | None = None) -> Array:
     cfg = self.config
     attended = Attention(cfg, self.dtype, self.attention_impl, name='attention')(
@@ -64,11 +64,11 @@ class Layer(nn.Module):
 class LayerGroup(nn.Module):
   config: object
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
   remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+  def __call__(self, hidden: Array, mask: layers.Mask, deterministic: bool,
                predict_at: Array | None = None) -> Array:
     layer = lambda index, name: Layer(self.config, self.dtype, self.attention_impl, name=name)
     return layers.LayerStack(layer, self.config.inner_group_num, self.remat_policy,
@@ -82,11 +82,11 @@ class LayerGroups(nn.Module):
   at `predict_at` past its attention where it is given (`layers.LayerStack`)."""
   config: object
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
   remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+  def __call__(self, hidden: Array, mask: layers.Mask, deterministic: bool,
                predict_at: Array | None = None) -> Array:
     cfg = self.config
     groups = [LayerGroup(cfg, self.dtype, self.attention_impl, self.remat_policy, name=str(g))
@@ -102,11 +102,11 @@ class Encoder(nn.Module):
   """embedding_hidden_mapping_in (embedding_size -> hidden_size), then the groups."""
   config: object
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
   remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+  def __call__(self, hidden: Array, mask: layers.Mask, deterministic: bool,
                predict_at: Array | None = None) -> Array:
     cfg = self.config
     hidden = layers.dense(cfg.hidden_size, self.dtype, cfg.initializer_range,
@@ -121,11 +121,11 @@ class Albert(nn.Module):
   `predict_at` only where it is given."""
   config: object
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
   remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact
-  def __call__(self, input_ids: Array, mask: Array | None, deterministic: bool,
+  def __call__(self, input_ids: Array, mask: layers.Mask, deterministic: bool,
                predict_at: Array | None = None) -> tuple[Array, Array]:
     cfg = self.config
     hidden, word_table = bert.Embeddings(cfg, self.dtype, cfg.embedding_size, name='embeddings')(

@@ -30,7 +30,7 @@ class AlbertForMaskedLM(nn.Module):
   """ALBERT masked LM; see `bert.masked_lm.BertForMaskedLM` for the call."""
   config: object
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
   remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact

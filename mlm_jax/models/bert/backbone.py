@@ -43,10 +43,10 @@ class Embeddings(nn.Module):
 class SelfAttention(nn.Module):
   config: object
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool) -> Array:
+  def __call__(self, hidden: Array, mask: layers.Mask, deterministic: bool) -> Array:
     cfg = self.config
     return layers.self_attention(
         self, hidden, mask, names=('query', 'key', 'value'), heads=cfg.num_attention_heads,
@@ -74,10 +74,10 @@ class DenseResidual(nn.Module):
 class Attention(nn.Module):
   config: object
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+  def __call__(self, hidden: Array, mask: layers.Mask, deterministic: bool,
                predict_at: Array | None = None) -> Array:
     """[batch, seq, hidden]; with `predict_at` only those rows go on past the attention."""
     attended = SelfAttention(self.config, self.dtype, self.attention_impl, name='self')(
@@ -101,10 +101,10 @@ class Intermediate(nn.Module):
 class Layer(nn.Module):
   config: object
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+  def __call__(self, hidden: Array, mask: layers.Mask, deterministic: bool,
                predict_at: Array | None = None) -> Array:
     attended = Attention(self.config, self.dtype, self.attention_impl, name='attention')(
         hidden, mask, deterministic, predict_at)
@@ -116,11 +116,11 @@ class Layer(nn.Module):
 class Encoder(nn.Module):
   config: object
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
   remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+  def __call__(self, hidden: Array, mask: layers.Mask, deterministic: bool,
                predict_at: Array | None = None) -> Array:
     layer = lambda index, name: Layer(self.config, self.dtype, self.attention_impl, name=name)
     return layers.LayerStack(layer, self.config.num_hidden_layers, self.remat_policy,
@@ -133,11 +133,11 @@ class Backbone(nn.Module):
   at `predict_at` only where it is given (`layers.gather_positions`, `layers.LayerStack`)."""
   config: object
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
   remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact
-  def __call__(self, input_ids: Array, positions: int | Array, mask: Array | None,
+  def __call__(self, input_ids: Array, positions: int | Array, mask: layers.Mask,
                deterministic: bool, predict_at: Array | None = None) -> tuple[Array, Array]:
     hidden, word_table = Embeddings(self.config, self.dtype, name='embeddings')(
         input_ids, positions, deterministic)

@@ -49,7 +49,7 @@ class BertForMaskedLM(nn.Module):
   indices `predict_at` [batch, k] (the head sees only those); see `models.MaskedLM`."""
   config: object
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
   remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact

@@ -49,10 +49,10 @@ class MultiHeadSelfAttention(nn.Module):
   No dropout after out_lin: the reference has none there."""
   config: object
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+  def __call__(self, hidden: Array, mask: layers.Mask, deterministic: bool,
                predict_at: Array | None = None) -> Array:
     """[batch, seq, dim]; with `predict_at` only those rows go through out_lin."""
     cfg = self.config
@@ -84,10 +84,10 @@ class FFN(nn.Module):
 class TransformerBlock(nn.Module):
   config: object
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+  def __call__(self, hidden: Array, mask: layers.Mask, deterministic: bool,
                predict_at: Array | None = None) -> Array:
     attended = MultiHeadSelfAttention(self.config, self.dtype, self.attention_impl,
                                       name='attention')(hidden, mask, deterministic, predict_at)
@@ -101,11 +101,11 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
   config: object
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
   remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+  def __call__(self, hidden: Array, mask: layers.Mask, deterministic: bool,
                predict_at: Array | None = None) -> Array:
     block = lambda index, name: TransformerBlock(self.config, self.dtype, self.attention_impl,
                                                  name=name)
@@ -118,11 +118,11 @@ class DistilBert(nn.Module):
   only where it is given (`layers.LayerStack`)."""
   config: object
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
   remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact
-  def __call__(self, input_ids: Array, mask: Array | None, deterministic: bool,
+  def __call__(self, input_ids: Array, mask: layers.Mask, deterministic: bool,
                predict_at: Array | None = None) -> tuple[Array, Array]:
     hidden, word_table = Embeddings(self.config, self.dtype, name='embeddings')(
         input_ids, deterministic)

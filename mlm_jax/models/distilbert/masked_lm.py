@@ -27,7 +27,7 @@ class DistilBertForMaskedLM(nn.Module):
   modules sit at the top level, beside `distilbert`, as in the reference."""
   config: object
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
   remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact

@@ -79,10 +79,10 @@ class Attention(nn.Module):
   config: object
   layer_type: str
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+  def __call__(self, hidden: Array, mask: layers.Mask, deterministic: bool,
                predict_at: Array | None = None) -> Array:
     """[batch, seq, hidden]; with `predict_at` only those rows go through Wo."""
     cfg = self.config
@@ -129,10 +129,10 @@ class Layer(nn.Module):
   config: object
   index: int
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array | None, deterministic: bool,
+  def __call__(self, hidden: Array, mask: layers.Mask, deterministic: bool,
                predict_at: Array | None = None) -> Array:
     cfg = self.config
     full_shape = hidden.shape
@@ -150,11 +150,11 @@ class Backbone(nn.Module):
   the hidden states at `predict_at` only where it is given (`layers.LayerStack`)."""
   config: object
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
   remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact
-  def __call__(self, input_ids: Array, mask: Array | None, deterministic: bool,
+  def __call__(self, input_ids: Array, mask: layers.Mask, deterministic: bool,
                predict_at: Array | None = None) -> tuple[Array, Array]:
     hidden, word_table = Embeddings(self.config, self.dtype, name='embeddings')(
         input_ids, deterministic)

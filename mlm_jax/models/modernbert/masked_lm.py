@@ -52,7 +52,7 @@ class ModernBertForMaskedLM(nn.Module):
   The config is checked when the module is built."""
   config: object
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
   remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   def __post_init__(self):

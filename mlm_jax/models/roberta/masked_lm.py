@@ -47,7 +47,7 @@ class RobertaForMaskedLM(nn.Module):
   """
   config: object
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
   remat_policy: str = 'none'  # See `layers.REMAT_POLICIES`.
 
   @nn.compact
