@@ -225,6 +225,13 @@ def test_pll_scoring_scores_a_new_word_as_one_token(vocab_run):
   assert score.tokens == 5
 
 
+def test_a_resume_with_the_same_words_takes_up_the_run(vocab_run):
+  workdir, config = vocab_run
+  config = run_config(config.model_name_or_path, config.data_files, num_train_steps=3)
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary['steps'] == 3 and summary['steps_this_run'] == 1
+
+
 def test_a_resume_with_another_word_list_is_refused_in_one_line(vocab_run):
   workdir, config = vocab_run
   config = run_config(config.model_name_or_path, config.data_files,
