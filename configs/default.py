@@ -34,6 +34,19 @@ def get_config() -> ml_collections.ConfigDict:
   # 'none'; 'full' (the whole layer); 'minimal' (all but the weight products); 'dots' (all but
   # the products, the attention scores too). See docs/long_context.md.
   config.remat_policy = 'none'
+
+  # New vocabulary (a pretrained model only): whole words added to its tokenizer as regular
+  # tokens, comma-separated and/or one per line of a file; the embedding table (and an untied
+  # decoder, and the decoder bias) grows to match.
+  config.add_tokens = ''
+  config.add_tokens_file = ''
+  # How the new rows start: 'subwords' (the mean of the pieces the old tokenizer split the
+  # word into), 'mean_cov' (sampled from the old rows' mean and covariance, as transformers'
+  # resize_token_embeddings does) or 'mean' (the old rows' mean).
+  config.new_token_init = 'subwords'
+  # Pad the table to a multiple of this many rows (64 suits the matmul units; 1: no padding).
+  # Padded rows are never predicted: their decoder bias is a large negative number.
+  config.pad_vocab_to_multiple_of = 1
   # 'block': every token of a block attends to the whole block, as run_mlm does. 'document':
   # only to the tokens of its own text (the block's texts are cut at the separator the
   # tokenizer ends each one with), as Llama 3 and ModernBERT pretrain packed sequences.

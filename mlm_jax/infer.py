@@ -214,7 +214,8 @@ def iter_fill_mask(predictor: Predictor, texts: Sequence[str], top_k: int = 5,
   tokenizer = predictor.tokenizer
   encoded = encode(tokenizer, texts, model_lib.max_block_size(predictor.model.config))
   candidates = None if targets is None else target_ids(tokenizer, targets)
-  k = min(top_k, predictor.model.config.vocab_size if candidates is None else len(candidates))
+  # Rows beyond the tokenizer pad the table (`vocabulary.py`) and are never offered.
+  k = min(top_k, len(tokenizer) if candidates is None else len(candidates))
   window = batch_size * SORTED_BATCHES
   for start in range(0, len(encoded), window):
     fills = {}

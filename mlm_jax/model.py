@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import transformers
 
 from mlm_jax import validation
+from mlm_jax import vocabulary
 from mlm_jax.errors import UserError
 from mlm_jax.models import FlaxAutoModelForMaskedLM
 
@@ -39,6 +40,7 @@ def create_model(config, tokenizer,
   if config.model_name_or_path:
     model = FlaxAutoModelForMaskedLM.from_pretrained(config.model_name_or_path, log=log,
                                                      **kwargs)
+    model = vocabulary.extend(model, config, tokenizer, log)  # add_tokens, padding.
   else:
     # No parameters yet: `steps.init_train_state` creates them sharded, on the devices.
     model = FlaxAutoModelForMaskedLM.from_config(scratch_model_config(config, tokenizer),

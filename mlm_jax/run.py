@@ -16,6 +16,7 @@ from mlm_jax.data import preparation
 from mlm_jax import report
 from mlm_jax import sharding
 from mlm_jax.data import tokenizer as tokenizer_lib
+from mlm_jax import vocabulary
 from mlm_jax.errors import UserError
 
 
@@ -62,13 +63,21 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str):
   """(tokenizer, sources' blocks): process 0 prepares them (or finds them in the cache); the
   other hosts wait, then open what it wrote. A run's saved tokenizer wins over the config's."""
   prepared = sharding.on_process_zero(
-      lambda: preparation.prepare_sources(config, tokenizer_lib.saved_tokenizer(workdir),
+      lambda: preparation.prepare_sources(config, _saved_tokenizer(config, workdir),
                                           report.log, check_tokenizer=tokenizer_check(config)),
       'process 0 could not prepare the data (see its error); fix it and rerun')
   if prepared is not None:
     return prepared.tokenizer, prepared.sources
   tokenizer = preparation.tokenizer_of(config, workdir)
   return tokenizer, preparation.open_sources(config, tokenizer)
+
+
+def _saved_tokenizer(config: ml_collections.ConfigDict, workdir: str):
+  """The tokenizer of the run in `workdir`, if any, once its added words are the config's."""
+  saved = tokenizer_lib.saved_tokenizer(workdir)
+  if saved is not None:
+    vocabulary.check_resumed_words(config, saved, workdir)
+  return saved
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:

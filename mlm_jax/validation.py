@@ -22,10 +22,12 @@ SCRATCH_MAX_LENGTH = 512
 _AT_LEAST_ONE = ('block_size', 'per_device_batch_size', 'grad_accum_steps', 'eval_batch_size',
                  'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                  'keep_checkpoints', 'num_proc', 'max_nonfinite_steps', 'fsdp',
-                 'tokenizer_vocab_size', 'tokenizer_train_max_texts', 'stop_check_every_steps')
+                 'tokenizer_vocab_size', 'tokenizer_train_max_texts', 'stop_check_every_steps',
+                 'pad_vocab_to_multiple_of')
 _AT_LEAST_ZERO = ('warmup_steps', 'weight_decay', 'seed', 'max_eval_blocks',
                   'early_stopping_patience')
 PLL_VARIANTS = ('original', 'within_word_l2r')  # See scoring.py.
+NEW_TOKEN_INITS = ('subwords', 'mean_cov', 'mean')  # See vocabulary.py.
 KEEP_BEST_BY = ('eval_loss', '')  # The eval losses a best checkpoint can be chosen by; '': none.
 
 
@@ -55,6 +57,41 @@ def check_attention_backend(implementation: str, backend: str | None = None) -> 
     needs = '/'.join(attention.IMPLS[implementation]).upper()
     raise UserError(f'attention_impl={implementation!r} needs a {needs} (this backend: '
                     f'{backend}); set --config.attention_impl to one of {", ".join(usable)}')
+
+
+def new_tokens(config: ml_collections.ConfigDict) -> list[str]:
+  """The words `add_tokens` (comma-separated) and `add_tokens_file` (one per line) add, in
+  order, each once. A file that cannot be read or holds no word, and a word with whitespace
+  inside, are `UserError`s."""
+  words = [w.strip() for w in config.add_tokens.split(',')]
+  if config.add_tokens_file:
+    path = config.add_tokens_file
+    try:
+      from etils import epath  # pylint: disable=import-outside-toplevel  (gs:// too)
+      lines = epath.Path(path).read_text(encoding='utf-8').splitlines()
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+      reason = getattr(e, 'strerror', None) or type(e).__name__
+      raise UserError(f'add_tokens_file={path!r} cannot be read ({reason}); pass a UTF-8 text '
+                      'file with one token per line') from None
+    if not any(line.strip() for line in lines):
+      raise UserError(f'add_tokens_file={path!r} is empty; put one token per line in it, or '
+                      "set --config.add_tokens_file=''")
+    words += [line.strip() for line in lines]
+  for word in words:
+    if len(word.split()) > 1:
+      raise UserError(f'the new token {word!r} holds whitespace; add whole words (one per '
+                      'line of add_tokens_file, or comma-separated in add_tokens)')
+  return list(dict.fromkeys(w for w in words if w))
+
+
+def check_new_vocabulary(config: ml_collections.ConfigDict) -> None:
+  """`add_tokens`, `add_tokens_file`, `new_token_init` and `pad_vocab_to_multiple_of`."""
+  check_choice('new_token_init', config.new_token_init, NEW_TOKEN_INITS)
+  changes_vocabulary = new_tokens(config) or config.pad_vocab_to_multiple_of > 1
+  if changes_vocabulary and not config.model_name_or_path:
+    raise UserError('add_tokens, add_tokens_file and pad_vocab_to_multiple_of extend a '
+                    'pretrained model; set --config.model_name_or_path (a tokenizer trained '
+                    'from scratch learns the corpus\'s words itself)')
 
 
 def _check_range(config: ml_collections.ConfigDict) -> None:
@@ -97,6 +134,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check_choice('attention_impl', config.attention_impl, ATTENTION_IMPLS)
   check_choice('remat_policy', config.remat_policy, REMAT_POLICIES)
   check_attention_backend(config.attention_impl)
+  check_new_vocabulary(config)
   if config.num_train_steps == 0 or config.num_train_steps < -1:
     raise UserError(f'num_train_steps={config.num_train_steps} must be positive, or -1 to '
                     'train for num_epochs')

@@ -259,7 +259,9 @@ def prepare(config, tokenizer=None, log: Callable[[str], None] = print,
 def _known_tokenizer(config, source: dict, log: Callable[[str], None]):
   """The tokenizer the config names, or the cached from-scratch one; None: train one."""
   pretrained = tokenizer_lib.pretrained_tokenizer(config)
-  return pretrained if pretrained is not None else _cached_scratch_tokenizer(config, source, log)
+  if pretrained is None:
+    return _cached_scratch_tokenizer(config, source, log)
+  return tokenizer_lib.add_words(pretrained, validation.new_tokens(config), log)
 
 
 def tokenizer_of(config, workdir: str):

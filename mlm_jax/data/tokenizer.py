@@ -125,3 +125,40 @@ def word_start_table(tokenizer: transformers.PreTrainedTokenizerBase) -> np.ndar
   table = np.array([t.startswith(prefixes) == marks_start for t in tokens], bool)
   table[list(tokenizer.all_special_ids) + list(tokenizer.get_added_vocab().values())] = True
   return table
+
+
+def word_pieces(tokenizer: transformers.PreTrainedTokenizerBase, word: str) -> list[int]:
+  """The ids `tokenizer` splits `word` into where it follows a space (the form most words of
+  a text take: RoBERTa's `Ġword`), less a lone whitespace marker (`Ġ`, `▁`) before them."""
+  ids = tokenizer(' ' + word, add_special_tokens=False)['input_ids']
+  pieces = [i for i in ids if tokenizer.convert_ids_to_tokens(i).strip('Ġ▁ ')]
+  return pieces or ids
+
+
+def is_one_token(tokenizer: transformers.PreTrainedTokenizerBase, word: str) -> bool:
+  """Whether `tokenizer` already encodes `word` as one known token (not the unknown one)."""
+  pieces = word_pieces(tokenizer, word)
+  return len(pieces) == 1 and pieces[0] != tokenizer.unk_token_id
+
+
+def add_words(tokenizer: transformers.PreTrainedTokenizerBase, words: list[str],
+              log=lambda message: None) -> transformers.PreTrainedTokenizerBase:
+  """`tokenizer` with `words` added as regular (not special) tokens that match whole words
+  only (`single_word`) and take the space before them (`lstrip`), so that `the mitochondria`
+  is `the`, `mitochondria`. Words it already encodes as one token stay as they are, and `log`
+  names them in one line."""
+  known = [w for w in words if is_one_token(tokenizer, w)]
+  if known:
+    log(f'note: {", ".join(map(repr, known))} {"is" if len(known) == 1 else "are"} already '
+        'one token of the vocabulary; not added again')
+  tokenizer.add_tokens([tokenizers.AddedToken(w, single_word=True, lstrip=True, rstrip=False,
+                                              normalized=True, special=False)
+                        for w in words if w not in known])
+  return tokenizer
+
+
+def added_words(tokenizer: transformers.PreTrainedTokenizerBase) -> list[str]:
+  """The regular (not special) tokens added to `tokenizer`'s vocabulary, by id."""
+  special = set(tokenizer.all_special_tokens)
+  added = tokenizer.get_added_vocab()
+  return sorted((w for w in added if w not in special), key=added.get)

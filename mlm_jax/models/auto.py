@@ -10,6 +10,7 @@ Parameters are float32 whatever `dtype` (the computation dtype).
 """
 
 import contextlib
+import copy
 import logging
 from typing import Any, Callable
 
@@ -81,6 +82,7 @@ class FlaxAutoModelForMaskedLM:
     self.config = config
     self.family = registry.family(config.model_type)
     self.dtype = _dtype(dtype)
+    self.attention_impl, self.remat_policy = attention_impl, remat_policy
     # `remat_policy` (see `layers.REMAT_POLICIES`) changes what a gradient's backward pass
     # recomputes, never the numbers.
     self.module = self.family.module(config, self.dtype, attention_impl, remat_policy)
@@ -127,6 +129,14 @@ class FlaxAutoModelForMaskedLM:
         hf_checkpoint.read_tensors(directory), self.family.checkpoint_names(self.config),
         flat_shapes, directory, lambda: jax.device_get(self.init_weights(self.key)), log)
     return params
+
+  def with_vocab_size(self, vocab_size: int, params: Any) -> 'FlaxAutoModelForMaskedLM':
+    """The same model with a table of `vocab_size` rows and `params` (resized to match)."""
+    config = copy.deepcopy(self.config)
+    config.vocab_size = vocab_size
+    model = type(self)(config, params, self.dtype, 0, self.attention_impl, self.remat_policy)
+    model.key = self.key
+    return model
 
   # --- parameters ---------------------------------------------------------------------
 
