@@ -51,6 +51,8 @@ SKIPS = (
                                'processes on 127.0.0.1)'),
     (r'--config\.push_to_hub=True', 'uploads to the hub'),
     (r'CUDA_VISIBLE_DEVICES|attention_impl=cudnn|benchmarks/gpu\.sh', 'needs a GPU'),
+    (r'^python benchmarks/long_context\.py', 'the benchmark against PyTorch '
+                                              '(needs torch, minutes a length)'),
     (r'^git archive', 'packs a git clone of the repository for a TPU VM (the scratch folder '
                       'is not a clone)'),
 )
