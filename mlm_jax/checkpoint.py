@@ -43,7 +43,7 @@ ADDED_KEYS = {'wsd_decay_fraction': 0.1, 'wsd_decay': '1-sqrt', 'attention_scope
               # Earlier checkpoints have no metrics: the best is chosen among later ones.
               'keep_best_by': 'eval_loss',
               'add_tokens': '', 'add_tokens_file': '', 'new_token_init': 'subwords',
-              'pad_vocab_to_multiple_of': 1}
+              'pad_vocab_to_multiple_of': 1, 'mixture': ''}
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:

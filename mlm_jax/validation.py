@@ -47,16 +47,38 @@ def check_scoring(variant: str, batch_size: int) -> None:
 
 
 def check_attention_backend(implementation: str, backend: str | None = None) -> None:
-  """An `attention_impl` the backend (JAX's default unless given) cannot run, in one line."""
+  """An `attention_impl` the backend cannot run, in one line. Without `backend`, the one JAX
+  will pick (`default_platform`), told without starting it: validation runs before a
+  multi-host run joins its cluster, which must come before JAX's backend starts."""
   from mlm_jax.models import attention  # pylint: disable=import-outside-toplevel
-  if backend is None:
-    import jax  # pylint: disable=import-outside-toplevel
-    backend = jax.default_backend()
+  if attention.IMPLS[implementation] is None:
+    return  # Runs anywhere.
+  backend = backend or default_platform()
   if not attention.runs_on(implementation, backend):
     usable = [name for name in ATTENTION_IMPLS if attention.runs_on(name, backend)]
     needs = '/'.join(attention.IMPLS[implementation]).upper()
     raise UserError(f'attention_impl={implementation!r} needs a {needs} (this backend: '
                     f'{backend}); set --config.attention_impl to one of {", ".join(usable)}')
+
+
+# The packages that give JAX each accelerator platform, as `jax[cuda12]`, `jax[tpu]` install.
+_PLATFORM_PLUGINS = (('tpu', ('libtpu',)),
+                     ('gpu', ('jax_cuda13_plugin', 'jax_cuda12_plugin', 'jax_rocm7_plugin')))
+
+
+def default_platform() -> str:
+  """The platform JAX's default backend will be ('tpu', 'gpu' or 'cpu'), from `jax_platforms`
+  or else the plugins installed, without starting a backend (`jax.default_backend()` would)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  named = jax.config.jax_platforms
+  if named:
+    first = named.split(',')[0].strip()
+    return {'cuda': 'gpu', 'rocm': 'gpu'}.get(first, first)
+  for platform, plugins in _PLATFORM_PLUGINS:
+    if any(importlib.util.find_spec(name) for name in plugins):
+      return platform
+  return 'cpu'
 
 
 def new_tokens(config: ml_collections.ConfigDict) -> list[str]:

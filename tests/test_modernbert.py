@@ -127,12 +127,14 @@ def test_a_global_layer_reaches_every_token(mixed):
 
 def test_documents_packed_with_segment_ids_predict_as_alone(mixed):
   """Document attention, the window included: a packed row equals its documents run alone
-  (rotary positions are relative, so the offset does not matter)."""
+  (rotary positions are relative, so the offset does not matter), up to float32 rounding: a
+  row of 20 keys and one of 10 sum in another order (1.03e-5 apart on jax 0.10's CPU); a leak
+  between the documents moves the logits by about 1e-1."""
   ids = _ids()
   segments = (np.arange(SEQ) >= 10).astype(np.int32)[None]
   packed = _logits(mixed, ids, segment_ids=segments)
-  np.testing.assert_allclose(packed[:, :10], _logits(mixed, ids[:, :10]), rtol=0, atol=1e-5)
-  np.testing.assert_allclose(packed[:, 10:], _logits(mixed, ids[:, 10:]), rtol=0, atol=1e-5)
+  np.testing.assert_allclose(packed[:, :10], _logits(mixed, ids[:, :10]), rtol=0, atol=3e-5)
+  np.testing.assert_allclose(packed[:, 10:], _logits(mixed, ids[:, 10:]), rtol=0, atol=3e-5)
 
 
 @pytest.fixture(scope='module')
