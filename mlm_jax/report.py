@@ -54,7 +54,9 @@ def summary(run, records: list[dict], wall: float, steps_run: int,
   trained = [r for r in evals if r['step'] > 0 and math.isfinite(r[key])] if key else []
   if trained:
     chosen = min(trained, key=lambda r: r[key])  # The first of equals.
-    best = {'best_step': chosen['step'], 'best_perplexity': chosen['eval_perplexity']}
+    # The perplexity of what `key` is the loss of: all the eval sets, or one source's.
+    perplexity = key.removesuffix('loss') + 'perplexity' if key.startswith('eval/') else 'eval_perplexity'
+    best = {'best_step': chosen['step'], 'best_perplexity': chosen[perplexity]}
   first, last = (metrics_lib.by_source(evals[i]) if evals else {} for i in (0, -1))
   by_source = {name: {'perplexity_before': first.get(name, {}).get('perplexity', float('nan')),
                       'perplexity_after': own['perplexity'], 'eval_loss': own['loss']}

@@ -28,7 +28,9 @@ _AT_LEAST_ZERO = ('warmup_steps', 'weight_decay', 'seed', 'max_eval_blocks',
                   'early_stopping_patience')
 PLL_VARIANTS = ('original', 'within_word_l2r')  # See scoring.py.
 NEW_TOKEN_INITS = ('subwords', 'mean_cov', 'mean')  # See vocabulary.py.
-KEEP_BEST_BY = ('eval_loss', '')  # The eval losses a best checkpoint can be chosen by; '': none.
+# The eval losses a best checkpoint can be chosen by ('': none); with a mixture, also each
+# source's own, `eval/NAME/loss`.
+KEEP_BEST_BY = ('eval_loss', '')
 
 
 def check_choice(key: str, value, choices: tuple) -> None:
@@ -162,9 +164,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                     'train for num_epochs')
   if config.num_train_steps == -1 and config.num_epochs < 1:
     raise UserError(f'num_epochs={config.num_epochs} must be at least 1')
-  if config.keep_best_by not in KEEP_BEST_BY:
+  losses = KEEP_BEST_BY + tuple(f'eval/{source.name}/loss'
+                                for source in mixture.parse(config.mixture) if source.name)
+  if config.keep_best_by not in losses:
     raise UserError(f'keep_best_by={config.keep_best_by!r} is not an eval loss; set '
-                    "--config.keep_best_by=eval_loss, or '' to keep no best checkpoint")
+                    f'--config.keep_best_by= one of {", ".join(map(repr, losses))} (\'\': keep '
+                    'no best checkpoint)')
   if config.early_stopping_patience and not config.keep_best_by:
     raise UserError(f'early_stopping_patience={config.early_stopping_patience} needs a loss to '
                     'watch; set --config.keep_best_by=eval_loss')

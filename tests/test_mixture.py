@@ -405,3 +405,33 @@ def test_the_log_and_the_summary_name_each_sources_perplexity(mixed_run):
     assert (f'    {name}: {records[0][f"eval/{name}/perplexity"]:.2f} -> '
             f'{records[20][f"eval/{name}/perplexity"]:.2f}\n') in out
   assert '70% of the rows' in out and '30% of the rows' in out
+
+
+# ----------------------------------------------------------------------------
+# The best checkpoint by one source's loss
+
+
+def test_keep_best_by_takes_a_sources_loss_and_no_other_name():
+  config = load_config('tiny_test')
+  config.mixture = 'notes=a.jsonl:0.7,wiki=b.txt:0.3'
+  config.keep_best_by = 'eval/notes/loss'
+  validation.validate_config(config)
+  config.keep_best_by = 'eval/news/loss'
+  with pytest.raises(UserError, match="one of 'eval_loss', '', 'eval/notes/loss', "
+                                      "'eval/wiki/loss'"):
+    validation.validate_config(config)
+
+
+def test_the_best_checkpoint_by_a_sources_loss_is_that_sources_best(corpora, tmp_path):
+  """The summary's best step is the one with the lowest `eval/general/loss` after training,
+  and its perplexity that source's, not the overall one."""
+  config = mixture_config(corpora, tmp_path / 'cache')
+  config.keep_best_by = 'eval/general/loss'
+  workdir = str(tmp_path / 'run')
+  with contextlib.redirect_stdout(io.StringIO()):
+    summary = train.train_and_evaluate(config, workdir)
+  evals = [r for r in metric_writers.read_metrics(workdir) if 'eval_loss' in r and r['step']]
+  best = min(evals, key=lambda r: r['eval/general/loss'])
+  assert summary['best_step'] == best['step']
+  assert summary['best_perplexity'] == pytest.approx(best['eval/general/perplexity'])
+  assert summary['best_perplexity'] != pytest.approx(best['eval_perplexity'])
