@@ -58,7 +58,7 @@ def test_the_default_and_shipped_configs_are_valid():
 # Config keys added after checkpoints were first written (each release adds its own).
 _ADDED_SINCE_FIRST_RELEASE = ('wsd_decay_fraction', 'wsd_decay', 'attention_scope',
                               'keep_best_by', 'add_tokens', 'add_tokens_file',
-                              'new_token_init', 'pad_vocab_to_multiple_of')
+                              'new_token_init', 'pad_vocab_to_multiple_of', 'mixture')
 
 
 def test_a_checkpoint_without_the_added_keys_compares_against_their_defaults():
