@@ -369,11 +369,16 @@ def main(argv: Sequence[str] | None = None) -> int:
       report[name] = compare_products(args, torch)
     else:
       report[name] = compare_train(name, args, torch)
+  return finish_report(report, args.json)
+
+
+def finish_report(report: dict, json_path: str | None) -> int:
+  """Adds the load average after the run, prints it, and writes `report` as JSON if asked."""
   report['load_average_after'] = load_average()
   print(f'load average after: {report["load_average_after"]}')
-  if args.json:
-    pathlib.Path(args.json).write_text(json.dumps(report, indent=1))
-    print(f'wrote {args.json}')
+  if json_path:
+    pathlib.Path(json_path).write_text(json.dumps(report, indent=1))
+    print(f'wrote {json_path}')
   return 0
 
 

@@ -30,7 +30,6 @@ os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
 
 import argparse  # pylint: disable=wrong-import-position
-import json
 import pathlib
 import sys
 import tempfile
@@ -162,12 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       'ours_texts_per_s': len(texts) / ours.median_s,
                       'theirs_texts_per_s': len(texts) / theirs.median_s, 'ratio': ratio,
                       'max_pll_difference': difference}
-  report['load_average_after'] = cpu_vs_torch.load_average()
-  print(f'load average after: {report["load_average_after"]}')
-  if args.json:
-    pathlib.Path(args.json).write_text(json.dumps(report, indent=1))
-    print(f'wrote {args.json}')
-  return 0
+  return cpu_vs_torch.finish_report(report, args.json)
 
 
 if __name__ == '__main__':
