@@ -335,11 +335,8 @@ def summary(name: str, ours: Side, theirs: Side, units: int, unit: str) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    print('cpu_vs_torch.py compares against PyTorch, which is not installed here (pip install '
-          'torch, a CPU build is enough); nothing measured', file=sys.stderr)
+  torch = import_torch('cpu_vs_torch.py')
+  if torch is None:
     return 2
   import jax  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
@@ -370,6 +367,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
       report[name] = compare_train(name, args, torch)
   return finish_report(report, args.json)
+
+
+def import_torch(script: str):
+  """torch, or None after one line saying that `script` compares against it."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    print(f'{script} compares against PyTorch, which is not installed here (pip install '
+          'torch, a CPU build is enough); nothing measured', file=sys.stderr)
+    return None
+  return torch
 
 
 def finish_report(report: dict, json_path: str | None) -> int:

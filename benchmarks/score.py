@@ -104,11 +104,8 @@ def torch_per_text_batch(model, tokenizer, texts: Sequence[str], torch) -> list[
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    print('score.py compares against PyTorch, which is not installed here (pip install torch, '
-          'a CPU build is enough); nothing measured', file=sys.stderr)
+  torch = cpu_vs_torch.import_torch('score.py')
+  if torch is None:
     return 2
   import jax  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel

@@ -89,11 +89,11 @@ def evaluate_model(config: ml_collections.ConfigDict, model: str, step: int | No
   figures = {**figures, 'eval_blocks': sum(evaluated)}
   if pll:
     figures.update(pseudo_perplexity(predictor, np.concatenate(
-        [evaluated_blocks(s.blocks.test, config) for s in prepared.sources])))
+        [evaluated_block_ids(s.blocks.test, config) for s in prepared.sources])))
   return figures
 
 
-def evaluated_blocks(test, config: ml_collections.ConfigDict) -> np.ndarray:
+def evaluated_block_ids(test, config: ml_collections.ConfigDict) -> np.ndarray:
   """[n, block_size]: the test blocks the eval figures are of (all, or the seeded
   `max_eval_blocks`), as `input_pipeline.eval_batches` reads them."""
   batches = input_pipeline.eval_batches(test, run_lib.eval_batch_size(config),

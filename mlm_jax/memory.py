@@ -82,15 +82,18 @@ def gigabytes(n: float) -> str:
 def is_out_of_memory(error: BaseException) -> bool:
   """Whether `error`, or an error that caused it, is XLA running out of device or host memory
   (RESOURCE_EXHAUSTED: an allocation that failed) or a Python `MemoryError`."""
-  while error is not None:
-    if isinstance(error, MemoryError) or 'RESOURCE_EXHAUSTED' in str(error):
-      return True
-    error = error.__cause__
-  return False
+  return _out_of_memory_cause(error) is not None
 
 
 def out_of_memory_message(error: BaseException, advice: str) -> str:
   """The one line for a program that ran out of memory: what XLA said and what to lower."""
-  while not (isinstance(error, MemoryError) or 'RESOURCE_EXHAUSTED' in str(error)):
+  return f'out of memory ({errors.first_line(_out_of_memory_cause(error))}); {advice}'
+
+
+def _out_of_memory_cause(error: BaseException | None) -> BaseException | None:
+  """`error` or the first error in its chain of causes that is running out of memory."""
+  while error is not None:
+    if isinstance(error, MemoryError) or 'RESOURCE_EXHAUSTED' in str(error):
+      return error
     error = error.__cause__
-  return f'out of memory ({errors.first_line(error)}); {advice}'
+  return None

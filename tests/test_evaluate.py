@@ -93,7 +93,7 @@ def test_pll_metric_is_the_evaluated_blocks_pseudo_perplexity(recorded):
   predictor = infer.load_predictor(workdir)
   test = preparation.prepare(config, predictor.tokenizer, lambda _: None,
                              check_tokenizer=run_lib.tokenizer_check(config)).blocks.test
-  blocks = evaluation.evaluated_blocks(test, config)
+  blocks = evaluation.evaluated_block_ids(test, config)
   assert len(blocks) == 10 and all((test == block).all(1).any() for block in blocks)
   plls, tokens = zip(*(_plain_loop_pll(predictor, block) for block in blocks))
   assert figures['eval_pll_tokens'] == sum(tokens) < blocks.size  # Special tokens unscored.
