@@ -230,19 +230,25 @@ def layout_runs(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope='session')
 def two_host_run(tmp_path_factory) -> dict:
-  """`multidevice.HOSTS_FLAGS` trained uninterrupted by 2 processes x 2 devices on 127.0.0.1,
+  """`multidevice.hosts_flags` trained uninterrupted by 2 processes x 2 devices on 127.0.0.1,
   and by this process on 1 device x 8 rows: {'hosts': workdir, 'outputs': [(stdout, stderr)]
-  of the hosts, 'one_device': workdir}. test_distributed.py checks that the hosts train as one
-  process does; test_multihost.py that hosts stopped by SIGTERM resume to the hosts' result
-  (one run serves both: a 2-host run costs half a minute of CPU, mostly start-up)."""
+  of the hosts, 'one_device': workdir, 'summary': the one-device run's, 'flags': the hosts'
+  flags but the workdir, 'model': the pretrained model both adapt}. test_distributed.py checks
+  that the hosts train as one process does, add the same words and stop early at the same
+  step; test_multihost.py that hosts stopped by SIGTERM resume to the hosts' result (one run
+  serves both: a 2-host run costs half a minute of CPU, mostly start-up)."""
   from mlm_jax import train  # pylint: disable=import-outside-toplevel
   from tests import multidevice  # pylint: disable=import-outside-toplevel
   hosts, one_device = tmp_path_factory.mktemp('hosts') / 'run', tmp_path_factory.mktemp('one')
+  model = multidevice.hosts_model(str(tmp_path_factory.mktemp('pretrained')))
   assert jax.device_count() == 1
-  train.train_and_evaluate(multidevice.hosts_config_on_one_device(), str(one_device))
+  summary = train.train_and_evaluate(multidevice.hosts_config_on_one_device(model),
+                                     str(one_device))
+  flags = multidevice.hosts_flags(model)
   address = f'127.0.0.1:{multidevice.free_port()}'
   outputs = multidevice.run_hosts(
-      [[sys.executable, 'run_train.py', *multidevice.HOSTS_FLAGS, f'--workdir={hosts}',
+      [[sys.executable, 'run_train.py', *flags, f'--workdir={hosts}',
         f'--coordinator_address={address}', '--num_processes=2', f'--process_id={index}']
        for index in range(2)], devices=2, timeout=900)  # A hang guard, not a time limit.
-  return {'hosts': hosts, 'outputs': outputs, 'one_device': one_device}
+  return {'hosts': hosts, 'outputs': outputs, 'one_device': one_device, 'summary': summary,
+          'flags': flags, 'model': model}

@@ -99,15 +99,35 @@ _LAYOUT = {'split': 'train[:40]', 'model_config.hidden_size': 64,
            'eval_every_steps': 6, 'checkpoint_every_steps': 3}
 LAYOUT_FLAGS = ['--config=configs/tiny_test.py', *(f'--config.{k}={v}' for k, v in _LAYOUT.items())]
 
-# The hosts runs (`conftest.two_host_run`, the SIGTERM scenario of test_multihost.py): 2 rows
-# per device, so 2 hosts x 2 devices make 8 rows; long enough that a signal lands mid-run; a
-# checkpoint only when stopped and at the end. 12 steps, not more: 2 hosts and 1 device round
-# differently and Adam amplifies that, past `assert_same_training`'s tolerance beyond about
-# 20 steps (measured, the worst parameter's share of it: 0.11 after 6 steps, 0.10 after 12,
-# 0.36 after 20, 0.78 after 24).
-_HOSTS = {**_LAYOUT, 'num_train_steps': 12, 'eval_every_steps': 12,
-          'checkpoint_every_steps': 1000, 'per_device_batch_size': 2}
-HOSTS_FLAGS = ['--config=configs/tiny_test.py', *(f'--config.{k}={v}' for k, v in _HOSTS.items())]
+# The hosts runs (`conftest.two_host_run`, the SIGTERM scenario of test_multihost.py) adapt a
+# pretrained model (`hosts_model`: the model `_LAYOUT` trains from scratch, saved as a
+# pretrained one) as a domain run does: new words, the table padded to 64 rows, and early
+# stopping. 2 rows per device, so 2 hosts x 2 devices make 8 rows; long enough that a signal
+# lands mid-run; a checkpoint only when stopped, at a new best and at the end (the newest 3
+# kept: the SIGTERM test finds the step it stopped at among them). A learning rate high enough
+# that the eval loss (every 2 steps) is lowest at step STOP - 2 * patience and stops the run at
+# step STOP. Not more than 12 steps: 2 hosts and 1 device round differently and Adam amplifies
+# that, past `assert_same_training`'s tolerance beyond about 20 steps (measured at lr 1e-2, the
+# worst parameter's share of it: 0.11 after 6 steps, 0.10 after 12, 0.36 after 20, 0.78 after
+# 24).
+HOSTS_WORDS = ('molecules', 'electrons')  # Each in pieces before, and frequent in the data.
+_HOSTS = {**{k: v for k, v in _LAYOUT.items() if not k.startswith('model_config.')},
+          'num_train_steps': 16, 'eval_every_steps': 2,
+          'checkpoint_every_steps': 1000, 'keep_checkpoints': 3, 'per_device_batch_size': 2,
+          'add_tokens': ','.join(HOSTS_WORDS), 'pad_vocab_to_multiple_of': 64,
+          'learning_rate': 0.1, 'early_stopping_patience': 3}
+
+
+def hosts_model(directory: str) -> str:
+  """The pretrained model the hosts runs adapt, saved in `directory`."""
+  from tests import tiny_models  # pylint: disable=import-outside-toplevel
+  return tiny_models.save_roberta(directory, _tiny_config(_LAYOUT).model_config.to_dict())
+
+
+def hosts_flags(model_dir: str) -> list[str]:
+  """run_train.py's flags of the hosts runs, adapting `model_dir` (`hosts_model`)."""
+  return ['--config=configs/tiny_test.py', f'--config.model_name_or_path={model_dir}',
+          *(f'--config.{k}={v}' for k, v in _HOSTS.items())]
 
 
 def _tiny_config(settings: dict):
@@ -123,10 +143,10 @@ def _tiny_config(settings: dict):
   return config
 
 
-def hosts_config_on_one_device():
-  """The training `HOSTS_FLAGS` name, on 1 device x 8 rows."""
+def hosts_config_on_one_device(model_dir: str):
+  """The training `hosts_flags(model_dir)` name, on 1 device x 8 rows."""
   config = _tiny_config(_HOSTS)
-  config.per_device_batch_size = 8
+  config.model_name_or_path, config.per_device_batch_size = model_dir, 8
   return config
 
 

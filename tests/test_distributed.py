@@ -1,15 +1,27 @@
 """One code path for 1 device, N devices and N hosts: the layout never changes the result.
 
 Several devices are CPU devices (`--xla_force_host_platform_device_count`), several
-hosts are processes on 127.0.0.1 joined by `jax.distributed` with gloo collectives.
+hosts are processes on 127.0.0.1 joined by `jax.distributed` with gloo collectives. The
+2-host run adapts a pretrained model as a domain run does (`multidevice.hosts_flags`): its
+hosts add the same words, train as one host does, and stop early at one host's step.
 """
 
+import json
 import re
 import subprocess
 import sys
 
+import jax
+import numpy as np
+
+from mlm_jax import checkpoint
+from mlm_jax import metric_writers
+from mlm_jax import vocabulary
+from mlm_jax.data import preparation
+from mlm_jax.data import tokenizer as tokenizer_lib
+from mlm_jax.models import FlaxAutoModelForMaskedLM
 from tests.conftest import ROOT
-from tests.multidevice import assert_same_training, cluster_env
+from tests.multidevice import HOSTS_WORDS, assert_same_training, cluster_env
 
 
 def test_eight_devices_train_exactly_like_one(layout_runs):
@@ -52,6 +64,50 @@ def test_two_hosts_reach_the_same_loss_as_one_host(two_host_run):
   # to the same stdout, interleaved ('... ranks is : 3' and a lone '3' on the next line).
   assert not re.sub(_GLOO_PIECES, '', outputs[1][0]).strip()
   assert_same_training(two_host_run['hosts'], two_host_run['one_device'])
+
+
+def test_hosts_add_the_same_words_as_one_host_and_export_the_grown_table(two_host_run):
+  """Process 1 extends the pretrained tokenizer itself, from the config, and opens the blocks
+  process 0 prepared under its own tokenizer's fingerprint: a host with other words finds
+  none and fails. The new rows start alike on every host, or the losses above differ (the
+  tied decoder scores every masked token against them)."""
+  pretrained = tokenizer_lib.load_pretrained_tokenizer(two_host_run['model'])
+  pieces = [tokenizer_lib.word_pieces(pretrained, w) for w in HOSTS_WORDS]
+  assert all(len(p) > 1 for p in pieces)  # Each word was split before.
+  rows = vocabulary.table_rows(len(pretrained) + len(HOSTS_WORDS), len(pretrained), 64)
+  fingerprints = []
+  for workdir in (two_host_run['hosts'], two_host_run['one_device']):
+    export = workdir / 'export'
+    tokenizer = tokenizer_lib.load_pretrained_tokenizer(str(export))
+    assert tokenizer_lib.added_words(tokenizer) == list(HOSTS_WORDS)
+    assert tokenizer.tokenize(' '.join(HOSTS_WORDS)) == list(HOSTS_WORDS)
+    with open(export / 'config.json', encoding='utf-8') as f:
+      assert json.load(f)['vocab_size'] == rows > len(tokenizer)
+    fingerprints.append(preparation.tokenizer_fingerprint(tokenizer))
+  assert fingerprints[0] == fingerprints[1]
+  assert f'the table {len(pretrained)} -> {rows} rows' in two_host_run['outputs'][0][0]
+
+
+def test_hosts_stop_early_at_one_hosts_step_and_export_the_best(two_host_run):
+  """Every host decides from the same global eval loss: had one gone on training, the other's
+  export (a collective gather) could not have completed, and both ended normally. They stop
+  where one host stops, and export its best checkpoint."""
+  summary, hosts = two_host_run['summary'], two_host_run['hosts']
+  stop, best = summary['steps'], summary['best_step']
+  assert summary['stopped_early'] and best < stop < summary['planned_steps']
+  evals = [[r['step'] for r in metric_writers.read_metrics(str(w)) if 'eval_loss' in r]
+           for w in (hosts, two_host_run['one_device'])]
+  assert evals[0] == evals[1] and evals[0][-1] == stop
+  assert f'Stopping early at step {stop}:' in two_host_run['outputs'][0][0]
+  assert f'Done: {stop} steps (stopped early;' in two_host_run['outputs'][0][0]
+  assert checkpoint.make_manager(str(hosts), None, create=False,
+                                 best_by='eval_loss').best_step() == best
+  exported = FlaxAutoModelForMaskedLM.from_pretrained(str(hosts / 'export')).params
+  saved = checkpoint.restore_params(str(hosts), best,
+                                    jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  for a, b in zip(jax.tree_util.tree_leaves(exported), jax.tree_util.tree_leaves(saved)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert_same_training(hosts / 'export', two_host_run['one_device'] / 'export', metrics=False)
 
 
 def test_a_detected_cluster_that_cannot_be_joined_is_a_one_line_error(tmp_path):

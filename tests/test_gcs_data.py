@@ -1,4 +1,5 @@
-"""Data files and the cache in a gs:// bucket: read, keyed and prepared as local ones are.
+"""Data files and the cache in a gs:// bucket: read, keyed and prepared as local ones are;
+a bucket's file of new words, and a bucket workdir's extended tokenizer on resume.
 
 Against the GCS emulator (`gcs_env` in conftest.py); each test keeps to its own folder of
 the bucket, and the environment that points gcsfs at the emulator is set per test.
@@ -15,10 +16,14 @@ import pytest
 from mlm_jax.data import block_store
 from mlm_jax.data import sources
 from mlm_jax.data import preparation
+from mlm_jax.data import tokenizer as tokenizer_lib
+from mlm_jax import run
 from mlm_jax import storage
+from mlm_jax import validation
 from mlm_jax.errors import UserError
 from tests.conftest import GCS_BUCKET
 from tests.test_data import read_sample
+from tests.test_vocabulary import NEW_WORDS, WORDS, pretrained, run_config
 
 
 @pytest.fixture
@@ -136,3 +141,31 @@ def test_a_stale_temporary_folder_in_a_bucket_is_removed_and_a_live_one_kept(
     block_store.remove_stale_folders(parent, messages.append)
     assert not dead.exists() and (live / 'train.bin').exists()
   assert len(messages) == 1 and messages[0].startswith(f'Removed {dead}, left by a preparation')
+
+
+def test_new_words_from_a_bucket_file_and_a_bucket_workdirs_tokenizer_resume_as_local_ones(
+    bucket_dir, tmp_path):
+  """`add_tokens_file=gs://...` adds the file's words; the extended tokenizer saved in a bucket
+  workdir comes back with them on resume, and a resume whose file now holds other words is
+  refused in one line, before any data is tokenized."""
+  rng = np.random.RandomState(0)
+  data = tmp_path / 'data.txt'
+  data.write_text('\n'.join(' '.join(rng.choice(WORDS + list(NEW_WORDS), 12)) + ' .'
+                            for _ in range(60)), encoding='utf-8')
+  terms = f'{bucket_dir}/terms.txt'
+  storage.path(terms).write_text('\n'.join(NEW_WORDS) + '\n')
+  config = run_config(pretrained(tmp_path / 'model', 'bert'), str(data), add_tokens='',
+                      add_tokens_file=terms, cache_dir=str(tmp_path / 'cache'))
+  validation.validate_config(config)
+  workdir = f'{bucket_dir}/run'
+  tokenizer, _ = run.prepare_data(config, workdir)
+  assert tokenizer_lib.added_words(tokenizer) == list(NEW_WORDS)
+  tokenizer_lib.save_tokenizer(tokenizer, workdir)  # As `run.prepare` does.
+  resumed, _ = run.prepare_data(config, workdir)
+  assert (preparation.tokenizer_fingerprint(resumed)
+          == preparation.tokenizer_fingerprint(tokenizer))
+  storage.path(terms).write_text('unhappy\nkinase\n')
+  with pytest.raises(UserError, match=r"^the run in gs://.* added the tokens \['unhappy', "
+                     r"'quickest'\] to its tokenizer, and this config adds \['unhappy', "
+                     r"'kinase'\]"):
+    run.prepare_data(config, workdir)

@@ -1,6 +1,6 @@
-"""Several hosts act as one: they stop together, restore the same checkpoint, resume on
-another layout (elastic resume) where the interrupted run would have gone, and end together
-when one of them fails alone.
+"""Several hosts act as one: they stop together, restore the same checkpoint (and with it
+the early-stopping count), resume on another layout (elastic resume) where the interrupted run
+would have gone, and end together when one of them fails alone.
 
 Several hosts are run_train.py processes on 127.0.0.1 joined by `jax.distributed` (gloo);
 several devices are CPU devices. Dropout is on, so its draws must not depend on the layout.
@@ -17,8 +17,8 @@ import pytest
 from mlm_jax import checkpoint
 from mlm_jax import infer
 from mlm_jax import metric_writers
-from tests.multidevice import HOSTS_FLAGS, LAYOUT_FLAGS, assert_same_training, finish
-from tests.multidevice import start_hosts
+from tests.multidevice import LAYOUT_FLAGS, assert_same_training, finish, hosts_flags
+from tests.multidevice import hosts_model, start_hosts
 
 
 def _interrupted_copy(straight, target):
@@ -65,14 +65,15 @@ def test_hosts_set_a_corrupt_checkpoint_aside_once_and_restore_the_same_step(
 
 
 @pytest.fixture(scope='module')
-def sigterm_to_one_host(tmp_path_factory):
-  """2 hosts (`HOSTS_FLAGS`: 12 steps, a checkpoint only when stopped and at the end), SIGTERM
-  to process 1 only once training is under way; then the rerun.
+def sigterm_to_one_host(two_host_run, tmp_path_factory):
+  """2 hosts (`two_host_run`'s flags: new words, an evaluation every 2 steps, early stopping,
+  a checkpoint only when stopped, at a new best and at the end), SIGTERM to process 1 only
+  once training is under way (after the first evaluation); then the rerun.
 
   Returns (workdir, [(status, stderr)] of the stopped hosts).
   """
   workdir = tmp_path_factory.mktemp('sigterm') / 'run'
-  processes = start_hosts([*HOSTS_FLAGS, f'--workdir={workdir}'])
+  processes = start_hosts([*two_host_run['flags'], f'--workdir={workdir}'])
   try:
     deadline = time.time() + 240
     while not any(r['step'] >= 3 for r in metric_writers.read_metrics(str(workdir))):
@@ -82,7 +83,7 @@ def sigterm_to_one_host(tmp_path_factory):
   finally:
     outputs = finish(processes, timeout=120)
   stopped = [(p.returncode, stderr) for p, (_, stderr) in zip(processes, outputs)]
-  rerun = start_hosts([*HOSTS_FLAGS, f'--workdir={workdir}'])
+  rerun = start_hosts([*two_host_run['flags'], f'--workdir={workdir}'])
   for p, (_, stderr) in zip(rerun, finish(rerun)):
     assert p.returncode == 0, stderr[-3000:]
   return workdir, stopped
@@ -107,8 +108,12 @@ def test_hosts_stopped_by_sigterm_resume_to_the_uninterrupted_result(sigterm_to_
                                                                       two_host_run):
   """The same 2 hosts never interrupted (conftest's `two_host_run`, the same flags): the same
   reduction order, so equal leaf by leaf, the attention key biases too (another layout differs
-  by float32 rounding, which Adam amplifies in those biases, whose true gradient is zero)."""
+  by float32 rounding, which Adam amplifies in those biases, whose true gradient is zero).
+  The rerun takes up the saved tokenizer's words and the early-stopping count, so it stops
+  early at the uninterrupted run's step (a fresh count would go on longer)."""
   workdir, _ = sigterm_to_one_host
+  steps = [r['step'] for r in metric_writers.read_metrics(str(workdir))]
+  assert max(steps) == two_host_run['summary']['steps']
   for a, b in zip(*(jax.tree_util.tree_leaves(infer.load_predictor(str(w)).params)
                     for w in (workdir, two_host_run['hosts']))):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
@@ -125,7 +130,8 @@ def test_a_host_that_fails_alone_in_the_step_loop_ends_every_host_within_the_shu
   # One device per host: the step's collectives then use the gloo context that the hosts'
   # earlier agreements set up. (With two, setting up a new one times out after 30 s and ends
   # process 1 with an error of its own, whatever the shutdown timeout.)
-  processes = start_hosts([*HOSTS_FLAGS, f'--workdir={tmp_path / "run"}'], devices=1)
+  flags = hosts_flags(hosts_model(str(tmp_path / 'model')))
+  processes = start_hosts([*flags, f'--workdir={tmp_path / "run"}'], devices=1)
   outputs = finish(processes, timeout=200)  # Raises TimeoutExpired where the hosts hang on.
   assert all(p.returncode != 0 for p in processes)
   assert 'metrics.jsonl' in outputs[0][1]  # Process 0 reported its own failure first.

@@ -5,7 +5,8 @@ with the WordPiece tokenizers their ids fit: words are added as regular whole-wo
 a word already one token is one line of notice; the table, an untied decoder and the bias grow,
 the old rows stay, and the new rows start exactly at the mean of their pieces (`subwords`) or
 of the old rows (`mean`), or at draws of transformers' distribution (`mean_cov`, its
-statistics); padded rows are never predicted. Through the real pipeline (RoBERTa, untied,
+statistics); padded rows are never predicted; a lowercasing tokenizer matches a capitalised
+word in any case and adds two casings of one word once. Through the real pipeline (RoBERTa, untied,
 padded to 64): the export's config.json and tokenizer, the padded rows after training, PLL
 scoring of a new word as one token, the one-line refusal of a resume with another word list,
 and (where torch is installed) PyTorch's fill-mask on the export giving run_infer.py's top-k.
@@ -77,6 +78,26 @@ def test_words_become_regular_whole_word_tokens_and_a_known_word_is_one_notice()
   assert 'unhappy' not in tokenizer.all_special_tokens
   assert tokenizer_lib.added_words(tokenizer) == ['unhappy', 'quickest']
   assert 48 not in tokenizer('unhappyish')['input_ids']  # Whole words only.
+
+
+def test_a_lowercasing_tokenizer_matches_a_capitalised_word_in_any_case_and_adds_it_once():
+  """This tokenizer lowercases the text, as BERT uncased does, and tokenizers normalizes an
+  added word alike before matching it: `Unhappy` is one token wherever the text has the word
+  in any case, its rows start from the pieces of `unhappy`, and `unhappy` beside it is one
+  notice, not a second token that no text would ever reach."""
+  old = tokenizer_lib.load_pretrained_tokenizer(str(PLL_DIR / 'tokenizer_bert'))
+  notices = []
+  tokenizer = tokenizer_lib.add_words(
+      tokenizer_lib.load_pretrained_tokenizer(str(PLL_DIR / 'tokenizer_bert')),
+      ['Unhappy', 'unhappy', 'QUICKEST'], notices.append)
+  assert notices == ["note: the tokenizer normalizes (lowercases) the text, so it reads "
+                     "'unhappy' as 'Unhappy'; added once"]
+  assert tokenizer_lib.added_words(tokenizer) == ['Unhappy', 'QUICKEST']
+  ids = tokenizer('the unhappy cat The UNHAPPY quickest dog', add_special_tokens=False)
+  the, cat, dog = tokenizer.convert_tokens_to_ids(['the', 'cat', 'dog'])
+  assert ids['input_ids'] == [the, 48, cat, the, 48, 49, dog]
+  plan = vocabulary.make_plan(old, tokenizer, 48, 1)
+  assert plan.pieces == [tokenizer_lib.word_pieces(old, w) for w in ('unhappy', 'quickest')]
 
 
 @pytest.mark.parametrize('fixture', FIXTURES)

@@ -2,11 +2,15 @@
 
 import json
 
+import ml_collections
 import tokenizers
 import transformers
 from tokenizers import processors
 
+from mlm_jax import model as model_lib
+from mlm_jax import validation
 from mlm_jax.data import sources
+from mlm_jax.data import tokenizer as tokenizer_lib
 from mlm_jax.models import FlaxAutoModelForMaskedLM
 
 MODERNBERT_SPECIALS = ['[UNK]', '[CLS]', '[SEP]', '[PAD]', '[MASK]']  # After the BPE's ids.
@@ -29,12 +33,29 @@ def modernbert_style_tokenizer(texts: list[str],
       pad_token='[PAD]', mask_token='[MASK]', model_max_length=max_length)
 
 
+def _sample_texts() -> list[str]:
+  """The shipped sample's answers, one text per question."""
+  with open(sources.sample_data_path(), encoding='utf-8') as f:
+    return [' '.join(json.loads(line)['answers']['text']) for line in f]
+
+
+def save_roberta(directory: str, model_config: dict) -> str:
+  """The model a from-scratch run of `model_config` (a config's `model_config` keys) starts
+  from, saved in `directory` as a pretrained one: a fresh RoBERTa sized to a 400-token
+  byte-level BPE trained on the shipped sample, and that tokenizer."""
+  tokenizer = tokenizer_lib.train_bpe_tokenizer(_sample_texts(), 400,
+                                                validation.SCRATCH_MAX_LENGTH)
+  tokenizer.save_pretrained(directory)
+  run_config = ml_collections.ConfigDict({'model_config': model_config})
+  FlaxAutoModelForMaskedLM.from_config(model_lib.scratch_model_config(run_config, tokenizer),
+                                       seed=0).save_pretrained(directory)
+  return directory
+
+
 def save_modernbert(directory: str, dropout: float = 0.0, positions: int = 64) -> str:
   """A fresh 3-layer ModernBERT (global every 3rd layer, window 8) of `positions` positions
   and its tokenizer, trained on the shipped sample, in `directory`."""
-  with open(sources.sample_data_path(), encoding='utf-8') as f:
-    texts = [' '.join(json.loads(line)['answers']['text']) for line in f]
-  tokenizer = modernbert_style_tokenizer(texts, max(128, positions))
+  tokenizer = modernbert_style_tokenizer(_sample_texts(), max(128, positions))
   tokenizer.save_pretrained(directory)
   config = transformers.ModernBertConfig(
       vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=3,

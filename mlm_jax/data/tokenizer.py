@@ -141,19 +141,36 @@ def is_one_token(tokenizer: transformers.PreTrainedTokenizerBase, word: str) -> 
   return len(pieces) == 1 and pieces[0] != tokenizer.unk_token_id
 
 
+def normal_form(tokenizer: transformers.PreTrainedTokenizerBase, word: str) -> str:
+  """`word` as `tokenizer` reads it in a text: after its normalizer (BERT uncased's lowercases
+  and strips accents), which tokenizers also applies to an added word before matching it."""
+  normalizer = tokenizer.backend_tokenizer.normalizer
+  return normalizer.normalize_str(word) if normalizer else word
+
+
 def add_words(tokenizer: transformers.PreTrainedTokenizerBase, words: list[str],
               log=lambda message: None) -> transformers.PreTrainedTokenizerBase:
   """`tokenizer` with `words` added as regular (not special) tokens that match whole words
   only (`single_word`) and take the space before them (`lstrip`), so that `the mitochondria`
-  is `the`, `mitochondria`. Words it already encodes as one token stay as they are, and `log`
-  names them in one line."""
+  is `the`, `mitochondria`. Words it already encodes as one token stay as they are, and so do
+  words that a lowercasing tokenizer reads as an earlier one (`Mitochondria` after
+  `mitochondria`: one token, which matches both); `log` names each kind in one line."""
   known = [w for w in words if is_one_token(tokenizer, w)]
   if known:
     log(f'note: {", ".join(map(repr, known))} {"is" if len(known) == 1 else "are"} already '
         'one token of the vocabulary; not added again')
+  firsts, same = {}, []
+  for word in words:
+    if word not in known:
+      first = firsts.setdefault(normal_form(tokenizer, word), word)
+      if first != word:
+        same.append(f'{word!r} as {first!r}')
+  if same:
+    log(f'note: the tokenizer normalizes (lowercases) the text, so it reads {", ".join(same)}; '
+        'added once')
   tokenizer.add_tokens([tokenizers.AddedToken(w, single_word=True, lstrip=True, rstrip=False,
                                               normalized=True, special=False)
-                        for w in words if w not in known])
+                        for w in firsts.values()])
   return tokenizer
 
 
