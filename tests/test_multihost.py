@@ -68,7 +68,7 @@ def test_hosts_set_a_corrupt_checkpoint_aside_once_and_restore_the_same_step(
 def sigterm_to_one_host(two_host_run, tmp_path_factory):
   """2 hosts (`two_host_run`'s flags: new words, an evaluation every 2 steps, early stopping,
   a checkpoint only when stopped, at a new best and at the end), SIGTERM to process 1 only
-  once training is under way (after the first evaluation); then the rerun.
+  once training is under way (step 2, the first evaluation's, logged); then the rerun.
 
   Returns (workdir, [(status, stderr)] of the stopped hosts).
   """
@@ -76,7 +76,7 @@ def sigterm_to_one_host(two_host_run, tmp_path_factory):
   processes = start_hosts([*two_host_run['flags'], f'--workdir={workdir}'])
   try:
     deadline = time.time() + 240
-    while not any(r['step'] >= 3 for r in metric_writers.read_metrics(str(workdir))):
+    while not any(r['step'] >= 2 for r in metric_writers.read_metrics(str(workdir))):
       assert time.time() < deadline and all(p.poll() is None for p in processes)
       time.sleep(0.05)
     processes[1].send_signal(signal.SIGTERM)
