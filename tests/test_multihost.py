@@ -1,5 +1,5 @@
-"""Several hosts act as one: they stop together, restore the same checkpoint (and with it
-the early-stopping count), resume on another layout (elastic resume) where the interrupted run
+"""Several hosts act as one: they stop together, restore the same checkpoint (a run with new
+words and early stopping too), resume on another layout (elastic resume) where the interrupted run
 would have gone, and end together when one of them fails alone.
 
 Several hosts are run_train.py processes on 127.0.0.1 joined by `jax.distributed` (gloo);
@@ -109,8 +109,9 @@ def test_hosts_stopped_by_sigterm_resume_to_the_uninterrupted_result(sigterm_to_
   """The same 2 hosts never interrupted (conftest's `two_host_run`, the same flags): the same
   reduction order, so equal leaf by leaf, the attention key biases too (another layout differs
   by float32 rounding, which Adam amplifies in those biases, whose true gradient is zero).
-  The rerun takes up the saved tokenizer's words and the early-stopping count, so it stops
-  early at the uninterrupted run's step (a fresh count would go on longer)."""
+  The rerun takes up the saved tokenizer's words (each host: process 1 reads it too) and stops
+  early at the uninterrupted run's step. (The signal lands before the best evaluation, where a
+  lost count changes nothing; test_reliability.py shows on one host that the count survives.)"""
   workdir, _ = sigterm_to_one_host
   steps = [r['step'] for r in metric_writers.read_metrics(str(workdir))]
   assert max(steps) == two_host_run['summary']['steps']
