@@ -111,7 +111,8 @@ def test_hosts_stopped_by_sigterm_resume_to_the_uninterrupted_result(sigterm_to_
   by float32 rounding, which Adam amplifies in those biases, whose true gradient is zero).
   The rerun takes up the saved tokenizer's words (each host: process 1 reads it too) and stops
   early at the uninterrupted run's step. (The signal lands before the best evaluation, where a
-  lost count changes nothing; test_reliability.py shows on one host that the count survives.)"""
+  lost count changes nothing: test_reliability.py and test_early_stopping.py show on one host
+  that the count survives.)"""
   workdir, _ = sigterm_to_one_host
   steps = [r['step'] for r in metric_writers.read_metrics(str(workdir))]
   assert max(steps) == two_host_run['summary']['steps']
