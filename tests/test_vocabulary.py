@@ -80,11 +80,14 @@ def test_words_become_regular_whole_word_tokens_and_a_known_word_is_one_notice()
   assert 48 not in tokenizer('unhappyish')['input_ids']  # Whole words only.
 
 
-def test_a_lowercasing_tokenizer_matches_a_capitalised_word_in_any_case_and_adds_it_once():
+def test_a_lowercasing_tokenizer_matches_a_capitalised_word_in_any_case_and_adds_it_once(
+    tmp_path):
   """This tokenizer lowercases the text, as BERT uncased does, and tokenizers normalizes an
   added word alike before matching it: `Unhappy` is one token wherever the text has the word
   in any case, its rows start from the pieces of `unhappy`, and `unhappy` beside it is one
-  notice, not a second token that no text would ever reach."""
+  notice, not a second token that no text would ever reach. Fill-mask decodes it lowercased
+  (as docs/domain_adaptation.md says), and the saved tokenizer keeps the word as given, so a
+  resume adds the same words."""
   old = tokenizer_lib.load_pretrained_tokenizer(str(PLL_DIR / 'tokenizer_bert'))
   notices = []
   tokenizer = tokenizer_lib.add_words(
@@ -98,6 +101,10 @@ def test_a_lowercasing_tokenizer_matches_a_capitalised_word_in_any_case_and_adds
   assert ids['input_ids'] == [the, 48, cat, the, 48, 49, dog]
   plan = vocabulary.make_plan(old, tokenizer, 48, 1)
   assert plan.pieces == [tokenizer_lib.word_pieces(old, w) for w in ('unhappy', 'quickest')]
+  assert tokenizer.decode([48, 49]) == 'unhappy quickest'
+  tokenizer.save_pretrained(tmp_path)
+  saved = tokenizer_lib.load_pretrained_tokenizer(str(tmp_path))
+  assert tokenizer_lib.added_words(saved) == ['Unhappy', 'QUICKEST']
 
 
 @pytest.mark.parametrize('fixture', FIXTURES)
