@@ -21,7 +21,12 @@ for the next step:
   both steps run without a fault, and the base step 20% faster.
 
 The cost is that the process keeps its peak heap for its lifetime rather than shrinking
-after a peak: what a training or inference process does anyway. It is for the whole process
+after a peak: what a training or inference process does anyway. Above a step buffer of
+`LARGE_STEP_BYTES` the heap stops paying: at long lengths (ModernBERT at 5,120 tokens and
+more) glibc's heap held the step's buffer twice, raising the peak by 70%, for a step no
+faster or slower (BENCHMARKS.md, *The allocator at long lengths*). There the train step
+calls `map_large_blocks()`: blocks of 32 MB and more get pages of their own again, returned
+to the kernel on `free`, while smaller ones stay in the kept heap. It is for the whole process
 (the allocator is). The entry points set it first thing, before JAX starts its backend,
 where JAX will compute on the CPU (`keep_freed_memory_if_on_cpu`); for library callers,
 `steps.compile_steps` and `infer.Predictor` set it where they compile for the CPU, as
@@ -38,10 +43,16 @@ import jax
 
 # glibc's <malloc.h> parameter numbers for mallopt(3).
 M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 _LARGEST_INT = 2**31 - 1  # mallopt takes an int.
 POLICY = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, _LARGEST_INT), (M_ARENA_MAX, 1))
+# glibc's largest mmap threshold on 64-bit hosts, and its default count of mapped blocks.
+LARGE_BLOCKS = ((M_MMAP_THRESHOLD, 32 * 2**20), (M_MMAP_MAX, 65536))
+# A step whose temporaries exceed this maps its large blocks (see the module docstring). The
+# measured cut: a buffer of 1.1 GB was reused from the kept heap, 1.4 GB and more were not.
+LARGE_STEP_BYTES = 1_250_000_000
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -61,6 +72,21 @@ def keep_freed_memory() -> bool:
   if libc is None:
     return False
   return all(libc.mallopt(parameter, value) == 1 for parameter, value in POLICY)
+
+
+def map_large_blocks() -> bool:
+  """Blocks of 32 MB and more get pages of their own again (`LARGE_BLOCKS`), the rest of
+  `POLICY` kept; True where glibc took every setting."""
+  libc = _glibc()
+  if libc is None:
+    return False
+  return all(libc.mallopt(parameter, value) == 1 for parameter, value in LARGE_BLOCKS)
+
+
+def fit_to_step(platform: str, temp_bytes: int) -> bool:
+  """`map_large_blocks()` where a step on the host's CPU has over `LARGE_STEP_BYTES` of
+  temporaries; True where it did."""
+  return platform == 'cpu' and temp_bytes > LARGE_STEP_BYTES and map_large_blocks()
 
 
 def keep_freed_memory_on(platform: str) -> None:

@@ -239,6 +239,22 @@ def compile_steps(apply_fn: Callable, tx: optax.GradientTransformation,
   return Steps(train, evaluate_batch, mesh)
 
 
+def fit_host_to_train_step(steps: Steps, state: TrainState, batch_shape: tuple[int, ...],
+                           log: Callable[[str], None]) -> None:
+  """Compiles the train step for `batch_shape` ([micro-batches, global rows, length]) ahead
+  of its first call (jit's cache keeps the program for it) and, on the CPU, fits the C
+  allocator's policy to its temporaries (`host_memory.fit_to_step`)."""
+  platform = steps.mesh.devices.flat[0].platform
+  if platform != 'cpu':
+    return
+  batch = jax.ShapeDtypeStruct(batch_shape, jnp.int32,
+                               sharding=sharding.batch_sharding(steps.mesh, batch_axis=1))
+  stats = steps.train.lower(state, batch).compile().memory_analysis()
+  if stats is not None and host_memory.fit_to_step(platform, stats.temp_size_in_bytes):
+    log(f'The train step\'s {memory.gigabytes(stats.temp_size_in_bytes)} of temporaries get '
+        'pages of their own each step (a kept heap would hold them twice)')
+
+
 def eval_rows_that_fit(steps: Steps, params: Any, rows: int, length: int,
                        log: Callable[[str], None], available: int | None = None,
                        blocks: int | None = None) -> int:
@@ -250,9 +266,11 @@ def eval_rows_that_fit(steps: Steps, params: Any, rows: int, length: int,
   rows any host can hold. One row that does not fit is a `UserError`."""
   if blocks:
     rows = min(rows, math.ceil(blocks / steps.mesh.size) * steps.mesh.size)
+  # Placed as `shard_batch` places a batch, so that the first evaluation reuses the program.
+  rows_sharding = sharding.batch_sharding(steps.mesh)
   def need(batch_rows: int) -> int:
-    ids = jax.ShapeDtypeStruct((batch_rows, length), jnp.int32)
-    row_weights = jax.ShapeDtypeStruct((batch_rows,), jnp.float32)
+    ids = jax.ShapeDtypeStruct((batch_rows, length), jnp.int32, sharding=rows_sharding)
+    row_weights = jax.ShapeDtypeStruct((batch_rows,), jnp.float32, sharding=rows_sharding)
     return memory.needed_bytes(
         steps.evaluate_batch.lower(params, ids, row_weights, np.int32(0)).compile())
   if available is None:

@@ -101,6 +101,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                'train. Use a new --workdir to train again.')
     return report.summary(run, metric_writers.read_metrics(workdir), 0.0, 0, start_step)
 
+  steps_lib.fit_host_to_train_step(
+      steps, state, (config.grad_accum_steps, run.global_batch_size // config.grad_accum_steps,
+                     config.block_size), report.log)
   sharding.on_process_zero(  # What inference needs to rebuild the model around a checkpoint.
       lambda: storage.save_with(run.model.config.save_pretrained,
                                 checkpoint.model_config_dir(workdir)),

@@ -1,5 +1,6 @@
 """Shared fixtures: the tiny test config, caches isolated in a temporary folder, a GCS emulator."""
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -60,6 +61,8 @@ for _name in _known_xla_options(_SPEED_OPTIONS):
 
 import jax  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
+# The compile events' names, which no public module names.
+from jax._src import dispatch  # pylint: disable=wrong-import-position
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `configs.*` imports, as run_train.py allows.
@@ -128,6 +131,24 @@ def load_config(name: str = 'tiny_test'):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+@contextlib.contextmanager
+def traces_of(function_name: str):
+  """A list that gets an entry each time jit traces the function named `function_name` within
+  the block: jit traces it again for arguments its cache does not hold (another shape, dtype
+  or placement), so again compiles it, whatever JAX's persistent cache (which the tests use)
+  would save of that compilation."""
+  traces = []
+  def listen(event, duration, fun_name='', **kwargs):
+    del duration, kwargs
+    if event == dispatch.JAXPR_TRACE_EVENT and fun_name == function_name:
+      traces.append(fun_name)
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield traces
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
 
 
 @pytest.fixture

@@ -2,8 +2,9 @@
 freed block over glibc's mmap threshold is reused from the heap, not mapped again as fresh
 pages that the kernel zero-fills on first touch (the page faults that cost a cpu-small step
 45 ms a step before), by the thread that set it and by threads started after; compiling CPU
-steps or a CPU fill-mask predictor sets it, in a process that had glibc's defaults; and the
-entry points' early call sets it without starting JAX's backend, and only for the CPU.
+steps or a CPU fill-mask predictor sets it, in a process that had glibc's defaults; the
+entry points' early call sets it without starting JAX's backend, and only for the CPU; and
+a step with large temporaries maps its large blocks again.
 """
 
 import ctypes
@@ -125,3 +126,27 @@ def test_entry_points_set_the_policy_before_jax_starts_where_it_computes_on_cpu(
   set_for_cpu, faults_for_cpu, backend_started = told_cpu.split()
   assert set_for_cpu == 'True' and int(faults_for_cpu) < PAGES // 100
   assert backend_started == 'False'
+
+
+def test_a_step_with_large_temporaries_maps_its_large_blocks_again():
+  """Over `LARGE_STEP_BYTES` of a CPU step's temporaries, a block of 128 MB that the kept
+  heap cannot serve from its free memory gets pages of its own again, which go back to the
+  kernel on `free` (so the heap cannot come to hold a step's buffer twice), while a block of
+  16 MB is still served from the kept heap. At the threshold, or for a step on an
+  accelerator, the kept heap stays as it is."""
+  defaults, kept, mapped = (line.split() for line in _in_a_fresh_process('''
+      from mlm_jax import host_memory
+      from tests.test_host_memory import BLOCK, faults_of_a_fresh_block
+      print(faults_of_a_fresh_block())
+      assert host_memory.keep_freed_memory()
+      limit = host_memory.LARGE_STEP_BYTES
+      print(host_memory.fit_to_step('cpu', limit), host_memory.fit_to_step('gpu', 2 * limit),
+            faults_of_a_fresh_block())
+      print(host_memory.fit_to_step('cpu', limit + 1), faults_of_a_fresh_block(2 * BLOCK),
+            faults_of_a_fresh_block(BLOCK // 4))
+  ''').splitlines())
+  if int(defaults[0]) < PAGES // 2:
+    pytest.skip('this kernel maps fresh blocks in huge pages: no fresh page to count')
+  assert kept[:2] == ['False', 'False'] and int(kept[2]) < PAGES // 100
+  assert mapped[0] == 'True' and int(mapped[1]) > PAGES  # Of the 2 * PAGES, fresh each time.
+  assert int(mapped[2]) < PAGES // 4 // 100

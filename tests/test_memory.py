@@ -18,6 +18,7 @@ from mlm_jax import sharding
 from mlm_jax import steps as steps_lib
 from mlm_jax.errors import UserError
 from tests import tiny_models
+from tests.conftest import traces_of
 
 _VOCAB, _LENGTH = 37, 256
 
@@ -68,6 +69,18 @@ def test_an_eval_batch_that_fits_is_kept_and_nothing_is_said():
   available = int(_need(steps, 64) / memory.USABLE_FRACTION) + 1
   assert steps_lib.eval_rows_that_fit(steps, _PARAMS, 64, _LENGTH, said.append, available) == 64
   assert not said
+
+
+def test_the_eval_step_sized_ahead_is_the_one_the_evaluation_runs():
+  """Sizing the eval batch compiles the eval step for batches placed as the evaluation places
+  them: the evaluation then traces (and compiles) nothing more."""
+  steps = _steps()
+  blocks = np.random.default_rng(0).integers(5, _VOCAB, (8, _LENGTH)).astype(np.int32)
+  with traces_of('eval_step') as traces:
+    rows = steps_lib.eval_rows_that_fit(steps, _PARAMS, 64, _LENGTH, print, blocks=8)
+    ahead = len(traces)
+    steps_lib.evaluate(steps, _PARAMS, blocks, rows)
+  assert rows == 8 and ahead == 1 and len(traces) == 1
 
 
 def test_a_single_row_too_large_is_one_line_naming_block_size():
