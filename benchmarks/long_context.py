@@ -10,10 +10,11 @@ and there by `ModernBertForMaskedLM.from_pretrained(attn_implementation='sdpa')`
 of both is printed, to show they compute one thing.
 
 Each (side, length) runs in its own process, so that its peak RSS (`ru_maxrss`: the
-weights, activations, gradients and the runtime's own) is its own. The C allocator is glibc's
-as it comes on both sides; `--keep-freed-memory` sets the policy the package's CPU steps set
-(`mlm_jax.host_memory`) on both: faster steps, but at 8,192 tokens it raised the package's
-peak RSS from 2.9 to 4.8 GB (two step buffers held at once; BENCHMARKS.md). Reported: compile
+weights, activations, gradients and the runtime's own) is its own. Each side's C allocator is
+set as its program sets it: the package's side takes the training program's CPU policy
+(`mlm_jax.host_memory`: freed memory kept for the next step, and blocks of 32 MB and more
+mapped again where the step's temporaries exceed `LARGE_STEP_BYTES`), PyTorch's is glibc's as
+it comes; `--glibc` leaves both as they come. Reported: compile
 (or first-step) time, the median of `--steps` back-to-back steps after one untimed, the peak
 RSS (with `--gpu`: both sides on the GPU, and the peak device memory instead), the loss, and
 ours over PyTorch sdpa's (above 1: the project is faster).
@@ -30,6 +31,8 @@ time and peak memory against length, log-log, for every side (matplotlib).
   python benchmarks/long_context.py --shape small --seqs 1024 2048 4096 8192 --json small.json \
       --jax-python python3
   python benchmarks/long_context.py --shape base --seqs 1024 --json base.json
+  python benchmarks/long_context.py --shape base --seqs 8192 --remat-policy full --steps 1 \
+      --json base8k.json --jax-python python3
   python benchmarks/long_context.py --plot docs/long_context.png small.json base.json
 """
 
@@ -95,12 +98,13 @@ def timed(step, steps: int) -> tuple[float, float, float]:
 def jax_step(directory: str, length: int, impl: str, args) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from mlm_jax import compiler_options  # pylint: disable=import-outside-toplevel
   from mlm_jax import host_memory  # pylint: disable=import-outside-toplevel
   from mlm_jax.models import FlaxAutoModelForMaskedLM  # pylint: disable=import-outside-toplevel
-  if args.keep_freed_memory:
+  if not args.glibc:  # As run_train.py does, before JAX's backend starts.
     host_memory.keep_freed_memory_if_on_cpu()
   model = FlaxAutoModelForMaskedLM.from_pretrained(directory, attention_impl=impl,
-                                                   dtype=args.dtype)
+                                                   dtype=args.dtype, remat_policy=args.remat_policy)
   ids, labels, masked = batch(model.config.vocab_size, length)
 
   def loss(params, ids, labels, masked):
@@ -109,7 +113,12 @@ def jax_step(directory: str, length: int, impl: str, args) -> dict:
     return -jnp.sum(jnp.where(masked, picked, 0.0)) / jnp.sum(masked)
 
   inputs = (model.params, ids.astype('int32'), labels.astype('int32'), masked)
-  compiled = jax.jit(jax.value_and_grad(loss)).lower(*inputs).compile()
+  options = compiler_options.for_platform(  # As the package's train step compiles.
+      jax.devices()[0].platform, saving_memory=args.remat_policy != 'none')
+  compiled = jax.jit(jax.value_and_grad(loss), compiler_options=options).lower(*inputs).compile()
+  if not args.glibc:  # As `steps.fit_host_to_train_step` does.
+    host_memory.fit_to_step(jax.devices()[0].platform,
+                            compiled.memory_analysis().temp_size_in_bytes)
   first, step_s, value = timed(lambda: float(jax.block_until_ready(compiled(*inputs))[0]),
                                args.steps)
   row = dict(side=f'jax {impl}', first_s=first, step_s=step_s, loss=value)
@@ -121,11 +130,8 @@ def jax_step(directory: str, length: int, impl: str, args) -> dict:
 def torch_step(directory: str, length: int, attn: str, args) -> dict:
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
-  from mlm_jax import host_memory  # pylint: disable=import-outside-toplevel
   device = 'cuda' if args.gpu else 'cpu'
   if not args.gpu:
-    if args.keep_freed_memory:
-      host_memory.keep_freed_memory()
     torch.set_num_threads(os.cpu_count())
   model = transformers.ModernBertForMaskedLM.from_pretrained(
       directory, attn_implementation=attn, dtype=torch.float32).to(device)
@@ -168,7 +174,8 @@ def in_subprocess(args, side: str, length: int) -> dict:
   command = [python, __file__, '--shape', args.shape, '--steps', str(args.steps),
              '--dtype', args.dtype, '--model-dir', args.model_dir, '--one', f'{side}:{length}']
   command += ['--gpu'] if args.gpu else []
-  command += ['--keep-freed-memory'] if args.keep_freed_memory else []
+  command += ['--glibc'] if args.glibc else []
+  command += ['--remat-policy', args.remat_policy]
   result = subprocess.run(command, capture_output=True, text=True, check=False,
                           env=os.environ | {'PYTHONPATH': os.getcwd()})
   if result.returncode:
@@ -239,9 +246,11 @@ def main() -> None:
                       'flash_attention_2 on GPU where flash-attn is installed)')
   parser.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32',
                       help='computation dtype of both sides (parameters stay float32)')
-  parser.add_argument('--keep-freed-memory', action='store_true',
-                      help="both sides under the package's CPU allocator policy "
-                      '(mlm_jax.host_memory); default glibc as it comes')
+  parser.add_argument('--glibc', action='store_true',
+                      help="the package's side with glibc's allocator as it comes, not under "
+                      "the training program's policy (mlm_jax.host_memory)")
+  parser.add_argument('--remat-policy', default='none',
+                      help="the package's config.remat_policy (none, full, minimal, dots)")
   parser.add_argument('--gpu', action='store_true',
                       help='both sides on the GPU; memory is the peak device memory')
   parser.add_argument('--jax-python', default=sys.executable,

@@ -219,6 +219,7 @@ def compile_steps(apply_fn: Callable, tx: optax.GradientTransformation,
   host_memory.keep_freed_memory_on(mesh.devices.flat[0].platform)  # No fresh pages per step.
   replicated = sharding.replicated(mesh)
   options = compiler_options.for_mesh(mesh)
+  remat = getattr(apply_fn, 'remat_policy', 'none') != 'none'  # A model's; see layers.py.
   if state_shardings is None:
     state_shardings = replicated
     params_shardings = replicated
@@ -229,7 +230,8 @@ def compile_steps(apply_fn: Callable, tx: optax.GradientTransformation,
                         head_fn=head_fn, max_predictions=max_predictions,
                         prediction_groups=mesh.size, sep_id=sep_id),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh, batch_axis=1)),
-      out_shardings=(state_shardings, replicated), donate_argnums=0, compiler_options=options)
+      out_shardings=(state_shardings, replicated), donate_argnums=0,
+      compiler_options=compiler_options.for_mesh(mesh, saving_memory=remat))
   eval_rng = jax.random.fold_in(jax.random.PRNGKey(seed), EVAL_STREAM)
   evaluate_batch = jax.jit(
       functools.partial(eval_step, apply_fn=apply_fn, spec=spec, rng=eval_rng, sep_id=sep_id),
