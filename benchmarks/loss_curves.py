@@ -9,6 +9,15 @@ the arithmetic alone, and the gap should be bf16 noise, not a trend.
 
   python benchmarks/loss_curves.py --out=/tmp/curves                       # default config
   python benchmarks/loss_curves.py --out=$OUT/curves --steps=300 --config.per_device_batch_size=64
+
+`--fresh_modernbert=POSITIONS` trains both from one fresh ModernBERT of 6 layers x 256 (4 heads,
+global attention every 3rd layer, window 128) with a BPE tokenizer of the shipped sample
+(`tests/tiny_models.py`), saved in OUT/model; at long lengths, for instance:
+
+  python benchmarks/loss_curves.py --out=/tmp/curves4k --steps=120 --fresh_modernbert=4096 \
+      --config=configs/modernbert.py --reference_attention=auto --attention=auto \
+      --config.block_size=4096 --config.per_device_batch_size=1 --config.data_files= \
+      --config.learning_rate=1e-3 --config.warmup_steps=10
 """
 
 import argparse
@@ -18,7 +27,6 @@ import subprocess
 import sys
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-REFERENCE = {'dtype': 'float32', 'attention_impl': 'xla'}
 
 
 def parse_args() -> tuple[argparse.Namespace, list[str]]:
@@ -28,6 +36,10 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument('--steps', type=int, default=300)
   parser.add_argument('--dtype', default='bfloat16', help="the variant's config.dtype")
   parser.add_argument('--attention', default='xla', help="the variant's config.attention_impl")
+  parser.add_argument('--reference_attention', default='xla',
+                      help="the float32 reference's config.attention_impl")
+  parser.add_argument('--fresh_modernbert', type=int, default=0, metavar='POSITIONS',
+                      help='train both from a fresh 6 x 256 ModernBERT of POSITIONS positions')
   args, overrides = parser.parse_known_args()
   return args, overrides  # Extra --config.KEY=VALUE flags go to both runs.
 
@@ -83,9 +95,18 @@ def main() -> None:
   args, overrides = parse_args()
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
+  if args.fresh_modernbert:
+    sys.path.insert(0, str(REPO_ROOT))
+    from tests import tiny_models  # pylint: disable=import-outside-toplevel
+    tiny_models.save_modernbert(str(out / 'model'), positions=args.fresh_modernbert,
+                                hidden_size=256, intermediate_size=512, num_hidden_layers=6,
+                                num_attention_heads=4, local_attention=128)
+    overrides = [f'--config.model_name_or_path={out / "model"}', *overrides]
+  reference = {'dtype': 'float32', 'attention_impl': args.reference_attention}
   variant_fields = {'dtype': args.dtype, 'attention_impl': args.attention}
-  names = {'reference': 'float32', 'variant': f'{args.dtype}, {args.attention} attention'}
-  curves = {names['reference']: train(args.config, out / 'reference', args.steps, REFERENCE,
+  names = {'reference': f'float32, {args.reference_attention} attention',
+           'variant': f'{args.dtype}, {args.attention} attention'}
+  curves = {names['reference']: train(args.config, out / 'reference', args.steps, reference,
                                       overrides),
             names['variant']: train(args.config, out / 'variant', args.steps, variant_fields,
                                     overrides)}

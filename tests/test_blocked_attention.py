@@ -2,7 +2,7 @@
 
 Guards that 'blocked' computes what 'xla' (every [L, L] score) computes, within 2e-6 in
 float32, on the output and on the gradients of queries, keys and values: global layers
-(the online softmax and its FlashAttention-2 backward) and local ones (the banded form), at
+(the online softmax and its FlashAttention-2 backward, queries a block at a time) and local ones (the banded form), at
 lengths that are not a multiple of the block, with windows even, odd and wider than the
 sequence, padding, fully masked query rows (the dense convention: the mean of every value),
 several documents in one block; and through a whole tiny model of every family. Also that
@@ -25,8 +25,10 @@ TOLERANCE = 2e-6
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-  """Global key blocks of 8 and local query blocks of 4: a 21-token sequence spans 3 and 6."""
+  """Global key blocks of 8, global query blocks of 16 (on CPU) and local query blocks of 4: a
+  21-token sequence spans 3, 2 and 6."""
   monkeypatch.setattr(attention, 'GLOBAL_BLOCK', 8)
+  monkeypatch.setattr(attention, 'GLOBAL_QUERY_BLOCK', {'cpu': 16})
   monkeypatch.setattr(attention, 'LOCAL_BLOCK', 4)
 
 

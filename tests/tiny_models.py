@@ -52,14 +52,17 @@ def save_roberta(directory: str, model_config: dict) -> str:
   return directory
 
 
-def save_modernbert(directory: str, dropout: float = 0.0, positions: int = 64) -> str:
-  """A fresh 3-layer ModernBERT (global every 3rd layer, window 8) of `positions` positions
-  and its tokenizer, trained on the shipped sample, in `directory`."""
+def save_modernbert(directory: str, dropout: float = 0.0, positions: int = 64,
+                    **shape) -> str:
+  """A fresh 3-layer ModernBERT (global every 3rd layer, window 8; `shape`: other
+  `ModernBertConfig` sizes) of `positions` positions and its tokenizer, trained on the
+  shipped sample, in `directory`."""
   tokenizer = modernbert_style_tokenizer(_sample_texts(), max(128, positions))
   tokenizer.save_pretrained(directory)
+  sizes = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2,
+               local_attention=8) | shape
   config = transformers.ModernBertConfig(
-      vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-      num_attention_heads=2, global_attn_every_n_layers=3, local_attention=8,
+      vocab_size=len(tokenizer), **sizes, global_attn_every_n_layers=3,
       max_position_embeddings=positions, pad_token_id=tokenizer.pad_token_id,
       cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
       bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
