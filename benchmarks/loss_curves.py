@@ -16,7 +16,7 @@ global attention every 3rd layer, window 128) with a BPE tokenizer of the shippe
 
   python benchmarks/loss_curves.py --out=/tmp/curves4k --steps=120 --fresh_modernbert=4096 \
       --config=configs/modernbert.py --reference_attention=auto --attention=auto \
-      --config.block_size=4096 --config.per_device_batch_size=1 --config.data_files= \
+      --config.block_size=4096 --config.per_device_batch_size=1 --config.dataset= \
       --config.learning_rate=1e-3 --config.warmup_steps=10
 """
 

@@ -20,11 +20,11 @@ the saved ones would have. Such a step is scheduled for memory instead
 ModernBERT-base's gradient at 8,192 tokens needed 22.6 GB of temporaries without remat, 21.8
 GB with `full` under the default scheduler, and 12.0 GB with `full` under this one.
 
-BENCHMARKS.md has the measurements (*XLA:CPU's own options*, *remat_policy*). They are passed to `jax.jit`
-at the program's boundary (`compiler_options=`), so they reach every caller of
+BENCHMARKS.md has the measurements (*XLA:CPU's own options*, *remat_policy*). They are
+passed to `jax.jit` at the program's boundary (`compiler_options=`), so they reach every caller of
 `steps.compile_steps` and `infer.fill_mask`, the benchmarks and tests included, and are
 part of the persistent compilation cache's key. They take precedence over `XLA_FLAGS`
-for the two options they name. Other platforms get none: their compilers need not know
+for the options they name. Other platforms get none: their compilers need not know
 XLA:CPU's options.
 
 XLA's options come and go between jaxlib releases (0.11.1 dropped

@@ -254,7 +254,7 @@ def fit_host_to_train_step(steps: Steps, state: TrainState, batch_shape: tuple[i
   stats = steps.train.lower(state, batch).compile().memory_analysis()
   if stats is not None and host_memory.fit_to_step(platform, stats.temp_size_in_bytes):
     log(f'The train step\'s {memory.gigabytes(stats.temp_size_in_bytes)} of temporaries get '
-        'pages of their own each step (a kept heap would hold them twice)')
+        'pages of their own each step (a kept heap can come to hold them twice)')
 
 
 def eval_rows_that_fit(steps: Steps, params: Any, rows: int, length: int,
