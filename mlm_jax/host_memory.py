@@ -70,21 +70,23 @@ def _glibc() -> ctypes.CDLL | None:
   return libc
 
 
-def keep_freed_memory() -> bool:
-  """Sets `POLICY` (see the module docstring); True where glibc took every setting."""
+def _mallopt(settings) -> bool:
+  """Sets each (parameter, value) of `settings`; True where glibc took every one."""
   libc = _glibc()
   if libc is None:
     return False
-  return all(libc.mallopt(parameter, value) == 1 for parameter, value in POLICY)
+  return all(libc.mallopt(parameter, value) == 1 for parameter, value in settings)
+
+
+def keep_freed_memory() -> bool:
+  """Sets `POLICY` (see the module docstring); True where glibc took every setting."""
+  return _mallopt(POLICY)
 
 
 def map_large_blocks() -> bool:
   """Blocks of 32 MB and more get pages of their own again (`LARGE_BLOCKS`), the rest of
   `POLICY` kept; True where glibc took every setting."""
-  libc = _glibc()
-  if libc is None:
-    return False
-  return all(libc.mallopt(parameter, value) == 1 for parameter, value in LARGE_BLOCKS)
+  return _mallopt(LARGE_BLOCKS)
 
 
 def fit_to_step(platform: str, temp_bytes: int) -> bool:
