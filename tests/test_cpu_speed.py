@@ -7,7 +7,8 @@ bound covers the pool's exact binomial tail, and a step with it computes the ful
 loss and gradient. The vocabulary bias's gradient is a product with ones
 (`layers.add_vocab_bias`), not XLA:CPU's slow reduction over rows, and the same sum.
 `layers.Dense` is flax's `nn.Dense` (parameters, forward, gradients), with no product over the
-leading dimension of both operands on CPU (XLA:CPU's slow path) in its backward. Exact GELU
+leading dimension of both operands on CPU (XLA:CPU's slow path) in its backward, nor in any
+family's gradient. Exact GELU
 is computed with erf (PyTorch's form), not XLA's costlier erfc. With `predict_at` the last
 encoder layer of every family computes only those rows past its attention
 (`layers.LayerStack`), with the whole layer's logits there, dropout on too (the same draws).
@@ -23,6 +24,7 @@ IEEE arithmetic gives them (no fast math, no NaN-ignoring max and min).
 
 import functools
 import pathlib
+import re
 
 import flax.linen as nn
 import jax
@@ -113,6 +115,39 @@ def test_dense_backward_has_no_product_over_leading_dimensions_on_cpu(features):
   params = dense.init(jax.random.PRNGKey(0), inputs)
   backward = jax.jit(jax.grad(lambda p, x: jnp.sum(dense.apply(p, x) ** 2)))
   assert 'lhs_contracting_dims={0}' not in backward.lower(params, inputs).compile().as_text()
+
+
+def _dimensions(hlo_shape: str) -> list[int]:
+  """[16, 24] of '%dot.7 = f32[16,24]{1,0}'."""
+  return [int(d) for d in re.search(r'\[([\d,]*)\]', hlo_shape).group(1).split(',') if d]
+
+
+def _xla_products_over_leading_dimensions(hlo: str) -> list[str]:
+  """The matrix products contracting the leading dimension of both operands that XLA:CPU runs
+  with its own loops: those outside the computations YNNPACK's fusions call (a tied decoder's
+  table gradient is such a product, but one of YNNPACK's), with both operands wider than one
+  column (`add_vocab_bias` sums its gradient's rows as a product with ones, on purpose)."""
+  ynn_called = {line.split('calls=', 1)[1].split(',', 1)[0]
+                for line in hlo.splitlines() if '__ynn_fusion' in line and 'calls=' in line}
+  found, computation = [], ''
+  for line in hlo.splitlines():
+    if line.startswith('%') or line.startswith('ENTRY'):
+      computation = line.split()[1] if line.startswith('ENTRY') else line.split()[0]
+    elif (' dot(' in line and 'lhs_contracting_dims={0}' in line and computation not in ynn_called
+          and 1 not in _dimensions(line.split(' dot(')[0])):
+      found.append(line.strip())
+  return found
+
+
+@pytest.mark.parametrize('family', ['albert', 'bert', 'distilbert', 'modernbert', 'roberta'])
+def test_no_familys_gradient_has_a_product_over_leading_dimensions_on_cpu(family):
+  """Every linear layer of every family is `layers.Dense` (ModernBERT's were flax's `nn.Dense`,
+  whose kernel gradients took XLA:CPU's slow path: 9% of the 6 x 256 step at 2,048 tokens)."""
+  model = FlaxAutoModelForMaskedLM.from_pretrained(str(GOLDENS / family))
+  ids = jnp.full((2, 8), 5, jnp.int32)
+  gradient = jax.jit(jax.grad(lambda params: jnp.sum(model(ids, params=params).logits ** 2)))
+  assert not _xla_products_over_leading_dimensions(
+      gradient.lower(model.params).compile().as_text())
 
 
 def test_gelu_is_exact_gelu_through_erf():

@@ -32,9 +32,11 @@ def out_std(config) -> float:
 
 
 def linear(config, features: int, stddev: float, use_bias: bool, dtype: layers.Dtype,
-           name: str) -> nn.Dense:
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=truncated(config, stddev), name=name)
+           name: str) -> layers.Dense:
+  """`nn.Linear` as the reference initialises it; `layers.Dense`, as every family's, so that the
+  kernels' gradients run as YNNPACK's products on CPU, not XLA's own loops."""
+  return layers.Dense(features, use_bias=use_bias, dtype=dtype,
+                      kernel_init=truncated(config, stddev), name=name)
 
 
 def norm(config, dtype: layers.Dtype, name: str) -> nn.LayerNorm:
