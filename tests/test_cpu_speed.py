@@ -17,7 +17,7 @@ or not, and a non-finite step leaves every parameter, moment and count as it was
 Fill-mask pads to one of 8 lengths per power of two (`infer._bucket`), and its entry point
 keeps JAX's compiled programs in the package's cache folder (`cli.use_compilation_cache`).
 The train and evaluation steps are compiled with the project's XLA:CPU options
-(`compiler_options`), which change the step's loss and gradient only by the order of float32
+(`compiler_options`), which change the model's loss and gradient only by the order of float32
 sums, and no element-wise result beyond a rounding: NaNs, infinities and signed zeros stay as
 IEEE arithmetic gives them (no fast math, no NaN-ignoring max and min).
 """
@@ -249,20 +249,31 @@ def test_pooled_masked_head_gives_the_full_heads_loss_and_gradient(model, full_h
 OPTIMIZED = {'xla_backend_optimization_level': 3}
 
 
-def test_cpu_compiler_options_keep_the_steps_loss_and_gradient():
-  """The step as a run compiles it (LLVM's full optimisation, the CPU options) computes the
-  loss and gradient of the tests' unoptimised build. Breaks if an option is not one XLA:CPU
-  takes (renamed in a new jaxlib), or if the build changes the arithmetic by more than the
-  order of float32 sums: vector width does change that order (the key kernels' gradients,
-  sums that nearly cancel, move by 1e-4 of their largest entry), so the tolerance is relative
-  to each leaf's largest entry. The key biases' gradient is rounding noise of any size
-  (softmax ignores a shift shared by all keys): left out. Element by element the options
-  are held closer (the next test)."""
-  model = _tiny_roberta(layers=1)  # One layer: LLVM's full optimisation compiles slowly.
-  expected_gradient, expected_loss, _ = _gradient_and_loss(model, None)
-  gradient, loss, _ = _gradient_and_loss(
-      model, None, {**OPTIMIZED, **compiler_options.for_platform('cpu')})
-  np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
+def test_cpu_compiler_options_keep_the_models_loss_and_gradient():
+  """The model as a run compiles it (LLVM's full optimisation, the CPU options) computes the
+  masked-LM loss and gradient, dropout on, of the tests' unoptimised build. Breaks if an
+  option is not one XLA:CPU takes (renamed in a new jaxlib), or if the build changes the
+  arithmetic by more than the order of float32 sums: vector width does change that order (the
+  key kernels' gradients, sums that nearly cancel, move by 1e-4 of their largest entry), so
+  the tolerance is relative to each leaf's largest entry. The key biases' gradient is rounding
+  noise of any size (softmax ignores a shift shared by all keys): left out. The model, not the
+  whole train step, since LLVM's full optimisation compiles slowly: the step's other
+  arithmetic is integers (the masks' random bits) and the element-wise functions held closer
+  by the next test."""
+  model = _tiny_roberta(layers=1)
+  ids = np.random.default_rng(0).integers(5, VOCAB, (ROWS, LENGTH), dtype=np.int32)
+  masked = np.random.default_rng(1).random((ROWS, LENGTH)) < 0.3
+
+  def loss(params):
+    logits = model(np.where(masked, 4, ids), params=params, train=True,
+                   dropout_rng=jax.random.key(0)).logits
+    picked = jnp.take_along_axis(jax.nn.log_softmax(logits), ids[..., None], -1)[..., 0]
+    return -jnp.sum(jnp.where(masked, picked, 0.0)) / masked.sum()
+
+  expected_loss, expected_gradient = jax.jit(jax.value_and_grad(loss))(model.params)
+  options = {**OPTIMIZED, **compiler_options.for_platform('cpu')}
+  got_loss, gradient = jax.jit(jax.value_and_grad(loss), compiler_options=options)(model.params)
+  np.testing.assert_allclose(got_loss, expected_loss, rtol=1e-6)
   for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(gradient),
                                jax.tree_util.tree_leaves(expected_gradient)):
     if not jax.tree_util.keystr(path).endswith("['key']['bias']"):
