@@ -8,10 +8,10 @@ loss and gradient. The vocabulary bias's gradient is a product with ones
 (`layers.add_vocab_bias`), not XLA:CPU's slow reduction over rows, and the same sum.
 `layers.Dense` is flax's `nn.Dense` (parameters, forward, gradients), with no product over the
 leading dimension of both operands on CPU (XLA:CPU's slow path) in its backward, nor in any
-family's gradient. Exact GELU
-is computed with erf (PyTorch's form), not XLA's costlier erfc. With `predict_at` the last
-encoder layer of every family computes only those rows past its attention
-(`layers.LayerStack`), with the whole layer's logits there, dropout on too (the same draws).
+family's gradient. Exact GELU is computed with erf (PyTorch's form), not XLA's costlier erfc.
+With `predict_at` the last encoder layer of every family computes only those rows past its
+attention (`layers.LayerStack`), with the whole layer's logits there, dropout on too (the
+same draws).
 The optimizer's one-pass update (`optim.ClippedAdamW.update_if_finite`) is optax's chain, clipped
 or not, and a non-finite step leaves every parameter, moment and count as it was.
 Fill-mask pads to one of 8 lengths per power of two (`infer._bucket`), and its entry point
