@@ -5,9 +5,10 @@ float32, on the output and on the gradients of queries, keys and values: global 
 (the online softmax and its FlashAttention-2 backward, queries a block at a time) and local
 ones (the banded form), at lengths that are not a multiple of the block, with windows even,
 odd and wider than the sequence, padding, fully masked query rows (the dense convention:
-the mean of every value), several documents in one block; and through a whole tiny model of every family. Also that
-'auto' keeps the dense path where it is the faster, and bfloat16 runs with float32
-statistics. Block sizes are shrunk (monkeypatch) so that small shapes span many blocks.
+the mean of every value), several documents in one block; and through a whole tiny model
+of every family. Also that 'auto' keeps the dense path where it is the faster, and bfloat16
+runs with float32 statistics. Block sizes are shrunk (monkeypatch) so that small shapes span
+many blocks.
 """
 
 import jax
