@@ -1,7 +1,9 @@
 """ModernBERT's train step at long lengths against PyTorch's, side by side, in one command.
 
 One train step is forward and backward of the masked-LM loss (cross-entropy at 30% of the
-positions, full logits on both sides, gradients of every parameter, no optimizer), batch 1,
+positions, full logits on both sides, gradients of every parameter, no optimizer; the loss as
+each side's training computes it: the package's `metrics.masked_lm_sums`, and PyTorch's
+`ModernBertForMaskedLM(labels=...)`), batch 1,
 float32 (`--dtype bfloat16`: products in bfloat16, torch under autocast). Both sides load
 the same weights: a randomly initialised `ModernBertForMaskedLM`
 saved by PyTorch transformers (`save_pretrained`), loaded here by
@@ -100,6 +102,7 @@ def jax_step(directory: str, length: int, impl: str, args) -> dict:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from mlm_jax import compiler_options  # pylint: disable=import-outside-toplevel
   from mlm_jax import host_memory  # pylint: disable=import-outside-toplevel
+  from mlm_jax import metrics  # pylint: disable=import-outside-toplevel
   from mlm_jax.models import FlaxAutoModelForMaskedLM  # pylint: disable=import-outside-toplevel
   if not args.glibc:  # As run_train.py does, before JAX's backend starts.
     host_memory.keep_freed_memory_if_on_cpu()
@@ -107,10 +110,9 @@ def jax_step(directory: str, length: int, impl: str, args) -> dict:
                                                    dtype=args.dtype, remat_policy=args.remat_policy)
   ids, labels, masked = batch(model.config.vocab_size, length)
 
-  def loss(params, ids, labels, masked):
-    logits = model(ids, params=params).logits.astype(jnp.float32)
-    picked = jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], axis=-1)[..., 0]
-    return -jnp.sum(jnp.where(masked, picked, 0.0)) / jnp.sum(masked)
+  def loss(params, ids, labels, masked):  # The package's loss, as its train step computes it.
+    logits = model(ids, params=params).logits
+    return metrics.masked_lm_sums(logits, labels, masked.astype(jnp.float32))[0] / jnp.sum(masked)
 
   inputs = (model.params, ids.astype('int32'), labels.astype('int32'), masked)
   options = compiler_options.for_platform(  # As the package's train step compiles.

@@ -138,25 +138,28 @@ def _key_rules(length: int, padding: Array | None, segments: Array | None, padde
 
 
 def _global(query, key, value, padding, segments):
-  """Global attention: (output [batch, seq, heads, head_dim], lse [batch, seq, heads])."""
+  """Global attention: (output [batch, seq, heads, head_dim], lse [batch, seq, heads]). The
+  blocks run heads first ([batch, heads, seq, head_dim], transposed once here), so that each
+  product of the loops is a plain batched matrix product, with no transpose a step."""
   length = query.shape[1]
   block = min(GLOBAL_BLOCK, length)
   padded = -(-length // block) * block
   key_ok, key_ids = _key_rules(length, padding, segments, padded)
   if padding is None and padded == length:
     key_ok = None  # Every key is a token: no mask to apply, unless documents'.
-  key, value = _pad(key, padded), _pad(value, padded)
+  heads_first = lambda x, rows: jnp.swapaxes(_pad(x, rows), 1, 2)
+  key, value = heads_first(key, padded), heads_first(value, padded)
   attend = lambda query, query_ids: _flash(block, query, key, value, key_ok, query_ids, key_ids)
   queries = min(GLOBAL_QUERY_BLOCK.get(jax.default_backend(), length), length)
   if queries == length:
-    out, lse = attend(_pad(query, padded), _pad(segments, padded))
+    out, lse = attend(heads_first(query, padded), _pad(segments, padded))
   else:  # Padded queries attend too; their rows are cut off below, so get no gradient.
     rows = -(-length // queries) * queries
     out, lse = jax.lax.map(lambda blocks: attend(*blocks),
-                           (_blocks(_pad(query, rows), queries),
+                           (_blocks(heads_first(query, rows), queries, axis=2),
                             _blocks(_pad(segments, rows), queries)))
-    out, lse = _unblocks(out), _unblocks(lse)
-  return out[:, :length], lse[:, :length]
+    out, lse = _unblocks(out, axis=2), _unblocks(lse, axis=2)
+  return jnp.swapaxes(out, 1, 2)[:, :length], jnp.swapaxes(lse, 1, 2)[:, :length]
 
 
 def _allowed(key_ok: Array | None, query_ids: Array | None,
@@ -172,22 +175,25 @@ def _allowed(key_ok: Array | None, query_ids: Array | None,
 
 
 def _scores(query: Array, key_block: Array, allowed: Array) -> Array:
-  """[batch, heads, queries, block] scaled float32 scores, the masked ones `_NEG`."""
-  scores = jnp.einsum('BTNH,BSNH->BNTS', query, key_block, preferred_element_type=jnp.float32)
+  """[batch, heads, queries, block] scaled float32 scores, the masked ones `_NEG`; heads
+  first."""
+  scores = jnp.einsum('BNTH,BNSH->BNTS', query, key_block, preferred_element_type=jnp.float32)
   scores = scores * np.float32(1 / math.sqrt(query.shape[-1]))
   return scores if allowed is None else jnp.where(allowed, scores, _NEG)
 
 
-def _blocks(x: Array | None, block: int) -> Array | None:
-  """[batch, seq, ...] -> [seq / block, batch, block, ...]: the scan's key blocks."""
+def _blocks(x: Array | None, block: int, axis: int = 1) -> Array | None:
+  """[..., seq (at `axis`), ...] -> [seq / block, ..., block, ...]: the scan's blocks."""
   if x is None:
     return None
-  return jnp.moveaxis(x.reshape((x.shape[0], -1, block) + x.shape[2:]), 1, 0)
+  x = x.reshape(x.shape[:axis] + (-1, block) + x.shape[axis + 1:])
+  return jnp.moveaxis(x, axis, 0)
 
 
-def _unblocks(x: Array) -> Array:
-  x = jnp.moveaxis(x, 0, 1)
-  return x.reshape((x.shape[0], -1) + x.shape[3:])
+def _unblocks(x: Array, axis: int = 1) -> Array:
+  """`_blocks`' inverse."""
+  x = jnp.moveaxis(x, 0, axis)
+  return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -196,9 +202,9 @@ def _flash(block, query, key, value, key_ok, query_ids, key_ids):
 
 
 def _flash_forward(block, query, key, value, key_ok, query_ids, key_ids):
-  """The online softmax over key blocks: every query at once, one key block a step, so that
-  a step's scores are [batch, heads, seq, block]."""
-  batch, length, heads, _ = query.shape
+  """The online softmax over key blocks, heads first ([batch, heads, seq, head_dim]): every
+  query at once, one key block a step, so that a step's scores are [batch, heads, seq,
+  block]. -> (output, lse [batch, heads, seq])."""
 
   def step(carry, blocks):
     top, total, acc = carry
@@ -209,17 +215,18 @@ def _flash_forward(block, query, key, value, key_ok, query_ids, key_ids):
     rescale = jnp.exp(top - new_top)
     total = rescale * total + probs.sum(-1)
     acc = rescale[..., None] * acc + jnp.einsum(
-        'BNTS,BSNH->BNTH', probs.astype(value.dtype), value_block,
+        'BNTS,BNSH->BNTH', probs.astype(value.dtype), value_block,
         preferred_element_type=jnp.float32)
     return (new_top, total, acc), None
 
-  start = (jnp.full((batch, heads, length), _NEG), jnp.zeros((batch, heads, length), jnp.float32),
-           jnp.zeros((batch, heads, length, value.shape[-1]), jnp.float32))
+  rows = query.shape[:3]
+  start = (jnp.full(rows, _NEG), jnp.zeros(rows, jnp.float32),
+           jnp.zeros(rows + value.shape[-1:], jnp.float32))
   (top, total, acc), _ = jax.lax.scan(
-      step, start, (_blocks(key, block), _blocks(value, block), _blocks(key_ok, block),
-                    _blocks(key_ids, block)))
-  out = jnp.swapaxes(acc / total[..., None], 1, 2).astype(query.dtype)
-  lse = jnp.swapaxes(top + jnp.log(total), 1, 2)  # [batch, seq, heads]
+      step, start, (_blocks(key, block, axis=2), _blocks(value, block, axis=2),
+                    _blocks(key_ok, block), _blocks(key_ids, block)))
+  out = (acc / total[..., None]).astype(query.dtype)
+  lse = top + jnp.log(total)
   return (out, lse), (query, key, value, key_ok, query_ids, key_ids, out, lse)
 
 
@@ -231,28 +238,28 @@ def _flash_backward(block, saved, gradients):
   d_out = gradients[0]
   scale = np.float32(1 / math.sqrt(query.shape[-1]))
   # D_i = sum_h dO_ih O_ih: the softmax's backward in one number per row.
-  rows = jnp.einsum('BTNH,BTNH->BNT', d_out.astype(jnp.float32), out.astype(jnp.float32))
-  lse = jnp.swapaxes(lse, 1, 2)
+  rows = jnp.einsum('BNTH,BNTH->BNT', d_out.astype(jnp.float32), out.astype(jnp.float32))
   dtype = query.dtype
 
   def step(d_query, blocks):
     key_block, value_block, ok, ids = blocks
     scores = _scores(query, key_block, _allowed(ok, query_ids, ids))
     probs = jnp.exp(scores - lse[..., None])
-    d_value = jnp.einsum('BNTS,BTNH->BSNH', probs.astype(dtype), d_out,
+    d_value = jnp.einsum('BNTS,BNTH->BNSH', probs.astype(dtype), d_out,
                          preferred_element_type=jnp.float32)
-    d_probs = jnp.einsum('BTNH,BSNH->BNTS', d_out, value_block, preferred_element_type=jnp.float32)
+    d_probs = jnp.einsum('BNTH,BNSH->BNTS', d_out, value_block, preferred_element_type=jnp.float32)
     d_scores = (probs * (d_probs - rows[..., None]) * scale).astype(dtype)
-    d_query = d_query + jnp.einsum('BNTS,BSNH->BTNH', d_scores, key_block,
+    d_query = d_query + jnp.einsum('BNTS,BNSH->BNTH', d_scores, key_block,
                                    preferred_element_type=jnp.float32)
-    d_key = jnp.einsum('BNTS,BTNH->BSNH', d_scores, query, preferred_element_type=jnp.float32)
+    d_key = jnp.einsum('BNTS,BNTH->BNSH', d_scores, query, preferred_element_type=jnp.float32)
     return d_query, (d_key.astype(key.dtype), d_value.astype(value.dtype))
 
   d_query, (d_key, d_value) = jax.lax.scan(
       step, jnp.zeros(query.shape, jnp.float32),
-      (_blocks(key, block), _blocks(value, block), _blocks(key_ok, block),
+      (_blocks(key, block, axis=2), _blocks(value, block, axis=2), _blocks(key_ok, block),
        _blocks(key_ids, block)))
-  return d_query.astype(dtype), _unblocks(d_key), _unblocks(d_value), None, None, None
+  return (d_query.astype(dtype), _unblocks(d_key, axis=2), _unblocks(d_value, axis=2), None, None,
+          None)
 
 
 _flash.defvjp(_flash_forward, _flash_backward)

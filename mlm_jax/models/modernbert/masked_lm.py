@@ -40,8 +40,8 @@ class Decoder(nn.Module):
                           (cfg.hidden_size, cfg.vocab_size), jnp.float32)
     logits = jnp.dot(hidden, kernel.astype(self.dtype))
     if cfg.decoder_bias:
-      logits = logits + self.param('bias', nn.initializers.zeros, (cfg.vocab_size,),
-                                   jnp.float32).astype(self.dtype)
+      logits = layers.add_vocab_bias(logits, self.param(
+          'bias', nn.initializers.zeros, (cfg.vocab_size,), jnp.float32).astype(self.dtype))
     return logits
 
 
