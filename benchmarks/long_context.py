@@ -116,7 +116,8 @@ def jax_step(directory: str, length: int, impl: str, args) -> dict:
 
   inputs = (model.params, ids.astype('int32'), labels.astype('int32'), masked)
   options = compiler_options.for_platform(  # As the package's train step compiles.
-      jax.devices()[0].platform, saving_memory=args.remat_policy != 'none')
+      jax.devices()[0].platform, saving_memory=args.remat_policy != 'none',
+      family=model.config.model_type)
   compiled = jax.jit(jax.value_and_grad(loss), compiler_options=options).lower(*inputs).compile()
   if not args.glibc:  # As `steps.fit_host_to_train_step` does.
     host_memory.fit_to_step(jax.devices()[0].platform,

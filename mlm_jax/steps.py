@@ -220,6 +220,7 @@ def compile_steps(apply_fn: Callable, tx: optax.GradientTransformation,
   replicated = sharding.replicated(mesh)
   options = compiler_options.for_mesh(mesh)
   remat = getattr(apply_fn, 'remat_policy', 'none') != 'none'  # A model's; see layers.py.
+  family = getattr(getattr(apply_fn, 'config', None), 'model_type', None)
   if state_shardings is None:
     state_shardings = replicated
     params_shardings = replicated
@@ -231,7 +232,7 @@ def compile_steps(apply_fn: Callable, tx: optax.GradientTransformation,
                         prediction_groups=mesh.size, sep_id=sep_id),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh, batch_axis=1)),
       out_shardings=(state_shardings, replicated), donate_argnums=0,
-      compiler_options=compiler_options.for_mesh(mesh, saving_memory=remat))
+      compiler_options=compiler_options.for_mesh(mesh, saving_memory=remat, family=family))
   eval_rng = jax.random.fold_in(jax.random.PRNGKey(seed), EVAL_STREAM)
   evaluate_batch = jax.jit(
       functools.partial(eval_step, apply_fn=apply_fn, spec=spec, rng=eval_rng, sep_id=sep_id),

@@ -22,3 +22,13 @@ def test_the_cpu_options_are_known_to_the_installed_jaxlib():
 def test_the_cpu_options_compile():
   compiled = jax.jit(lambda x: x * 2, compiler_options=compiler_options.for_platform('cpu'))
   assert float(compiled(1.5)) == 3.0
+
+
+def test_modernberts_cpu_steps_leave_ynnpack_the_products_alone():
+  """Its family's option joins the CPU options (known to every jaxlib the project supports);
+  other families get the CPU options alone, and other platforms none."""
+  assert compiler_options.for_platform('cpu', family='modernbert') == {
+      **compiler_options._CPU,  # pylint: disable=protected-access
+      'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+  assert compiler_options.for_platform('cpu', family='roberta') == dict(compiler_options._CPU)  # pylint: disable=protected-access
+  assert compiler_options.for_platform('gpu', family='modernbert') == {}

@@ -315,7 +315,8 @@ def _elementwise(x, y):
               gelu=jax.nn.gelu(x, approximate=False))
 
 
-def test_cpu_compiler_options_keep_ieee_arithmetic_element_by_element():
+@pytest.mark.parametrize('family', [None, 'modernbert'])
+def test_cpu_compiler_options_keep_ieee_arithmetic_element_by_element(family):
   """The options change no element-wise result by more than a rounding: every pair of the
   special values gives the same NaNs, infinities and signed zeros as without them, and the
   finite rest within 2 units in the last place (vector width changes no element's
@@ -325,8 +326,8 @@ def test_cpu_compiler_options_keep_ieee_arithmetic_element_by_element():
   those from the order of a sum."""
   x, y = (a.ravel() for a in np.meshgrid(_SPECIAL, _SPECIAL))
   want = jax.jit(_elementwise, compiler_options=OPTIMIZED)(x, y)
-  got = jax.jit(_elementwise, compiler_options={**OPTIMIZED,
-                                                **compiler_options.for_platform('cpu')})(x, y)
+  got = jax.jit(_elementwise, compiler_options={
+      **OPTIMIZED, **compiler_options.for_platform('cpu', family=family)})(x, y)
   for name in want:
     w, g = np.asarray(want[name]), np.asarray(got[name])
     if w.dtype == np.bool_:
@@ -354,6 +355,28 @@ def test_train_and_evaluation_steps_are_compiled_with_the_cpu_options(model, mon
     steps.train.lower(state, ids).compile()
   with pytest.raises(jax.errors.JaxRuntimeError, match='not_an_xla_option'):
     steps_lib.evaluate(steps, model.params, ids[0], ROWS)
+
+
+def test_a_familys_cpu_options_reach_its_train_step_alone(model, monkeypatch):
+  """`compiler_options._CPU_BY_FAMILY`'s options are compiled into the train step of that
+  family's model (its `config.model_type`) and no other's: an option XLA does not know fails
+  ModernBERT's compile, and RoBERTa's compiles."""
+  monkeypatch.setattr(compiler_options, '_CPU_BY_FAMILY', {'modernbert': {'not_an_xla_option': 1}})
+  monkeypatch.setattr(compiler_options, 'accepted', dict)
+  modernbert = FlaxAutoModelForMaskedLM.from_pretrained(str(GOLDENS / 'modernbert'))
+  ids = np.random.default_rng(0).integers(5, 40, (1, ROWS, LENGTH), dtype=np.int32)
+  for family_model, fails in ((modernbert, True), (model, False)):
+    spec = masking.MaskingSpec(mask_token_id=4, special_ids=(0, 1, 2, 3, 4),
+                               vocab_size=family_model.config.vocab_size)
+    schedule = optax.constant_schedule(0.1)
+    tx = optax.sgd(schedule)
+    steps = steps_lib.compile_steps(family_model, tx, schedule, spec, 0, sharding.make_mesh())
+    state = steps_lib.create_train_state(family_model.params, tx, seed=0)
+    if fails:
+      with pytest.raises(jax.errors.JaxRuntimeError, match='not_an_xla_option'):
+        steps.train.lower(state, ids).compile()
+    else:
+      steps.train.lower(state, ids).compile()
 
 
 def _optimizer_and_params():
