@@ -22,7 +22,8 @@ import time
 _WORKER = r'''
 import json, sys, time
 import jax, jax.numpy as jnp, numpy as np
-jax.distributed.initialize(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+from mlm_jax import cli
+cli.initialize_distributed(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
 from mlm_jax import preemption, sharding
 steps, width = int(sys.argv[4]), int(sys.argv[5])
 mesh = sharding.make_mesh()

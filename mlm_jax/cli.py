@@ -266,6 +266,15 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
     raise UserError(f'could not join {what} ({errors.described(e)}); check '
                     'that jax.distributed can start here (before any JAX computation), or '
                     'pass --coordinator_address, --num_processes and --process_id') from None
+  _compile_alike_on_every_host()
+
+
+def _compile_alike_on_every_host() -> None:
+  """Leaves the Python callers' source lines out of the compiled programs' locations (op
+  names stay). From jax 0.12, hosts whose programs differ in them never complete a collective
+  over gloo, and they can differ between hosts running the same code: each host's persistent
+  compilation cache, whose key ignores them, may hold a program traced from other lines."""
+  jax.config.update('jax_traceback_in_locations_limit', 0)
 
 
 def _initialize_as_detected(timeout_s: int) -> None:
@@ -280,6 +289,7 @@ def _initialize_as_detected(timeout_s: int) -> None:
     raise UserError(f'could not join the cluster jax.distributed detected '
                     f'({errors.described(e)}); pass --coordinator_address, --num_processes '
                     'and --process_id') from None
+  _compile_alike_on_every_host()
 
 
 def train(config, workdir: str | None, coordinator_address: str | None = None,

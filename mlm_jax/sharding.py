@@ -105,19 +105,22 @@ def host_flag(flag: bool) -> bool:
 def on_process_zero(fn: Callable[[], T], failure: str) -> T | None:
   """`fn()` on process 0 alone (None elsewhere), the hosts waiting for it. Every host learns
   whether it succeeded, so that none waits forever for a failed process 0 (which raises its
-  own error): the others raise `UserError(failure)`."""
-  failed = False
+  own error): the others raise `UserError(failure)`.
+
+  The hosts meet once before process 0 starts: the first collective over a set of devices
+  connects them, and over gloo (jax 0.12) gives up on a host more than 30 s late, as the
+  hosts waiting for a long `fn` would be. Connected, they wait as long as `fn` takes.
+  """
+  host_flag(False)
+  result, error = None, None
   if jax.process_index() == 0:
     try:
-      return fn()
-    except BaseException:
-      failed = True
-      raise
-    finally:
-      host_flag(failed)
-  if host_flag(False):
-    raise UserError(failure)
-  return None
+      result = fn()
+    except BaseException as e:  # pylint: disable=broad-exception-caught
+      error = e
+  if host_flag(error is not None):
+    raise error if error is not None else UserError(failure)
+  return result
 
 
 def process_slice(global_rows: int) -> slice:

@@ -254,8 +254,8 @@ def test_a_source_too_small_for_a_split_is_one_line_naming_it(corpora, tmp_path)
 
 _HOST = '''
 import hashlib, itertools, json, sys
-import jax
-jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from mlm_jax import cli
+cli.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
 from tests.conftest import load_config
 from mlm_jax import run
 from mlm_jax.data import input_pipeline

@@ -275,9 +275,9 @@ def test_the_prepare_command_without_a_config_is_a_one_line_error():
 
 _HOST = '''
 import hashlib, json, sys
-import jax
 import numpy as np
-jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from mlm_jax import cli
+cli.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
 from tests.conftest import load_config
 from mlm_jax import run
 config = load_config('tiny_test')

@@ -382,8 +382,8 @@ def test_other_errors_keep_their_traceback_on_the_command_line():
 
 _HOST_WAITING_FOR_PROCESS_ZERO = '''
 import sys
-import jax
-jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from mlm_jax import cli
+cli.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
 from mlm_jax import sharding
 from mlm_jax.errors import UserError
 def export():
