@@ -3,7 +3,9 @@
 Guards SIGTERM/Ctrl-C (a checkpoint, then exit 128 + signal), a second signal, half-written
 and corrupted checkpoints (skipped, named, set aside), resumes with another length (the
 saved schedule kept unless re-planned, and said), refused config changes, non-finite
-runs, an unwritable workdir, a bad config file and a full disk (one line on the command line).
+runs, an unwritable workdir, a bad config file and a full disk (one line on the command line),
+and hosts left waiting on each other (a failed process 0, a collective reached from
+different lines).
 """
 
 import errno
@@ -407,6 +409,30 @@ def test_hosts_waiting_for_process_zero_stop_when_it_fails_instead_of_waiting_fo
   assert [stdout.splitlines()[-2:] for stdout, _ in outputs] == [  # After gloo's own line.
       ['written', 'OSError: the export could not be written'],
       ['None', 'UserError: process 0 failed (see its error)']]
+
+
+_HOSTS_CALLING_FROM_DIFFERENT_LINES = '''
+import sys
+from mlm_jax import cli
+cli.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
+from mlm_jax import sharding
+if sys.argv[2] == '0':
+  print(sharding.host_flag(True))
+else:
+  print(sharding.host_flag(False))
+'''
+
+
+def test_hosts_complete_a_collective_they_reach_from_different_lines():
+  """Hosts that run the same program traced from different source lines (a program one host
+  finds in its persistent compilation cache, traced by an earlier run, is one) complete its
+  collectives. With jax 0.12 such hosts waited on each other forever, unless the program's
+  locations leave the lines out (`cli.initialize_distributed` does)."""
+  address = f'127.0.0.1:{multidevice.free_port()}'
+  outputs = multidevice.run_hosts(
+      [[sys.executable, '-c', _HOSTS_CALLING_FROM_DIFFERENT_LINES, address, str(index)]
+       for index in range(2)], devices=1, timeout=120)  # A hang guard, not a time limit.
+  assert [stdout.splitlines()[-1] for stdout, _ in outputs] == ['True', 'True']
 
 
 _UNAWAITED = ('Task exception was never retrieved\nfuture: <Task finished coro=<{}() done, '
