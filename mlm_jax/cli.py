@@ -271,7 +271,7 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
 
 def _compile_alike_on_every_host() -> None:
   """Leaves the Python callers' source lines out of the compiled programs' locations (op
-  names stay). From jax 0.12, hosts whose programs differ in them never complete a collective
+  names stay). With jax 0.12.1, hosts whose programs differ in them never complete a collective
   over gloo, and they can differ between hosts running the same code: each host's persistent
   compilation cache, whose key ignores them, may hold a program traced from other lines."""
   jax.config.update('jax_traceback_in_locations_limit', 0)

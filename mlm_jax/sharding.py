@@ -108,7 +108,7 @@ def on_process_zero(fn: Callable[[], T], failure: str) -> T | None:
   own error): the others raise `UserError(failure)`.
 
   The hosts meet once before process 0 starts: the first collective over a set of devices
-  connects them, and over gloo (jax 0.12) gives up on a host more than 30 s late, as the
+  connects them, and over gloo (jax 0.12.1) gives up on a host more than 30 s late, as the
   hosts waiting for a long `fn` would be. Connected, they wait as long as `fn` takes.
   """
   host_flag(False)

@@ -111,7 +111,7 @@ LAYOUT_FLAGS = ['--config=configs/tiny_test.py', *(f'--config.{k}={v}' for k, v 
 # share of `assert_same_training`'s tolerance, measured with jax 0.10 when its absolute part
 # was 1e-6: here 0.35 after 4 steps and 0.46 after 6; at lr 1e-2 0.11 after 6 steps, 0.10
 # after 12, 0.36 after 20, 0.78 after 24; at lr 0.1 (where the loss rises at once) 1.6 after
-# 2 steps and 11,000 after 10. With jax 0.12, here after 6 steps: 1.17 of that tolerance,
+# 2 steps and 11,000 after 10. With jax 0.12.1, here after 6 steps: 1.17 of that tolerance,
 # 0.58 of today's (3e-6).
 HOSTS_WORDS = ('molecules', 'electrons')  # Each in pieces before, and frequent in the data.
 _HOSTS = {**{k: v for k, v in _LAYOUT.items() if not k.startswith('model_config.')},
@@ -219,7 +219,7 @@ def assert_same_training(workdir_a, workdir_b, metrics: bool = True) -> None:
   """Float32 reductions in another order differ by a few ulps (~1e-7 relative) per step;
   six steps of Adam on a 64-wide model stay within 2e-5 relative, 3e-6 absolute. The
   absolute part is for the odd element whose gradient is near zero, where Adam's step
-  amplifies the rounding: with jax 0.12, 2 hosts against 1 device, one element of the
+  amplifies the rounding: with jax 0.12.1, 2 hosts against 1 device, one element of the
   word and one of the position embeddings moved by 1.9e-6 (the loss agreed to 1e-7). A
   layout bug (a row counted twice, a dropped shard, another mask) moves parameters by about
   the learning rate. With `metrics`, the logged loss, gradient norm and masked-token count

@@ -426,7 +426,7 @@ else:
 def test_hosts_complete_a_collective_they_reach_from_different_lines():
   """Hosts that run the same program traced from different source lines (a program one host
   finds in its persistent compilation cache, traced by an earlier run, is one) complete its
-  collectives. With jax 0.12 such hosts waited on each other forever, unless the program's
+  collectives. With jax 0.12.1 such hosts waited on each other forever, unless the program's
   locations leave the lines out (`cli.initialize_distributed` does)."""
   address = f'127.0.0.1:{multidevice.free_port()}'
   outputs = multidevice.run_hosts(
